@@ -1,0 +1,65 @@
+"""The controller's HTTP client for invokers: load and unload instances."""
+
+from __future__ import annotations
+
+import httpx
+
+from sllm.errors import InvokerError
+from sllm.http import raise_for_error
+from sllm.messages import LoadRequest, LoadResponse
+
+LOAD_TIMEOUT_S = 600.0
+"""Seconds a load may take before the controller gives up on it."""
+
+
+class InvokerClient:
+    """Calls invokers' management API. One shared connection pool for all invokers."""
+
+    def __init__(self) -> None:
+        self._http = httpx.AsyncClient(timeout=httpx.Timeout(10.0, read=LOAD_TIMEOUT_S))
+
+    async def close(self) -> None:
+        await self._http.aclose()
+
+    async def load(self, invoker_url: str, request: LoadRequest) -> LoadResponse:
+        """Have the invoker load an instance; returns when it is ready to serve.
+
+        Raises:
+            sllm.errors.SllmError: what the invoker raised (ModelNotFound, CheckpointError, ...).
+            InvokerError: the invoker is unreachable or answered nonsense.
+        """
+        try:
+            r = await self._http.post(f"{invoker_url}/v1/instances", json=request.model_dump())
+        except httpx.HTTPError as e:
+            raise InvokerError(f"invoker at {invoker_url} failed to load: {e!r}") from e
+        raise_for_error(r)
+        try:
+            return LoadResponse.model_validate_json(r.content)
+        except ValueError as e:
+            raise InvokerError(f"invoker at {invoker_url} answered a bad load response") from e
+
+    async def unload(self, invoker_url: str, instance_id: str) -> None:
+        """Have the invoker unload an instance. An instance it no longer has is not an error.
+
+        Raises:
+            InvokerError: the invoker is unreachable.
+        """
+        try:
+            r = await self._http.delete(f"{invoker_url}/v1/instances/{instance_id}")
+        except httpx.HTTPError as e:
+            raise InvokerError(f"invoker at {invoker_url} failed to unload: {e!r}") from e
+        if r.status_code != 404:
+            raise_for_error(r)
+
+    async def list_instances(self, invoker_url: str) -> list[str]:
+        """Ids of the instances an invoker has loaded. Raises InvokerError when unreachable."""
+        try:
+            r = await self._http.get(f"{invoker_url}/v1/instances")
+        except httpx.HTTPError as e:
+            raise InvokerError(f"invoker at {invoker_url} is unreachable: {e!r}") from e
+        raise_for_error(r)
+        try:
+            return [str(i["instance_id"]) for i in r.json()["instances"]]
+        except (ValueError, KeyError, TypeError) as e:
+            raise InvokerError(f"invoker at {invoker_url} answered a bad instance list") from e
+

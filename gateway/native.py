@@ -1,0 +1,52 @@
+"""``POST /v1/functions/{name}/invoke``: sllm's own invocation API.
+
+Body: :class:`~sllm.messages.InvokeRequest` (``prompt`` or chat ``messages``, ``max_tokens``,
+``temperature``, ``top_p``, ``seed``, ``stream``). The response carries the activation id in the
+``X-Activation-Id`` header.
+
+- ``stream: false``: one JSON body ``{activation_id, function, instance_id, text, finish_reason,
+  usage, timings}``.
+- ``stream: true``: Server-Sent Events, one ``event: token`` per token
+  (``{"index", "token_id", "text"}``), then ``event: done`` with the same body as the non-streaming
+  answer. An error after the first event is an ``event: error`` carrying the error envelope.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from gateway import activation
+from gateway.sse import SSE_HEADERS, event
+from gateway.upstream import Upstream
+from sllm.errors import SllmError
+from sllm.http import read_model
+from sllm.messages import InvokeRequest
+
+
+async def invoke(request: Request, upstream: Upstream) -> Response:
+    name = request.path_params["name"]
+    req = await read_model(request, InvokeRequest)
+    act = await activation.start(
+        upstream, name, prompt=req.prompt, messages=req.messages, raw=req.raw,
+        max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
+    )
+    headers = {"X-Activation-Id": act.id}
+    if not req.stream:
+        async for _ in act.tokens():
+            pass
+        return JSONResponse(act.summary(), headers=headers)
+
+    async def events() -> AsyncIterator[str]:
+        try:
+            async for tok in act.tokens():
+                yield event({"index": tok.index, "token_id": tok.token_id, "text": tok.text}, "token")
+        except SllmError as e:
+            yield event(e.to_body(), "error")
+            return
+        yield event(act.summary(), "done")
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={**SSE_HEADERS, **headers})

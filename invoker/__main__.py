@@ -1,0 +1,46 @@
+"""``python -m invoker``: run one invoker."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import click
+import uvicorn
+
+from invoker.server import InvokerConfig, create_app
+from sllm.config import ETCD_CLIENT_PORT, HOST, INVOKER_BASE_PORT, store_root
+from sllm.manifest import parse_quantity
+
+
+def default_device() -> str:
+    """``cuda:0`` when torch sees a GPU, else ``cpu``."""
+    import torch
+
+    return "cuda:0" if torch.cuda.is_available() else "cpu"
+
+
+@click.command()
+@click.option("--id", "invoker_id", default="invoker-0", show_default=True)
+@click.option("--host", default=HOST, show_default=True)
+@click.option("--port", default=INVOKER_BASE_PORT, show_default=True, type=int)
+@click.option("--etcd", "etcd_endpoint", default=f"{HOST}:{ETCD_CLIENT_PORT}", show_default=True)
+@click.option("--store", default=None, help="model store folder [default: $SLLM_HOME/models]")
+@click.option("--device", default=None, help="device for instances [default: cuda:0 if any, else cpu]")
+@click.option("--memory", default="8Gi", show_default=True, help="instance memory budget")
+@click.option("--no-verify", is_flag=True, help="skip checkpoint checksum verification on load")
+@click.option("--log-level", default="info", show_default=True)
+def main(invoker_id: str, host: str, port: int, etcd_endpoint: str, store: str | None,
+         device: str | None, memory: str, no_verify: bool, log_level: str) -> None:
+    """Run an invoker: loads instances from the model store and serves their generations."""
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    config = InvokerConfig(
+        invoker_id=invoker_id, url=f"http://{host}:{port}", etcd_endpoint=etcd_endpoint,
+        store_root=Path(store) if store else store_root(), device=device or default_device(),
+        memory_bytes=parse_quantity(memory), verify_checksums=not no_verify,
+    )
+    uvicorn.run(create_app(config), host=host, port=port, log_level="warning", access_log=False)
+
+
+if __name__ == "__main__":
+    main()

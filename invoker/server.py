@@ -1,0 +1,271 @@
+"""The invoker service: one per node. It loads instances from the local model store and runs
+their generations.
+
+HTTP API (JSON; errors in the OpenAI-shaped envelope of :mod:`sllm.errors`):
+
+- ``POST /v1/instances`` (:class:`~sllm.messages.LoadRequest`) -> :class:`~sllm.messages.LoadResponse`
+  once the instance is loaded; ``GET /v1/instances``; ``DELETE /v1/instances/{id}``
+- ``POST /v1/instances/{id}/generate`` (:class:`~sllm.messages.GenerateRequest`): a stream of
+  newline-delimited JSON, one :class:`~sllm.messages.TokenMessage` per token, then a
+  :class:`~sllm.messages.DoneMessage` (or an :class:`~sllm.messages.ErrorMessage` when generation
+  fails after the stream began). Bad input (empty or oversized prompt) is refused with a status
+  before the stream starts. A client that disconnects cancels its generation.
+- ``GET /health``
+
+The invoker registers itself in etcd under a lease it keeps alive, so the controller sees it die.
+Blocking work (checkpoint loading, generation) runs in threads; a per-instance lock lets one
+generation use an instance at a time (token-level scheduling comes with the FastServe issue).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from invoker.checkpoint import load_checkpoint
+from invoker.generation import Generation, SamplingParams
+from invoker.instance import ModelInstance
+from invoker.store import ModelStore
+from sllm import keys
+from sllm.config import INVOKER_LEASE_TTL_S
+from sllm.errors import Conflict, InstanceNotFound, InternalError, SllmError, Unavailable
+from sllm.etcd import Etcd
+from sllm.http import EXCEPTION_HANDLERS, model_response, read_model
+from sllm.messages import (
+    DoneMessage,
+    ErrorBody,
+    ErrorMessage,
+    GenerateRequest,
+    InvokerRecord,
+    LoadRequest,
+    LoadResponse,
+    TokenMessage,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class InvokerConfig:
+    invoker_id: str
+    url: str  # how others reach this invoker: http://host:port
+    etcd_endpoint: str
+    store_root: Path
+    device: str = "cpu"  # where "auto" instances go
+    memory_bytes: int = 8 << 30  # instance memory budget advertised to the controller
+    verify_checksums: bool = True
+
+
+@dataclass
+class LoadedInstance:
+    instance_id: str
+    function: str
+    model: str
+    instance: ModelInstance
+    nbytes: int
+    load_seconds: float
+    loaded_at: float
+    lock: threading.Lock = field(default_factory=threading.Lock)  # one generation at a time
+    cancels: set[threading.Event] = field(default_factory=set)  # of running generations
+
+
+def resolve_device(requested: str, default: str) -> str:
+    """The torch device for an instance: ``auto`` -> the invoker's device; ``cuda`` -> ``cuda:0``.
+    Raises Unavailable when CUDA is asked for on an invoker without it."""
+    if requested == "auto":
+        return default
+    if requested.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise Unavailable(f"device {requested!r} requested but this invoker has no CUDA device")
+        return "cuda:0" if requested == "cuda" else requested
+    return requested
+
+
+class Invoker:
+    """The invoker's instances and its etcd registration."""
+
+    def __init__(self, config: InvokerConfig) -> None:
+        self.config = config
+        self.store = ModelStore(config.store_root)
+        self.etcd = Etcd(config.etcd_endpoint)
+        self.instances: dict[str, LoadedInstance] = {}
+        self._loading: set[str] = set()
+        self.lease_id: int | None = None
+
+    async def register(self) -> int:
+        """Write this invoker's record under a fresh lease; returns the lease id."""
+        lease = await self.etcd.grant_lease(INVOKER_LEASE_TTL_S)
+        record = InvokerRecord(
+            id=self.config.invoker_id, url=self.config.url, device=self.config.device,
+            memory_bytes=self.config.memory_bytes, started=time.time(), pid=os.getpid(),
+        )
+        await self.etcd.put(keys.Kind.INVOKER, self.config.invoker_id, record, lease=lease)
+        self.lease_id = lease
+        log.info("invoker %s registered at %s (lease %x)", self.config.invoker_id, self.config.url, lease)
+        return lease
+
+    async def load(self, req: LoadRequest) -> LoadResponse:
+        """Load an instance's checkpoint and build its model (in a thread).
+
+        Raises:
+            Conflict: an instance with this id is loaded or loading.
+            ModelNotFound, CheckpointError: from the store and the checkpoint reader.
+        """
+        iid = req.instance_id
+        if iid in self.instances or iid in self._loading:
+            raise Conflict(f"instance {iid!r} is already loaded or loading")
+        device = resolve_device(req.device, self.config.device)
+        path = self.store.path(req.model)
+        self._loading.add(iid)
+        try:
+            t0 = time.monotonic()
+            instance, nbytes = await asyncio.to_thread(self._load_blocking, path, device)
+            seconds = time.monotonic() - t0
+        finally:
+            self._loading.discard(iid)
+        self.instances[iid] = LoadedInstance(
+            instance_id=iid, function=req.function, model=req.model, instance=instance,
+            nbytes=nbytes, load_seconds=seconds, loaded_at=time.time(),
+        )
+        log.info("loaded instance %s (%s, %d bytes) in %.3f s", iid, req.model, nbytes, seconds)
+        return LoadResponse(instance_id=iid, device=device, nbytes=nbytes, load_seconds=seconds)
+
+    def _load_blocking(self, path: Path, device: str) -> tuple[ModelInstance, int]:
+        ckpt = load_checkpoint(path, device=device, verify=self.config.verify_checksums)
+        return ModelInstance.from_tensors(path, ckpt.tensors, device=device), ckpt.nbytes
+
+    def unload(self, instance_id: str) -> None:
+        """Forget an instance and cancel its running generations. Raises InstanceNotFound."""
+        inst = self.instances.pop(instance_id, None)
+        if inst is None:
+            raise InstanceNotFound(f"no instance {instance_id!r} on this invoker")
+        for ev in list(inst.cancels):
+            ev.set()
+        log.info("unloaded instance %s", instance_id)
+
+    def get(self, instance_id: str) -> LoadedInstance:
+        inst = self.instances.get(instance_id)
+        if inst is None:
+            raise InstanceNotFound(f"no instance {instance_id!r} on this invoker")
+        return inst
+
+
+def _run_generation(
+    inst: LoadedInstance, prompt_ids: list[int], params: SamplingParams, cancel: threading.Event,
+    loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[str | None],
+) -> None:
+    """Worker thread: run one generation and post NDJSON lines to ``queue`` (None at the end)."""
+    def post(line: str | None) -> None:
+        loop.call_soon_threadsafe(queue.put_nowait, line)
+
+    try:
+        with inst.lock:
+            gen = Generation(inst.instance, prompt_ids, params, cancel=cancel)
+            for tok in gen:
+                post(TokenMessage(index=tok.index, token_id=tok.token_id, text=tok.text).model_dump_json())
+            done = DoneMessage(
+                finish_reason=gen.finish_reason or "stop", prompt_tokens=gen.prompt_tokens,
+                completion_tokens=gen.completion_tokens, prefill_seconds=gen.prefill_seconds,
+                decode_seconds=gen.decode_seconds,
+            )
+            post(done.model_dump_json())
+    except SllmError as e:
+        post(ErrorMessage(error=ErrorBody(**e.to_body()["error"])).model_dump_json())
+    except Exception as e:  # a bug or a torch failure: report it in the stream, never hang
+        log.exception("generation failed")
+        err = InternalError(f"generation failed: {type(e).__name__}: {e}")
+        post(ErrorMessage(error=ErrorBody(**err.to_body()["error"])).model_dump_json())
+    finally:
+        post(None)
+
+
+def create_app(config: InvokerConfig) -> Starlette:
+    """The invoker's ASGI app; its lifespan registers in etcd and keeps the lease alive."""
+    inv = Invoker(config)
+
+    async def health(request: Request) -> Response:
+        return JSONResponse({"status": "ok", "component": "invoker", "id": config.invoker_id})
+
+    async def load(request: Request) -> Response:
+        req = await read_model(request, LoadRequest)
+        return model_response(await inv.load(req))
+
+    async def list_instances(request: Request) -> Response:
+        return JSONResponse({"instances": [
+            {"instance_id": i.instance_id, "function": i.function, "model": i.model,
+             "device": str(i.instance.device), "nbytes": i.nbytes,
+             "load_seconds": i.load_seconds, "loaded_at": i.loaded_at}
+            for i in inv.instances.values()
+        ]})
+
+    async def unload(request: Request) -> Response:
+        inv.unload(request.path_params["id"])
+        return JSONResponse({"unloaded": request.path_params["id"]})
+
+    async def generate(request: Request) -> Response:
+        inst = inv.get(request.path_params["id"])
+        req = await read_model(request, GenerateRequest)
+        messages = [m.model_dump() for m in req.messages] if req.messages is not None else None
+        prompt_ids = await asyncio.to_thread(
+            inst.instance.encode, prompt=req.prompt, messages=messages, raw=req.raw
+        )
+        params = SamplingParams(max_tokens=req.max_tokens, temperature=req.temperature,
+                                top_p=req.top_p, seed=req.seed)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[str | None] = asyncio.Queue()
+        cancel = threading.Event()
+        inst.cancels.add(cancel)
+        worker = loop.run_in_executor(None, _run_generation, inst, prompt_ids, params, cancel,
+                                      loop, queue)
+
+        async def lines() -> AsyncIterator[str]:
+            try:
+                while (line := await queue.get()) is not None:
+                    yield line + "\n"
+            finally:
+                cancel.set()  # the client went away, or we are done: stop the worker
+                inst.cancels.discard(cancel)
+                worker.add_done_callback(lambda f: f.exception())
+
+        return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        stop = asyncio.Event()
+        lease = await inv.register()
+        keeper = asyncio.create_task(
+            inv.etcd.keep_alive(lease, INVOKER_LEASE_TTL_S, stop, on_expired=inv.register)
+        )
+        app.state.invoker = inv
+        try:
+            yield
+        finally:
+            stop.set()
+            keeper.cancel()
+            with contextlib.suppress(Exception):
+                if inv.lease_id is not None:
+                    await inv.etcd.revoke_lease(inv.lease_id)
+            await inv.etcd.close()
+
+    routes = [
+        Route("/health", health),
+        Route("/v1/instances", load, methods=["POST"]),
+        Route("/v1/instances", list_instances, methods=["GET"]),
+        Route("/v1/instances/{id}", unload, methods=["DELETE"]),
+        Route("/v1/instances/{id}/generate", generate, methods=["POST"]),
+    ]
+    return Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)

