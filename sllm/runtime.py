@@ -83,16 +83,24 @@ def state_path(home: Path) -> Path:
     return home / "run" / "state.json"
 
 
-def _spawn(name: str, argv: list[str], log_dir: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+_CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
+"""Processes this process started, kept so that stop_pid can reap them."""
+
+
+def spawn(name: str, argv: list[str], log_dir: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """Start ``argv`` in its own session (it outlives the CLI; stop_pid signals its group), with
+    stdout and stderr appended to ``log_dir/<name>.log``."""
     log_dir.mkdir(parents=True, exist_ok=True)
     log = open(log_dir / f"{name}.log", "ab")  # noqa: SIM115 - handed to the child
     try:
-        return subprocess.Popen(
+        proc = subprocess.Popen(
             argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-            start_new_session=True,  # survives the CLI's exit; signalled as a group by stop()
+            start_new_session=True,
         )
     finally:
         log.close()
+    _CHILDREN[proc.pid] = proc
+    return proc
 
 
 def _log_tail(path: Path, lines: int = 30) -> str:
@@ -120,6 +128,10 @@ def wait_healthy(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: fl
 
 def stop_pid(pid: int, timeout: float = 10.0) -> None:
     """SIGTERM the process group of ``pid``, then SIGKILL it if still alive after ``timeout``."""
+    child = _CHILDREN.pop(pid, None)
+    if child is not None:
+        _stop_child(child, timeout)
+        return
     for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
         try:
             os.killpg(pid, sig)
@@ -139,6 +151,19 @@ def stop_pid(pid: int, timeout: float = 10.0) -> None:
                 except ProcessLookupError:
                     return
             time.sleep(0.05)
+
+
+def _stop_child(proc: subprocess.Popen[bytes], timeout: float) -> None:
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def start(
@@ -190,7 +215,7 @@ def start(
     try:
         pending: list[tuple[str, subprocess.Popen[bytes], str]] = []
         for name, argv, health in specs:
-            proc = _spawn(name, argv, run, env)
+            proc = spawn(name, argv, run, env)
             started.append(proc)
             state.processes.append(Process(name=name, pid=proc.pid, url=health.removesuffix("/health"),
                                            log=str(run / f"{name}.log")))

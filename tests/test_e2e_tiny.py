@@ -1,0 +1,309 @@
+"""End to end on a tiny random-weight llama: a real etcd, controller, gateway and invoker, each its
+own process on loopback; functions deployed and invoked over HTTP, through the native API, both
+OpenAI endpoints (with the official ``openai`` client) and the CLI.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from invoker.importer import import_model
+from invoker.store import ModelStore
+from sllm import keys, runtime
+from sllm.etcd import Etcd
+from sllm.messages import InstanceRecord
+from tests.conftest import Cluster, manifest, start_cluster
+from tests.tiny_model import save_tiny_llama
+
+MODEL = "tiny-llama"
+PROMPT = "What is the capital of France?"
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny llama as a Hugging Face folder (seed 1 emits EOS within ~22 tokens)."""
+    return save_tiny_llama(tmp_path_factory.mktemp("src") / "tiny", seed=0)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory, src: Path) -> Iterator[Cluster]:
+    home = tmp_path_factory.mktemp("home")
+    import_model(str(src), ModelStore(home / "models"), name=MODEL)
+    c = start_cluster(home)
+    try:
+        c.deploy(manifest("tiny", MODEL))
+        yield c
+    finally:
+        runtime.stop(c.state)
+
+
+@pytest.fixture(scope="module")
+def reference(src: Path) -> Any:
+    """transformers' own greedy generate on the same weights."""
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(src)
+
+    def generate(*, messages: list[dict[str, str]] | None = None, prompt: str | None = None,
+                 max_new_tokens: int = 16) -> list[int]:
+        if messages is not None:
+            ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
+            ids = ids if isinstance(ids, torch.Tensor) else ids["input_ids"]
+        else:
+            ids = tok(prompt, return_tensors="pt")["input_ids"]
+        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
+                             attention_mask=torch.ones_like(ids), pad_token_id=tok.pad_token_id)
+        new = out[0, ids.shape[1]:].tolist()
+        return [t for t in new if t != tok.eos_token_id]
+
+    generate.tokenizer = tok  # type: ignore[attr-defined]
+    return generate
+
+
+def sse(response: httpx.Response) -> list[tuple[str, Any]]:
+    """(event, data) pairs of a Server-Sent Events response."""
+    out, name = [], "message"
+    for line in response.iter_lines():
+        if line.startswith("event:"):
+            name = line[6:].strip()
+        elif line.startswith("data:"):
+            payload = line[5:].strip()
+            out.append((name, payload if payload == "[DONE]" else json.loads(payload)))
+            name = "message"
+    return out
+
+
+def user(text: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": text}]
+
+
+def test_streamed_tokens_equal_transformers_greedy_generate(cluster: Cluster, reference: Any) -> None:
+    want = reference(messages=user(PROMPT))
+    with cluster.client() as c, c.stream("POST", "/v1/functions/tiny/invoke",
+                                         json={"prompt": PROMPT, "stream": True}) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        assert r.headers["x-activation-id"]
+        events = sse(r)
+    tokens = [d for e, d in events if e == "token"]
+    assert [t["token_id"] for t in tokens] == want
+    assert [t["index"] for t in tokens] == list(range(len(want)))
+    done = events[-1]
+    assert done[0] == "done"
+    assert done[1]["text"] == "".join(t["text"] for t in tokens)
+    assert done[1]["text"] == reference.tokenizer.decode(want, skip_special_tokens=True)
+    assert done[1]["usage"]["completion_tokens"] == len(want)
+    t = done[1]["timings"]
+    assert t["ttft_seconds"] > 0 and t["total_seconds"] >= t["ttft_seconds"]
+
+
+def test_non_streaming_invoke_returns_one_json_body(cluster: Cluster, reference: Any) -> None:
+    want = reference(messages=user("Tell me a story"), max_new_tokens=8)
+    with cluster.client() as c:
+        r = c.post("/v1/functions/tiny/invoke",
+                   json={"messages": user("Tell me a story"), "max_tokens": 8})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["text"] == reference.tokenizer.decode(want, skip_special_tokens=True)
+    assert body["finish_reason"] == ("length" if len(want) == 8 else "stop")
+    assert body["usage"]["completion_tokens"] == len(want)
+    assert body["activation_id"] == r.headers["x-activation-id"]
+    assert body["timings"]["start"] in ("cold", "warm")
+
+
+def test_first_call_is_cold_then_warm(cluster: Cluster) -> None:
+    cluster.deploy(manifest("tiny-cold", MODEL))
+    with cluster.client() as c:
+        first = c.post("/v1/functions/tiny-cold/invoke", json={"prompt": "hi", "max_tokens": 2}).json()
+        second = c.post("/v1/functions/tiny-cold/invoke", json={"prompt": "hi", "max_tokens": 2}).json()
+    assert first["timings"]["cold_start"] is True and first["timings"]["load_seconds"] > 0
+    assert second["timings"]["cold_start"] is False and second["timings"]["load_seconds"] == 0
+    assert first["text"] == second["text"]
+
+
+def test_openai_client_chat_completions(cluster: Cluster, reference: Any) -> None:
+    want = reference.tokenizer.decode(reference(messages=user(PROMPT), max_new_tokens=12),
+                                      skip_special_tokens=True)
+    client = openai.OpenAI(base_url=f"{cluster.gateway}/v1", api_key="unused", max_retries=0)
+    resp = client.chat.completions.create(model="tiny", messages=user(PROMPT), max_tokens=12)  # type: ignore[arg-type]
+    assert resp.object == "chat.completion"
+    assert resp.choices[0].message.content == want
+    assert resp.choices[0].finish_reason in ("stop", "length")
+    assert resp.usage is not None and resp.usage.completion_tokens > 0
+    stream = client.chat.completions.create(
+        model="tiny", messages=user(PROMPT), max_tokens=12, stream=True,  # type: ignore[arg-type]
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    assert all(ch.object == "chat.completion.chunk" for ch in chunks)
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text == want
+    finals = [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason]
+    assert len(finals) == 1
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == resp.usage.completion_tokens
+
+
+def test_openai_client_completions_use_the_raw_prompt(cluster: Cluster, reference: Any) -> None:
+    want = reference.tokenizer.decode(reference(prompt="The quick brown", max_new_tokens=10),
+                                      skip_special_tokens=True)
+    client = openai.OpenAI(base_url=f"{cluster.gateway}/v1", api_key="unused", max_retries=0)
+    resp = client.completions.create(model="tiny", prompt="The quick brown", max_tokens=10)
+    assert resp.object == "text_completion"
+    assert resp.choices[0].text == want
+    text = "".join(ch.choices[0].text for ch in client.completions.create(
+        model="tiny", prompt="The quick brown", max_tokens=10, stream=True))
+    assert text == want
+
+
+def test_openai_stream_ends_with_done(cluster: Cluster) -> None:
+    with cluster.client() as c, c.stream("POST", "/v1/chat/completions", json={
+            "model": "tiny", "messages": user("hi"), "max_tokens": 3, "stream": True}) as r:
+        events = sse(r)
+    assert events[-1] == ("message", "[DONE]")
+
+
+def test_models_lists_functions_in_openai_shape(cluster: Cluster) -> None:
+    client = openai.OpenAI(base_url=f"{cluster.gateway}/v1", api_key="unused", max_retries=0)
+    ids = {m.id for m in client.models.list()}
+    assert "tiny" in ids
+    with cluster.client() as c:
+        body = c.get("/v1/models").json()
+    assert body["object"] == "list"
+    assert all(set(m) == {"id", "object", "created", "owned_by"} for m in body["data"])
+
+
+def test_openai_unknown_model_is_a_404_error(cluster: Cluster) -> None:
+    client = openai.OpenAI(base_url=f"{cluster.gateway}/v1", api_key="unused", max_retries=0)
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="nope", messages=user("hi"))  # type: ignore[arg-type]
+    assert "nope" in str(e.value)
+
+
+BAD_YAML = "apiVersion: sllm.dev/v1\nkind: Function\nmetadata: {name: bad\nspec: {model: x}\n"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "kwargs", "status", "needle"),
+    [
+        ("PUT", "/v1/functions/bad", {"content": BAD_YAML, "headers": {"content-type": "application/yaml"}},
+         422, "malformed YAML"),
+        ("PUT", "/v1/functions/x", {"json": {**manifest("x", MODEL), "extra": 1}}, 422, "extra: unknown field"),
+        ("PUT", "/v1/functions/x", {"json": manifest("x", MODEL, generation={"maxTokens": "many"})},
+         422, "spec.generation.maxTokens"),
+        ("PUT", "/v1/functions/x", {"json": manifest("x", MODEL, scaling={"minInstances": -1})},
+         422, "spec.scaling.minInstances"),
+        ("PUT", "/v1/functions/x", {"json": manifest("x", "no-such-model")}, 422, "no model named"),
+        ("PUT", "/v1/functions/y", {"json": manifest("x", MODEL)}, 400, "does not match"),
+        ("POST", "/v1/functions/nope/invoke", {"json": {"prompt": "hi"}}, 404, "no function named"),
+        ("GET", "/v1/functions/nope", {}, 404, "no function named"),
+        ("POST", "/v1/functions/tiny/invoke", {"json": {"prompt": "   "}}, 400, "prompt must not be empty"),
+        ("POST", "/v1/functions/tiny/invoke", {"json": {"messages": []}}, 400, "messages must not be empty"),
+        ("POST", "/v1/functions/tiny/invoke", {"content": b"{not json", "headers": {"content-type": "application/json"}},
+         400, "not valid JSON"),
+        ("POST", "/v1/functions/tiny/invoke", {"json": {"prompt": "hi", "max_tokens": 0}}, 400, "max_tokens"),
+        ("POST", "/v1/functions/tiny/invoke", {"json": {"prompt": "hi", "bogus": 1}}, 400, "bogus: unknown field"),
+        ("POST", "/v1/functions/tiny/invoke", {"json": {"prompt": "word " * 400}}, 400, "context window"),
+        ("POST", "/v1/chat/completions", {"json": {"model": "tiny", "messages": user("hi"), "n": 2}}, 400, "n=1"),
+    ],
+)
+def test_bad_input_gets_a_clear_error_and_the_runtime_keeps_serving(
+    cluster: Cluster, method: str, path: str, kwargs: dict[str, Any], status: int, needle: str
+) -> None:
+    with cluster.client() as c:
+        r = c.request(method, path, **kwargs)
+        assert r.status_code == status, r.text
+        err = r.json()["error"]
+        assert needle in err["message"]
+        assert err["type"] and err["code"]
+        ok = c.post("/v1/functions/tiny/invoke", json={"prompt": "hi", "max_tokens": 2})
+        assert ok.status_code == 200
+
+
+def test_concurrent_invocations_queue_for_the_single_instance(cluster: Cluster) -> None:
+    def call(i: int) -> dict[str, Any]:
+        with cluster.client() as c:
+            r = c.post("/v1/functions/tiny/invoke", json={"prompt": f"question {i}", "max_tokens": 4})
+            assert r.status_code == 200, r.text
+            return r.json()  # type: ignore[no-any-return]
+
+    with ThreadPoolExecutor(4) as ex:
+        results = list(ex.map(call, range(4)))
+    assert {r["instance_id"] for r in results} and all(r["usage"]["completion_tokens"] > 0 for r in results)
+    with cluster.client() as c:
+        insts = [i for i in c.get("/v1/instances").json()["instances"] if i["function"] == "tiny"]
+    assert len(insts) == 1  # maxInstances: 1
+
+
+def _instances_in_etcd(cluster: Cluster, function: str) -> list[InstanceRecord]:
+    async def read() -> list[InstanceRecord]:
+        async with Etcd(cluster.state.etcd_endpoint) as etcd:
+            return [r for r in await etcd.list(keys.Kind.INSTANCE, InstanceRecord) if r.function == function]
+    return asyncio.run(read())
+
+
+def test_scale_to_zero_after_keep_alive_then_cold_start_again(cluster: Cluster) -> None:
+    cluster.deploy(manifest("tiny-ephemeral", MODEL,
+                            scaling={"minInstances": 0, "maxInstances": 1, "keepAlive": "1s"}))
+    with cluster.client() as c:
+        first = c.post("/v1/functions/tiny-ephemeral/invoke", json={"prompt": "hi", "max_tokens": 2}).json()
+    assert first["timings"]["cold_start"] is True
+    recs = _instances_in_etcd(cluster, "tiny-ephemeral")
+    assert [r.state.value for r in recs] in (["idle"], ["warm"])
+    deadline = time.monotonic() + 20
+    while _instances_in_etcd(cluster, "tiny-ephemeral") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _instances_in_etcd(cluster, "tiny-ephemeral") == []
+    with cluster.client() as c:
+        assert c.get("/v1/functions/tiny-ephemeral").json()["instances"] == []
+        again = c.post("/v1/functions/tiny-ephemeral/invoke", json={"prompt": "hi", "max_tokens": 2}).json()
+    assert again["timings"]["cold_start"] is True
+    assert again["text"] == first["text"]
+
+
+def test_function_lifecycle_through_the_cli(cluster: Cluster, tmp_path: Path) -> None:
+    path = tmp_path / "fn.yaml"
+    path.write_text(
+        "apiVersion: sllm.dev/v1\nkind: Function\nmetadata: {name: tiny-cli}\n"
+        f"spec: {{model: {MODEL}, generation: {{maxTokens: 4}}}}\n"
+    )
+    env = {**os.environ, "SLLM_GATEWAY": cluster.gateway, "SLLM_HOME": str(cluster.home)}
+
+    def sllm(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "sllm", *args], env=env, capture_output=True,
+                              text=True, timeout=120)
+
+    assert sllm("fn", "create", "-f", str(path)).returncode == 0
+    dup = sllm("fn", "create", "-f", str(path))
+    assert dup.returncode == 1 and "already exists" in dup.stderr
+    assert "tiny-cli" in sllm("fn", "list").stdout
+    out = sllm("fn", "invoke", "tiny-cli", "--prompt", "hi")
+    assert out.returncode == 0, out.stderr
+    assert "cold start" in out.stderr and "TTFT" in out.stderr
+    js = sllm("fn", "invoke", "tiny-cli", "--prompt", "hi", "--no-stream", "--json")
+    assert json.loads(js.stdout)["usage"]["completion_tokens"] == 4
+    assert json.loads(sllm("fn", "get", "tiny-cli").stdout)["manifest"]["spec"]["model"] == MODEL
+    path.write_text(path.read_text().replace("maxTokens: 4", "maxTokens: 3"))
+    assert sllm("fn", "update", "-f", str(path)).returncode == 0
+    js = sllm("fn", "invoke", "tiny-cli", "--prompt", "hi", "--no-stream", "--json")
+    assert json.loads(js.stdout)["usage"]["completion_tokens"] == 3
+    assert "invoker-0" in sllm("status").stdout
+    assert "tiny-llama" in sllm("model", "list").stdout
+    assert sllm("fn", "delete", "tiny-cli").returncode == 0
+    gone = sllm("fn", "get", "tiny-cli")
+    assert gone.returncode == 1 and "no function named" in gone.stderr
+    bad = sllm("fn", "invoke", "tiny", "--prompt", "")
+    assert bad.returncode == 1 and "empty" in bad.stderr

@@ -1,0 +1,42 @@
+"""The etcd key schema and the instance state machine."""
+
+from __future__ import annotations
+
+import pytest
+
+from sllm import keys
+from sllm.errors import InternalError
+from sllm.states import InstanceState, check_transition
+
+
+def test_keys_build_and_parse_back() -> None:
+    for kind in keys.Kind:
+        k = keys.key(kind, "abc-1")
+        assert k.startswith(keys.prefix(kind))
+        assert keys.parse(k) == (kind, "abc-1")
+
+
+@pytest.mark.parametrize("bad", ["/other/functions/x", "/sllm/nope/x", "/sllm/functions/", "/sllm/functions/a/b"])
+def test_foreign_or_malformed_keys_are_refused(bad: str) -> None:
+    with pytest.raises(ValueError):
+        keys.parse(bad)
+
+
+def test_names_with_slash_cannot_make_keys() -> None:
+    with pytest.raises(ValueError):
+        keys.key(keys.Kind.FUNCTION, "a/b")
+
+
+def test_legal_lifecycle() -> None:
+    path = [InstanceState.COLD, InstanceState.LOADING, InstanceState.IDLE, InstanceState.WARM,
+            InstanceState.IDLE, InstanceState.STOPPED]
+    for a, b in zip(path, path[1:]):
+        check_transition(a, b)
+
+
+@pytest.mark.parametrize(("a", "b"), [(InstanceState.STOPPED, InstanceState.IDLE),
+                                      (InstanceState.COLD, InstanceState.WARM),
+                                      (InstanceState.IDLE, InstanceState.LOADING)])
+def test_illegal_transition_raises(a: InstanceState, b: InstanceState) -> None:
+    with pytest.raises(InternalError):
+        check_transition(a, b)
