@@ -10,7 +10,7 @@ hints (``user``, ``frequency_penalty`` = 0, ...) are accepted and ignored.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -95,17 +95,42 @@ def _finish(reason: str | None) -> str | None:
     return {"stop": "stop", "length": "length", "cancelled": "stop"}.get(reason or "", reason)
 
 
-def _stream(chunks: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
+def _streamed(
+    req: _OpenAIRequest, act: activation.Activation, *, obj: str, cid: str, created: int,
+    token_chunk: Callable[[str, str | None], dict[str, Any]], first: dict[str, Any] | None = None,
+) -> StreamingResponse:
+    """The SSE reply: ``first`` (if any), one chunk per token with text, a last chunk with the
+    finish reason, a usage chunk when ``stream_options.include_usage``, then ``data: [DONE]``.
+    ``token_chunk(text, finish_reason)`` builds one chunk."""
     async def body() -> AsyncIterator[str]:
         try:
-            async for chunk in chunks:
-                yield event(chunk)
+            if first is not None:
+                yield event(first)
+            async for tok in act.tokens():
+                if tok.text:
+                    yield event(token_chunk(tok.text, None))
+            yield event(token_chunk("", _finish(act.done.finish_reason if act.done else None)))
+            if req.include_usage():
+                yield event({"id": cid, "object": obj, "created": created, "model": req.model,
+                             "choices": [], "usage": act.usage()})
         except SllmError as e:
             # the status line is gone once streaming began: the error becomes an event
             yield event(e.to_body())
         yield event("[DONE]")
 
-    return StreamingResponse(body(), media_type="text/event-stream", headers=SSE_HEADERS)
+    return StreamingResponse(body(), media_type="text/event-stream",
+                             headers={**SSE_HEADERS, "X-Activation-Id": act.id})
+
+
+async def _finished(act: activation.Activation) -> str | None:
+    """Run the activation to its end; returns the OpenAI finish reason."""
+    async for _ in act.tokens():
+        pass
+    return _finish(act.done.finish_reason if act.done else None)
+
+
+def _extras(act: activation.Activation) -> dict[str, Any]:
+    return {"usage": act.usage(), "sllm": {"activation_id": act.id, "timings": act.timings.as_dict()}}
 
 
 async def chat_completions(request: Request, upstream: Upstream) -> Response:
@@ -116,44 +141,28 @@ async def chat_completions(request: Request, upstream: Upstream) -> Response:
         top_p=req.top_p, seed=req.seed,
     )
     cid, created = f"chatcmpl-{act.id}", int(time.time())
-    headers = {"X-Activation-Id": act.id}
 
-    def chunk(delta: dict[str, Any], finish: str | None = None, usage: Any = None) -> dict[str, Any]:
-        out: dict[str, Any] = {
+    def chunk(delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
+        return {
             "id": cid, "object": "chat.completion.chunk", "created": created, "model": req.model,
             "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
         }
-        if usage is not None:
-            out["usage"] = usage
-        return out
 
     if req.stream:
-        async def chunks() -> AsyncIterator[dict[str, Any]]:
-            yield chunk({"role": "assistant", "content": ""})
-            async for tok in act.tokens():
-                if tok.text:
-                    yield chunk({"content": tok.text})
-            yield chunk({}, _finish(act.done.finish_reason if act.done else None))
-            if req.include_usage():
-                yield {"id": cid, "object": "chat.completion.chunk", "created": created,
-                       "model": req.model, "choices": [], "usage": act.usage()}
-
-        resp = _stream(chunks())
-        resp.headers.update(headers)
-        return resp
-
-    async for _ in act.tokens():
-        pass
+        return _streamed(
+            req, act, obj="chat.completion.chunk", cid=cid, created=created,
+            token_chunk=lambda text, finish: chunk({"content": text} if text else {}, finish),
+            first=chunk({"role": "assistant", "content": ""}, None),
+        )
+    finish = await _finished(act)
     return JSONResponse({
         "id": cid, "object": "chat.completion", "created": created, "model": req.model,
         "choices": [{
-            "index": 0, "logprobs": None,
+            "index": 0, "logprobs": None, "finish_reason": finish,
             "message": {"role": "assistant", "content": "".join(act.text)},
-            "finish_reason": _finish(act.done.finish_reason if act.done else None),
         }],
-        "usage": act.usage(),
-        "sllm": {"activation_id": act.id, "timings": act.timings.as_dict()},
-    }, headers=headers)
+        **_extras(act),
+    }, headers={"X-Activation-Id": act.id})
 
 
 async def completions(request: Request, upstream: Upstream) -> Response:
@@ -164,34 +173,18 @@ async def completions(request: Request, upstream: Upstream) -> Response:
         temperature=req.temperature, top_p=req.top_p, seed=req.seed,
     )
     cid, created = f"cmpl-{act.id}", int(time.time())
-    headers = {"X-Activation-Id": act.id}
 
-    def chunk(text: str, finish: str | None = None) -> dict[str, Any]:
+    def chunk(text: str, finish: str | None) -> dict[str, Any]:
         return {
             "id": cid, "object": "text_completion", "created": created, "model": req.model,
             "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
         }
 
     if req.stream:
-        async def chunks() -> AsyncIterator[dict[str, Any]]:
-            async for tok in act.tokens():
-                if tok.text:
-                    yield chunk(tok.text)
-            yield chunk("", _finish(act.done.finish_reason if act.done else None))
-            if req.include_usage():
-                yield {"id": cid, "object": "text_completion", "created": created,
-                       "model": req.model, "choices": [], "usage": act.usage()}
-
-        resp = _stream(chunks())
-        resp.headers.update(headers)
-        return resp
-
-    async for _ in act.tokens():
-        pass
-    body = chunk("".join(act.text), _finish(act.done.finish_reason if act.done else None))
-    body["usage"] = act.usage()
-    body["sllm"] = {"activation_id": act.id, "timings": act.timings.as_dict()}
-    return JSONResponse(body, headers=headers)
+        return _streamed(req, act, obj="text_completion", cid=cid, created=created, token_chunk=chunk)
+    finish = await _finished(act)
+    return JSONResponse({**chunk("".join(act.text), finish), **_extras(act)},
+                        headers={"X-Activation-Id": act.id})
 
 
 async def models(request: Request, upstream: Upstream) -> Response:
