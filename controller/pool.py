@@ -294,7 +294,7 @@ class InstancePool:
         else:
             now = self._clock()
             self._set_state(live, InstanceState.IDLE, loaded_at=now, last_used=now,
-                            load_seconds=resp.load_seconds)
+                            load_seconds=resp.load_seconds, read_seconds=resp.read_seconds)
         live.loaded.set()
         await self._notify()
 

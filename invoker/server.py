@@ -133,7 +133,7 @@ class Invoker:
         self._loading.add(iid)
         try:
             t0 = time.monotonic()
-            instance, nbytes = await asyncio.to_thread(self._load_blocking, path, device)
+            instance, nbytes, read_s = await asyncio.to_thread(self._load_blocking, path, device)
             seconds = time.monotonic() - t0
         finally:
             self._loading.discard(iid)
@@ -142,11 +142,12 @@ class Invoker:
             nbytes=nbytes, load_seconds=seconds, loaded_at=time.time(),
         )
         log.info("loaded instance %s (%s, %d bytes) in %.3f s", iid, req.model, nbytes, seconds)
-        return LoadResponse(instance_id=iid, device=device, nbytes=nbytes, load_seconds=seconds)
+        return LoadResponse(instance_id=iid, device=device, nbytes=nbytes, load_seconds=seconds,
+                            read_seconds=read_s)
 
-    def _load_blocking(self, path: Path, device: str) -> tuple[ModelInstance, int]:
+    def _load_blocking(self, path: Path, device: str) -> tuple[ModelInstance, int, float]:
         ckpt = load_checkpoint(path, device=device, verify=self.config.verify_checksums)
-        return ModelInstance.from_tensors(path, ckpt.tensors, device=device), ckpt.nbytes
+        return ModelInstance.from_tensors(path, ckpt.tensors, device=device), ckpt.nbytes, ckpt.seconds
 
     def unload(self, instance_id: str) -> None:
         """Forget an instance and cancel its running generations. Raises InstanceNotFound."""

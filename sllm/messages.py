@@ -56,7 +56,8 @@ class InstanceRecord(Wire):
     memory_bytes: int  # what the manifest reserved on the invoker
     loaded_at: float | None = None  # unix seconds
     last_used: float | None = None  # unix seconds the last invocation ended
-    load_seconds: float | None = None  # wall time of the checkpoint load
+    load_seconds: float | None = None  # wall time of the load (read + verify + build the model)
+    read_seconds: float | None = None  # of which reading and verifying the checkpoint
     reason: str | None = None  # why it stopped, when it did
 
 
@@ -99,6 +100,7 @@ class LoadResponse(Wire):
     device: str
     nbytes: int  # checkpoint bytes read
     load_seconds: float  # wall time: read + verify + build the model
+    read_seconds: float  # of which reading the checkpoint into memory and verifying checksums
 
 
 # --- gateway <-> invoker ------------------------------------------------------------------------

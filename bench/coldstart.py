@@ -1,0 +1,285 @@
+"""Cold- and warm-start latency of an LLM function through the whole runtime, against the baseline
+a user would otherwise run (transformers ``from_pretrained`` on safetensors) and the machine's
+limits.
+
+    .venv/bin/python bench/coldstart.py [--model smollm2-135m-instruct] [--cold 3] [--warm 10]
+                                        [--max-tokens 64] [--drop-caches] [--json]
+
+It starts its own runtime (etcd, controller, gateway, one invoker) on free loopback ports, reading
+the model store of ``$SLLM_HOME`` (importing SmolLM2 first when the model is missing), so it does
+not disturb a runtime started with ``sllm up``.
+
+Rows (seconds unless stated):
+
+- ``sllm cold``: a function's first invocation (no instance anywhere): client-side time to first
+  token, split into the gateway/controller hops, the checkpoint load (read + verify, then model
+  build) and the prefill;
+- ``sllm warm``: later invocations: time to first token, time per output token, decode tokens/s;
+- ``from_pretrained``: a fresh Python process that imports transformers, loads the same weights
+  from safetensors with ``AutoModelForCausalLM.from_pretrained`` and produces the first token;
+  the time after imports is the fair comparison with sllm's load + first token;
+- ``limit``: checkpoint bytes over the measured sequential read bandwidth of its files (from SSD
+  when ``--drop-caches`` works, else from the page cache) and over memcpy bandwidth.
+
+``--drop-caches`` drops the page cache before each cold run and each baseline run (needs root);
+the output says whether it could.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from invoker.importer import import_model  # noqa: E402
+from invoker.store import ModelStore  # noqa: E402
+from sllm import config, runtime  # noqa: E402
+
+PROMPT = "What is the capital of France?"
+
+
+def drop_caches() -> bool:
+    """Drop the page cache (root only). Returns whether it worked."""
+    try:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def invoke(gateway: str, function: str, max_tokens: int) -> dict[str, Any]:
+    """One streaming invocation; returns the final event plus client-side timings (seconds)."""
+    t0 = time.perf_counter()
+    first = None
+    tokens = 0
+    done: dict[str, Any] = {}
+    body = {"prompt": PROMPT, "max_tokens": max_tokens, "stream": True}
+    with httpx.Client(timeout=600) as c, c.stream("POST", f"{gateway}/v1/functions/{function}/invoke", json=body) as r:
+        r.raise_for_status()
+        name = ""
+        for line in r.iter_lines():
+            if line.startswith("event:"):
+                name = line[6:].strip()
+            elif line.startswith("data:"):
+                if name == "token":
+                    tokens += 1
+                    first = first or time.perf_counter()
+                elif name == "done":
+                    done = json.loads(line[5:])
+                elif name == "error":
+                    raise RuntimeError(line)
+    end = time.perf_counter()
+    done["client_ttft"] = (first or end) - t0
+    done["client_total"] = end - t0
+    done["client_tokens"] = tokens
+    return done
+
+
+def deploy(gateway: str, name: str, model: str, max_tokens: int) -> None:
+    manifest = {
+        "apiVersion": "sllm.dev/v1", "kind": "Function", "metadata": {"name": name},
+        "spec": {"model": model, "resources": {"memory": "1Gi"},
+                 "scaling": {"maxInstances": 1, "keepAlive": "10m"},
+                 "generation": {"maxTokens": max_tokens, "temperature": 0.0}},
+    }
+    httpx.put(f"{gateway}/v1/functions/{name}", json=manifest, timeout=30).raise_for_status()
+
+
+def instance_record(gateway: str, name: str) -> dict[str, Any]:
+    insts = httpx.get(f"{gateway}/v1/functions/{name}", timeout=30).json()["instances"]
+    return insts[0] if insts else {}
+
+
+BASELINE = textwrap.dedent("""
+    import json, sys, time
+    t0 = time.perf_counter()
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    t1 = time.perf_counter()
+    path = sys.argv[1]
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    t2 = time.perf_counter()
+    ids = tok.apply_chat_template([{"role": "user", "content": sys.argv[2]}], add_generation_prompt=True,
+                                  return_tensors="pt")
+    ids = ids if isinstance(ids, torch.Tensor) else ids["input_ids"]
+    with torch.inference_mode():
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, do_sample=False)
+    t3 = time.perf_counter()
+    print(json.dumps({"import": t1 - t0, "load": t2 - t1, "first_token": t3 - t2}))
+""")
+
+
+def baseline(model_dir: Path, safetensors_dir: Path, runs: int, drop: bool) -> list[dict[str, float]]:
+    """transformers from_pretrained on a safetensors copy of the same weights, in fresh processes."""
+    if not (safetensors_dir / "config.json").exists():
+        from invoker.checkpoint import load_checkpoint
+        from invoker.instance import ModelInstance
+
+        ckpt = load_checkpoint(model_dir)
+        inst = ModelInstance.from_tensors(model_dir, ckpt.tensors)
+        inst.model.save_pretrained(safetensors_dir)
+        inst.tokenizer.save_pretrained(safetensors_dir)
+    out = []
+    for _ in range(runs):
+        if drop:
+            drop_caches()
+        r = subprocess.run([sys.executable, "-c", BASELINE, str(safetensors_dir), PROMPT],
+                           capture_output=True, text=True, check=True)
+        out.append(json.loads(r.stdout.strip().splitlines()[-1]))
+    return out
+
+
+def limits(model_dir: Path, drop: bool) -> dict[str, float]:
+    """Sequential read bandwidth of the checkpoint's data files and memcpy bandwidth (bytes/s)."""
+    files = sorted(model_dir.glob("data-*.bin"))
+    nbytes = sum(f.stat().st_size for f in files)
+    if drop:
+        drop_caches()
+    buf = bytearray(64 << 20)
+    view = memoryview(buf)
+    t0 = time.perf_counter()
+    for f in files:
+        with open(f, "rb", buffering=0) as fh:
+            while fh.readinto(view):
+                pass
+    read_bw = nbytes / (time.perf_counter() - t0)
+    src = np.ones(nbytes // 8 + 1, dtype=np.float64)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)  # fault the pages in first
+    t0 = time.perf_counter()
+    for _ in range(3):
+        np.copyto(dst, src)
+    copy_bw = 3 * src.nbytes / (time.perf_counter() - t0)
+    return {"bytes": nbytes, "read_bps": read_bw, "memcpy_bps": copy_bw}
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--cold", type=int, default=3, help="cold starts to measure")
+    ap.add_argument("--warm", type=int, default=10, help="warm invocations to measure")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--baseline-runs", type=int, default=3)
+    ap.add_argument("--drop-caches", action="store_true")
+    ap.add_argument("--json", action="store_true", help="one JSON line per row")
+    args = ap.parse_args()
+
+    store = ModelStore(config.store_root())
+    if not store.exists(args.model):
+        if args.model != "smollm2-135m-instruct":
+            sys.exit(f"model {args.model!r} is not in {config.store_root()}")
+        import_model("smollm2", store)
+    model_dir = store.path(args.model)
+    dropped = drop_caches() if args.drop_caches else False
+
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="sllm-bench-") as tmp:
+        home = Path(tmp)
+        state = runtime.start(
+            home, gateway_port=runtime.free_port(), controller_port=runtime.free_port(),
+            etcd_port=runtime.free_port(), etcd_peer_port=runtime.free_port(),
+            invoker_ports=[runtime.free_port()], store=config.store_root(),
+        )
+        try:
+            gw = state.gateway_url
+            colds = []
+            for i in range(args.cold):
+                name = f"bench-{i}"
+                deploy(gw, name, args.model, args.max_tokens)
+                if args.drop_caches:
+                    drop_caches()
+                res = invoke(gw, name, args.max_tokens)
+                res["instance"] = instance_record(gw, name)
+                colds.append(res)
+                httpx.delete(f"{gw}/v1/functions/{name}", timeout=30)  # unloads its idle instance
+            deploy(gw, "bench-warm", args.model, args.max_tokens)
+            invoke(gw, "bench-warm", args.max_tokens)  # the cold one, not counted
+            warms = [invoke(gw, "bench-warm", args.max_tokens) for _ in range(args.warm)]
+        finally:
+            runtime.stop(state)
+        base = baseline(model_dir, home / "safetensors", args.baseline_runs, args.drop_caches)
+        lim = limits(model_dir, args.drop_caches)
+
+    ckpt_bytes = lim["bytes"]
+    rows.append({
+        "row": "sllm cold", "runs": len(colds), "page_cache": "dropped" if dropped else "warm",
+        "ttft": median([c["client_ttft"] for c in colds]),
+        "load": median([c["timings"]["load_seconds"] for c in colds]),
+        "read": median([c["instance"].get("read_seconds") or float("nan") for c in colds]),
+        "invoker_load": median([c["instance"].get("load_seconds") or float("nan") for c in colds]),
+        "controller": median([c["timings"]["controller_seconds"] for c in colds]),
+        "prefill": median([c["timings"]["prefill_seconds"] for c in colds]),
+    })
+    decode_tps = [
+        (w["client_tokens"] - 1) / (w["client_total"] - w["client_ttft"])
+        for w in warms if w["client_tokens"] > 1
+    ]
+    rows.append({
+        "row": "sllm warm", "runs": len(warms),
+        "ttft": median([w["client_ttft"] for w in warms]),
+        "tpot": median([w["timings"]["tpot_seconds"] or float("nan") for w in warms]),
+        "decode_tokens_per_s": median(decode_tps),
+        "controller": median([w["timings"]["controller_seconds"] for w in warms]),
+        "prefill": median([w["timings"]["prefill_seconds"] for w in warms]),
+        "tokens": median([float(w["client_tokens"]) for w in warms]),
+    })
+    rows.append({
+        "row": "from_pretrained", "runs": len(base),
+        "page_cache": "dropped" if args.drop_caches and dropped else "warm",
+        "import": median([b["import"] for b in base]),
+        "load": median([b["load"] for b in base]),
+        "ttft": median([b["load"] + b["first_token"] for b in base]),
+        "ttft_with_import": median([b["import"] + b["load"] + b["first_token"] for b in base]),
+    })
+    rows.append({
+        "row": "limit", "bytes": ckpt_bytes,
+        "read_gbps": lim["read_bps"] / 1e9, "read_seconds": ckpt_bytes / lim["read_bps"],
+        "memcpy_gbps": lim["memcpy_bps"] / 1e9, "memcpy_seconds": ckpt_bytes / lim["memcpy_bps"],
+    })
+
+    if args.json:
+        for r in rows:
+            print(json.dumps(r))
+        return
+    c, w, b, lm = rows
+    print(f"model {args.model}: {ckpt_bytes / 1e6:.0f} MB checkpoint; page cache "
+          f"{'dropped before each cold run' if dropped else 'warm (not dropped)'}")
+    print(f"{'':<34}{'seconds':>10}")
+    print(f"{'sllm cold start, TTFT (client)':<34}{c['ttft']:>10.3f}")
+    print(f"{'  of which: checkpoint read+verify':<34}{c['read']:>10.3f}  "
+          f"({ckpt_bytes / c['read'] / 1e9:.2f} GB/s)")
+    print(f"{'  of which: model build':<34}{c['invoker_load'] - c['read']:>10.3f}")
+    print(f"{'  of which: controller + hops':<34}{c['controller']:>10.3f}")
+    print(f"{'  of which: prefill':<34}{c['prefill']:>10.3f}")
+    print(f"{'sllm warm start, TTFT (client)':<34}{w['ttft']:>10.3f}")
+    print(f"{'  controller + hops':<34}{w['controller']:>10.3f}")
+    print(f"{'  TPOT':<34}{w['tpot']:>10.4f}  ({w['decode_tokens_per_s']:.1f} tokens/s decode)")
+    print(f"{'from_pretrained TTFT (after import)':<34}{b['ttft']:>10.3f}  "
+          f"(load {b['load']:.3f}; {b['ttft'] / c['ttft']:.1f}x sllm cold)")
+    print(f"{'from_pretrained TTFT incl. import':<34}{b['ttft_with_import']:>10.3f}")
+    print(f"{'limit: read checkpoint files':<34}{lm['read_seconds']:>10.3f}  ({lm['read_gbps']:.2f} GB/s)")
+    print(f"{'limit: memcpy of checkpoint':<34}{lm['memcpy_seconds']:>10.3f}  ({lm['memcpy_gbps']:.2f} GB/s)")
+
+
+if __name__ == "__main__":
+    main()
