@@ -198,7 +198,7 @@ def main() -> None:
         state = runtime.start(
             home, gateway_port=runtime.free_port(), controller_port=runtime.free_port(),
             etcd_port=runtime.free_port(), etcd_peer_port=runtime.free_port(),
-            invoker_ports=[runtime.free_port()], store=config.store_root(),
+            invoker_ports=[runtime.free_port()], store=config.store_root(), stop_at_exit=True,
         )
         try:
             gw = state.gateway_url
@@ -224,6 +224,8 @@ def main() -> None:
     rows.append({
         "row": "sllm cold", "runs": len(colds), "page_cache": "dropped" if dropped else "warm",
         "ttft": median([c["client_ttft"] for c in colds]),
+        "ttft_runs": [round(c["client_ttft"], 3) for c in colds],
+        "read_runs": [round(c["instance"].get("read_seconds") or float("nan"), 3) for c in colds],
         "load": median([c["timings"]["load_seconds"] for c in colds]),
         "read": median([c["instance"].get("read_seconds") or float("nan") for c in colds]),
         "invoker_load": median([c["instance"].get("load_seconds") or float("nan") for c in colds]),
@@ -265,9 +267,9 @@ def main() -> None:
     print(f"model {args.model}: {ckpt_bytes / 1e6:.0f} MB checkpoint; page cache "
           f"{'dropped before each cold run' if dropped else 'warm (not dropped)'}")
     print(f"{'':<34}{'seconds':>10}")
-    print(f"{'sllm cold start, TTFT (client)':<34}{c['ttft']:>10.3f}")
+    print(f"{'sllm cold start, TTFT (client)':<34}{c['ttft']:>10.3f}  (median; runs {c['ttft_runs']})")
     print(f"{'  of which: checkpoint read+verify':<34}{c['read']:>10.3f}  "
-          f"({ckpt_bytes / c['read'] / 1e9:.2f} GB/s)")
+          f"({ckpt_bytes / c['read'] / 1e9:.2f} GB/s; runs {c['read_runs']})")
     print(f"{'  of which: model build':<34}{c['invoker_load'] - c['read']:>10.3f}")
     print(f"{'  of which: controller + hops':<34}{c['controller']:>10.3f}")
     print(f"{'  of which: prefill':<34}{c['prefill']:>10.3f}")

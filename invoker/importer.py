@@ -207,7 +207,9 @@ def _load(src: Source, dtype: torch.dtype | None) -> tuple[Any, Any]:
         InvalidRequest: transformers cannot read it.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # the CLI reports the import in one line
     kwargs: dict[str, Any] = {}
     model_kwargs: dict[str, Any] = {}
     if src.kind == "gguf":

@@ -38,6 +38,7 @@ from invoker.checkpoint import load_checkpoint
 from invoker.generation import Generation, SamplingParams
 from invoker.instance import ModelInstance
 from invoker.store import ModelStore
+from invoker.warmup import warm_up
 from sllm import keys
 from sllm.config import INVOKER_LEASE_TTL_S
 from sllm.errors import Conflict, InstanceNotFound, InternalError, SllmError, Unavailable
@@ -247,6 +248,7 @@ def create_app(config: InvokerConfig) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         stop = asyncio.Event()
+        await asyncio.to_thread(warm_up)  # before registering: no load is placed here until warm
         lease = await inv.register()
         keeper = asyncio.create_task(
             inv.etcd.keep_alive(lease, INVOKER_LEASE_TTL_S, stop, on_expired=inv.register)

@@ -323,12 +323,12 @@ def fn_invoke(ctx: click.Context, name: str, prompt: str | None, messages: str |
     click.echo()
     t = result.get("timings", {})
     u = result.get("usage", {})
-    tps = u.get("completion_tokens", 0) / t["total_seconds"] if t.get("total_seconds") else 0.0
+    tpot = t.get("tpot_seconds") or 0.0
     click.echo(
         f"[{t.get('start', '?')} start | load {t.get('load_seconds', 0):.2f} s | "
         f"TTFT {t.get('ttft_seconds') or 0:.3f} s | {u.get('completion_tokens', 0)} tokens, "
-        f"TPOT {(t.get('tpot_seconds') or 0) * 1000:.1f} ms | total {t.get('total_seconds', 0):.2f} s "
-        f"({tps:.1f} tokens/s) | activation {result.get('activation_id', '?')}]",
+        f"TPOT {tpot * 1000:.1f} ms ({1 / tpot if tpot else 0:.1f} tokens/s) | "
+        f"total {t.get('total_seconds', 0):.2f} s | activation {result.get('activation_id', '?')}]",
         err=True,
     )
 

@@ -7,6 +7,7 @@ The state of a running runtime (pids, ports, URLs) is kept in ``<home>/run/state
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import signal
@@ -86,10 +87,24 @@ def state_path(home: Path) -> Path:
 _CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
 """Processes this process started, kept so that stop_pid can reap them."""
 
+_OWNED: set[int] = set()
+"""Children to stop when this process exits (tests); ``sllm up --detach`` leaves its own running."""
 
-def spawn(name: str, argv: list[str], log_dir: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+
+@atexit.register
+def _stop_owned() -> None:
+    for pid in list(_OWNED):
+        stop_pid(pid, timeout=5.0)
+
+
+def spawn(
+    name: str, argv: list[str], log_dir: Path, env: dict[str, str] | None = None,
+    *, stop_at_exit: bool = False,
+) -> subprocess.Popen[bytes]:
     """Start ``argv`` in its own session (it outlives the CLI; stop_pid signals its group), with
-    stdout and stderr appended to ``log_dir/<name>.log``."""
+    stdout and stderr appended to ``log_dir/<name>.log``. With ``stop_at_exit`` it is stopped
+    when this process exits, even if the caller never got to stop it (a test killed by a
+    timeout)."""
     log_dir.mkdir(parents=True, exist_ok=True)
     log = open(log_dir / f"{name}.log", "ab")  # noqa: SIM115 - handed to the child
     try:
@@ -100,6 +115,8 @@ def spawn(name: str, argv: list[str], log_dir: Path, env: dict[str, str] | None 
     finally:
         log.close()
     _CHILDREN[proc.pid] = proc
+    if stop_at_exit:
+        _OWNED.add(proc.pid)
     return proc
 
 
@@ -128,6 +145,7 @@ def wait_healthy(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: fl
 
 def stop_pid(pid: int, timeout: float = 10.0) -> None:
     """SIGTERM the process group of ``pid``, then SIGKILL it if still alive after ``timeout``."""
+    _OWNED.discard(pid)
     child = _CHILDREN.pop(pid, None)
     if child is not None:
         _stop_child(child, timeout)
@@ -171,7 +189,7 @@ def start(
     controller_port: int = config.CONTROLLER_PORT, etcd_port: int = config.ETCD_CLIENT_PORT,
     etcd_peer_port: int = config.ETCD_PEER_PORT, invoker_ports: list[int] | None = None,
     store: Path | None = None, invoker_memory: str = "8Gi", tick_s: float = config.AUTOSCALER_TICK_S,
-    extra_env: dict[str, str] | None = None,
+    extra_env: dict[str, str] | None = None, stop_at_exit: bool = False,
 ) -> RuntimeState:
     """Start etcd, the controller, the invokers and the gateway, each in its own process, and
     wait until each is healthy. On any failure, everything started so far is stopped again.
@@ -215,7 +233,7 @@ def start(
     try:
         pending: list[tuple[str, subprocess.Popen[bytes], str]] = []
         for name, argv, health in specs:
-            proc = spawn(name, argv, run, env)
+            proc = spawn(name, argv, run, env, stop_at_exit=stop_at_exit)
             started.append(proc)
             state.processes.append(Process(name=name, pid=proc.pid, url=health.removesuffix("/health"),
                                            log=str(run / f"{name}.log")))

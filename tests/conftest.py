@@ -25,7 +25,7 @@ def etcd_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     proc = runtime.spawn("etcd", [str(runtime.etcd_binary()), "--name", "test", "--data-dir", str(data / "data"),
          "--listen-client-urls", f"http://{h}:{client}", "--advertise-client-urls", f"http://{h}:{client}",
          "--listen-peer-urls", f"http://{h}:{peer}", "--initial-advertise-peer-urls", f"http://{h}:{peer}",
-         "--initial-cluster", f"test=http://{h}:{peer}", "--log-level", "error"], data)
+         "--initial-cluster", f"test=http://{h}:{peer}", "--log-level", "error"], data, stop_at_exit=True)
     try:
         runtime.wait_healthy(f"http://{h}:{client}/health", proc, data / "etcd.log", timeout=30)
         yield f"{h}:{client}"
@@ -64,7 +64,7 @@ def start_cluster(home: Path, *, invokers: int = 1, tick_s: float = 0.2, memory:
         home, invokers=invokers, gateway_port=runtime.free_port(), controller_port=runtime.free_port(),
         etcd_port=runtime.free_port(), etcd_peer_port=runtime.free_port(),
         invoker_ports=[runtime.free_port() for _ in range(invokers)], store=store, tick_s=tick_s,
-        invoker_memory=memory,
+        invoker_memory=memory, stop_at_exit=True,
     )
     return Cluster(state=state, home=home, store=store)
 

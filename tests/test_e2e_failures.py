@@ -1,0 +1,76 @@
+"""Failures through the whole runtime: a client that goes away mid-stream, an invoker killed with
+SIGKILL. The runtime answers with clear errors and never wedges."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from invoker.importer import import_model
+from invoker.store import ModelStore
+from sllm import runtime
+from tests.conftest import Cluster, manifest, start_cluster
+from tests.tiny_model import save_tiny_llama
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    home = tmp_path_factory.mktemp("home")
+    src = save_tiny_llama(tmp_path_factory.mktemp("src") / "tiny", seed=0)
+    import_model(str(src), ModelStore(home / "models"), name="tiny-llama")
+    c = start_cluster(home)
+    try:
+        c.deploy(manifest("tiny", "tiny-llama", generation={"maxTokens": 200}))
+        yield c
+    finally:
+        runtime.stop(c.state)
+
+
+def wait_for(predicate, timeout: float = 30.0) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_client_disconnect_mid_stream_releases_the_instance(cluster: Cluster) -> None:
+    with cluster.client() as c:
+        with c.stream("POST", "/v1/functions/tiny/invoke", json={"prompt": "hi", "stream": True}) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            seen = [next(lines) for _ in range(4)]  # two token events, then hang up
+            assert seen[0].startswith("event: token")
+
+        def idle() -> bool:
+            insts = c.get("/v1/instances").json()["instances"]
+            return [i["state"] for i in insts if i["function"] == "tiny"] == ["idle"]
+
+        assert wait_for(idle), c.get("/v1/instances").text
+        r = c.post("/v1/functions/tiny/invoke", json={"prompt": "hi", "max_tokens": 3})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+
+
+def test_killed_invoker_gives_clear_errors_then_503_with_retry_after(cluster: Cluster) -> None:
+    with cluster.client() as c:
+        assert c.post("/v1/functions/tiny/invoke", json={"prompt": "hi", "max_tokens": 2}).status_code == 200
+        invoker = next(p for p in cluster.state.processes if p.name == "invoker-0")
+        os.kill(invoker.pid, signal.SIGKILL)
+        r = c.post("/v1/functions/tiny/invoke", json={"prompt": "hi", "max_tokens": 2})
+        assert r.status_code in (502, 503), r.text
+        assert r.json()["error"]["message"]
+        # the invoker's lease expires; the controller drops its instance
+        assert wait_for(lambda: c.get("/v1/invokers").json()["invokers"] == [], timeout=40)
+        assert wait_for(lambda: c.get("/v1/instances").json()["instances"] == [], timeout=10)
+        r = c.post("/v1/functions/tiny/invoke", json={"prompt": "hi", "max_tokens": 2})
+        assert r.status_code == 503
+        assert "no invoker" in r.json()["error"]["message"]
+        assert int(r.headers["retry-after"]) >= 1
+        assert c.get("/health").status_code == 200
+        assert c.get("/v1/functions/tiny").status_code == 200
