@@ -71,8 +71,15 @@ class _ChatTurn(BaseModel):
     content: str | list[_ContentPart]
 
     def to_message(self) -> ChatMessage:
+        """The turn as sllm's chat message; OpenAI's ``developer`` role is a system message.
+
+        Raises:
+            InvalidRequest: a ``tool`` turn (tool calls are not supported).
+        """
+        if self.role == "tool":
+            raise InvalidRequest("messages: tool messages are not supported", param="messages")
         text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
-        return ChatMessage(role=self.role, content=text)
+        return ChatMessage(role="system" if self.role == "developer" else self.role, content=text)
 
 
 class ChatCompletionRequest(_OpenAIRequest):

@@ -107,7 +107,7 @@ class LoadResponse(Wire):
 
 
 class ChatMessage(Wire):
-    role: Literal["system", "user", "assistant", "tool", "developer"]
+    role: Literal["system", "user", "assistant"]
     content: str
 
 

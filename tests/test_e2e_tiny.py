@@ -169,6 +169,17 @@ def test_openai_client_completions_use_the_raw_prompt(cluster: Cluster, referenc
     assert text == want
 
 
+def test_openai_developer_role_is_a_system_message(cluster: Cluster, reference: Any) -> None:
+    turns = [{"role": "system", "content": "Be brief."}, *user(PROMPT)]
+    want = reference.tokenizer.decode(reference(messages=turns, max_new_tokens=6), skip_special_tokens=True)
+    with cluster.client() as c:
+        r = c.post("/v1/chat/completions", json={
+            "model": "tiny", "max_tokens": 6,
+            "messages": [{"role": "developer", "content": "Be brief."}, *user(PROMPT)]})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == want
+
+
 def test_openai_stream_ends_with_done(cluster: Cluster) -> None:
     with cluster.client() as c, c.stream("POST", "/v1/chat/completions", json={
             "model": "tiny", "messages": user("hi"), "max_tokens": 3, "stream": True}) as r:
@@ -218,6 +229,10 @@ BAD_YAML = "apiVersion: sllm.dev/v1\nkind: Function\nmetadata: {name: bad\nspec:
         ("POST", "/v1/functions/tiny/invoke", {"json": {"prompt": "hi", "bogus": 1}}, 400, "bogus: unknown field"),
         ("POST", "/v1/functions/tiny/invoke", {"json": {"prompt": "word " * 400}}, 400, "context window"),
         ("POST", "/v1/chat/completions", {"json": {"model": "tiny", "messages": user("hi"), "n": 2}}, 400, "n=1"),
+        ("POST", "/v1/chat/completions",
+         {"json": {"model": "tiny", "messages": [{"role": "tool", "content": "x"}]}}, 400, "tool messages"),
+        ("POST", "/v1/functions/tiny/invoke", {"json": {"messages": [{"role": "wizard", "content": "x"}]}},
+         400, "messages.0.role"),
     ],
 )
 def test_bad_input_gets_a_clear_error_and_the_runtime_keeps_serving(
