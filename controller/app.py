@@ -165,7 +165,8 @@ def create_app(config: ControllerConfig) -> Starlette:
         name = request.path_params["name"]
         record = await ctl.registry.delete(name)
         for rec in ctl.pool.records():
-            if rec.function == name and ctl.pool.instances[rec.id].in_flight == 0:
+            live = ctl.pool.instances.get(rec.id)
+            if rec.function == name and live is not None and live.in_flight == 0:
                 await ctl.pool.stop(rec.id, reason="function deleted")
         return JSONResponse({"deleted": name, "manifest": record.manifest.model_dump(mode="json")})
 

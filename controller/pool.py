@@ -289,12 +289,21 @@ class InstancePool:
         except SllmError as e:
             log.warning("instance %s failed to load: %s", live.record.id, e.message)
             live.error = e
-            self._set_state(live, InstanceState.STOPPED, reason=f"load failed: {e.message}")
-            del self.instances[live.record.id]
+            if live.state != InstanceState.STOPPED:
+                self._set_state(live, InstanceState.STOPPED, reason=f"load failed: {e.message}")
+            self.instances.pop(live.record.id, None)
         else:
-            now = self._clock()
-            self._set_state(live, InstanceState.IDLE, loaded_at=now, last_used=now,
-                            load_seconds=resp.load_seconds, read_seconds=resp.read_seconds)
+            if live.state == InstanceState.STOPPED:  # stopped while loading: undo the load
+                live.error = Unavailable(f"instance {live.record.id} was stopped while loading",
+                                         retry_after=1)
+                try:
+                    await self._invokers.unload(live.record.invoker_url, live.record.id)
+                except SllmError as e:
+                    log.warning("unloading %s failed: %s", live.record.id, e.message)
+            else:
+                now = self._clock()
+                self._set_state(live, InstanceState.IDLE, loaded_at=now, last_used=now,
+                                load_seconds=resp.load_seconds, read_seconds=resp.read_seconds)
         live.loaded.set()
         await self._notify()
 

@@ -80,6 +80,7 @@ class Activation:
     _t0: float
     done: DoneMessage | None = None
     text: list[str] = field(default_factory=list)
+    _closed: bool = False
 
     async def tokens(self) -> AsyncIterator[TokenMessage]:
         """The generated tokens, as the invoker produces them.
@@ -119,8 +120,15 @@ class Activation:
             METRICS.activations.labels(self.function, self.timings.cold_start, "error").inc()
             raise
         finally:
-            await self._response.aclose()
-            self._upstream.release_soon(self.assignment.instance_id)
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the token stream and release the instance (once; later calls do nothing).
+        Responses also run it as a background task: a streaming body that never started (the
+        client left before the first byte) would otherwise never release its slot."""
+        if not self._closed:
+            self._closed = True
+            self._upstream.release_soon(self.assignment.instance_id, self._response)
 
     def usage(self) -> dict[str, int]:
         """OpenAI-shaped token usage (valid once the stream is done)."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
@@ -49,4 +50,4 @@ async def invoke(request: Request, upstream: Upstream) -> Response:
         yield event(act.summary(), "done")
 
     return StreamingResponse(events(), media_type="text/event-stream",
-                             headers={**SSE_HEADERS, **headers})
+                             headers={**SSE_HEADERS, **headers}, background=BackgroundTask(act.aclose))

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
@@ -126,7 +127,8 @@ def _streamed(
         yield event("[DONE]")
 
     return StreamingResponse(body(), media_type="text/event-stream",
-                             headers={**SSE_HEADERS, "X-Activation-Id": act.id})
+                             headers={**SSE_HEADERS, "X-Activation-Id": act.id},
+                             background=BackgroundTask(act.aclose))
 
 
 async def _finished(act: activation.Activation) -> str | None:

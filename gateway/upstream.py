@@ -54,10 +54,13 @@ class Upstream:
         r = await self.controller("POST", "/v1/acquire", json=AcquireRequest(function=function).model_dump())
         return Assignment.model_validate_json(r.content)
 
-    def release_soon(self, instance_id: str) -> None:
-        """Give a slot back, in a task of its own so that a cancelled request (client gone)
-        still releases it."""
+    def release_soon(self, instance_id: str, stream: httpx.Response | None = None) -> None:
+        """Close the invoker's token ``stream`` (which cancels its generation if still running)
+        and give the slot back, in a task of its own: a request cancelled because its client
+        went away can no longer await anything itself."""
         async def release() -> None:
+            if stream is not None:
+                await stream.aclose()
             try:
                 await self.controller("POST", "/v1/release",
                                       json=ReleaseRequest(instance_id=instance_id).model_dump())
