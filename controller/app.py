@@ -6,7 +6,8 @@ HTTP API (JSON; errors in the OpenAI-shaped envelope of :mod:`sllm.errors`):
   ``GET /v1/functions``; ``GET|DELETE /v1/functions/{name}``
 - ``POST /v1/acquire`` (:class:`~sllm.messages.AcquireRequest`) -> :class:`~sllm.messages.Assignment`;
   ``POST /v1/release`` (:class:`~sllm.messages.ReleaseRequest`)
-- ``GET /v1/instances``, ``GET /v1/invokers``, ``GET /health``
+- ``GET /v1/instances``, ``GET /v1/invokers``, ``GET /v1/checkpoints`` (tier of each model on
+  each invoker), ``GET /health``
 
 A reconcile loop runs every :data:`~sllm.config.AUTOSCALER_TICK_S`: it drops instances whose
 invoker's lease expired, then carries out :func:`controller.autoscaler.decide`.
@@ -37,7 +38,14 @@ from sllm.errors import InvalidRequest, SllmError, Unavailable
 from sllm.etcd import Etcd
 from sllm.http import EXCEPTION_HANDLERS, model_response, read_json, read_model
 from sllm.manifest import validate_manifest
-from sllm.messages import AcquireRequest, FunctionRecord, InstanceRecord, InvokerRecord, ReleaseRequest
+from sllm.messages import (
+    AcquireRequest,
+    CheckpointRecord,
+    FunctionRecord,
+    InstanceRecord,
+    InvokerRecord,
+    ReleaseRequest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +192,10 @@ def create_app(config: ControllerConfig) -> Starlette:
     async def list_instances(request: Request) -> Response:
         return JSONResponse({"instances": [r.model_dump(mode="json") for r in ctl.pool.records()]})
 
+    async def list_checkpoints(request: Request) -> Response:
+        records = await ctl.etcd.list(keys.Kind.CHECKPOINT, CheckpointRecord)
+        return JSONResponse({"checkpoints": [r.model_dump(mode="json") for r in records]})
+
     async def list_invokers(request: Request) -> Response:
         used = ctl.pool.used_bytes()
         out = []
@@ -218,5 +230,6 @@ def create_app(config: ControllerConfig) -> Starlette:
         Route("/v1/release", release, methods=["POST"]),
         Route("/v1/instances", list_instances),
         Route("/v1/invokers", list_invokers),
+        Route("/v1/checkpoints", list_checkpoints),
     ]
     return Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)

@@ -220,7 +220,7 @@ class InstancePool:
         return Assignment(
             function=live.record.function, model=live.record.model, instance_id=live.record.id,
             invoker_url=live.record.invoker_url, cold=cold, queue_seconds=queue_s,
-            load_seconds=load_s, defaults=manifest.spec.generation.model_dump(),
+            load_seconds=load_s, tier=live.record.tier, defaults=manifest.spec.generation.model_dump(),
         )
 
     async def release(self, instance_id: str) -> None:
@@ -303,7 +303,8 @@ class InstancePool:
             else:
                 now = self._clock()
                 self._set_state(live, InstanceState.IDLE, loaded_at=now, last_used=now,
-                                load_seconds=resp.load_seconds, read_seconds=resp.read_seconds)
+                                load_seconds=resp.load_seconds, read_seconds=resp.read_seconds,
+                                tier=resp.tier)
         live.loaded.set()
         await self._notify()
 

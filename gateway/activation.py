@@ -40,6 +40,7 @@ from sllm.messages import (
 @dataclass
 class Timings:
     cold_start: bool = False
+    tier: str | None = None  # where a cold start loaded the checkpoint from
     queue: float = 0.0
     load: float = 0.0
     controller: float = 0.0
@@ -53,6 +54,7 @@ class Timings:
         return {
             "cold_start": self.cold_start,
             "start": "cold" if self.cold_start else "warm",
+            "tier": self.tier if self.cold_start else None,
             "queue_seconds": round(self.queue, 6),
             "load_seconds": round(self.load, 6),
             "controller_seconds": round(self.controller, 6),
@@ -166,7 +168,8 @@ async def start(
     assignment = await upstream.acquire(function)
     acquire_s = time.monotonic() - t0
     timings = Timings(
-        cold_start=assignment.cold, queue=assignment.queue_seconds, load=assignment.load_seconds,
+        cold_start=assignment.cold, tier=assignment.tier, queue=assignment.queue_seconds,
+        load=assignment.load_seconds,
         controller=max(0.0, acquire_s - assignment.queue_seconds - assignment.load_seconds),
     )
     if assignment.cold:

@@ -8,7 +8,7 @@ Routes:
 - management, forwarded to the controller: ``POST /v1/functions``, ``PUT /v1/functions/{name}``
   (a manifest as JSON, or as YAML with ``Content-Type: application/yaml``),
   ``GET /v1/functions``, ``GET|DELETE /v1/functions/{name}``, ``GET /v1/instances``,
-  ``GET /v1/invokers``;
+  ``GET /v1/invokers``, ``GET /v1/checkpoints``;
 - ``GET /health``, ``GET /metrics`` (Prometheus).
 
 Auth: when an API key is configured, every ``/v1`` route needs ``Authorization: Bearer <key>``.
@@ -114,5 +114,6 @@ def create_app(config: GatewayConfig) -> Starlette:
         Route("/v1/functions/{name}", g(forward), methods=["GET", "PUT", "DELETE"]),
         Route("/v1/instances", g(forward), methods=["GET"]),
         Route("/v1/invokers", g(forward), methods=["GET"]),
+        Route("/v1/checkpoints", g(forward), methods=["GET"]),
     ]
     return Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)

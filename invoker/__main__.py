@@ -28,12 +28,14 @@ def default_device() -> str:
 @click.option("--store", default=None, help="model store folder [default: $SLLM_HOME/models]")
 @click.option("--device", default=None, help="device for instances [default: cuda:0 if any, else cpu]")
 @click.option("--memory", default="8Gi", show_default=True, help="instance memory budget")
+@click.option("--dram-pool", default="2Gi", show_default=True,
+              help="DRAM tier budget: host memory caching recently loaded checkpoints (0: none)")
 @click.option("--no-verify", is_flag=True, help="skip checkpoint checksum verification on load")
 @click.option("--advertise-url", default=None,
               help="URL others reach this invoker at [default: http://HOST:PORT]")
 @click.option("--log-level", default="info", show_default=True)
 def main(invoker_id: str, host: str, port: int, etcd_endpoint: str, store: str | None,
-         device: str | None, memory: str, no_verify: bool, advertise_url: str | None,
+         device: str | None, memory: str, dram_pool: str, no_verify: bool, advertise_url: str | None,
          log_level: str) -> None:
     """Run an invoker: loads instances from the model store and serves their generations."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -41,6 +43,7 @@ def main(invoker_id: str, host: str, port: int, etcd_endpoint: str, store: str |
         invoker_id=invoker_id, url=advertise_url or f"http://{host}:{port}", etcd_endpoint=etcd_endpoint,
         store_root=Path(store) if store else store_root(), device=device or default_device(),
         memory_bytes=parse_quantity(memory), verify_checksums=not no_verify,
+        dram_pool_bytes=parse_quantity(dram_pool),
     )
     uvicorn.run(create_app(config), host=host, port=port, log_level="warning", access_log=False)
 

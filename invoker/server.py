@@ -34,10 +34,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from invoker.checkpoint import load_checkpoint
+from invoker.checkpoint import LoadedCheckpoint, load_checkpoint
+from invoker.dram_pool import DramPool
 from invoker.generation import Generation, SamplingParams
 from invoker.instance import ModelInstance
 from invoker.store import ModelStore
+from invoker.tiers import TierPublisher
 from invoker.warmup import warm_up
 from sllm import keys
 from sllm.config import INVOKER_LEASE_TTL_S
@@ -67,6 +69,8 @@ class InvokerConfig:
     device: str = "cpu"  # where "auto" instances go
     memory_bytes: int = 8 << 30  # instance memory budget advertised to the controller
     verify_checksums: bool = True
+    dram_pool_bytes: int = 2 << 30  # the DRAM tier's budget; 0 disables it
+    tier_sync_s: float = 5.0  # how often checkpoint tiers are re-published (store changes)
 
 
 @dataclass
@@ -75,11 +79,19 @@ class LoadedInstance:
     function: str
     model: str
     instance: ModelInstance
-    nbytes: int
+    checkpoint: LoadedCheckpoint  # its tensors back the model; released once unloaded
     load_seconds: float
     loaded_at: float
     lock: threading.Lock = field(default_factory=threading.Lock)  # one generation at a time
     cancels: set[threading.Event] = field(default_factory=set)  # of running generations
+    closed: bool = False  # set under ``lock`` once unloaded: the weights may be reused
+
+    def close_when_idle(self) -> None:
+        """Blocking: wait for the running generation (if any), then give the weights' memory
+        back to the DRAM pool. After this no generation may touch the model."""
+        with self.lock:
+            self.closed = True
+            self.checkpoint.release()
 
 
 def resolve_device(requested: str, default: str) -> str:
@@ -106,6 +118,27 @@ class Invoker:
         self.instances: dict[str, LoadedInstance] = {}
         self._loading: set[str] = set()
         self.lease_id: int | None = None
+        self.tiers = TierPublisher(self.etcd, config.invoker_id, self.store)
+        self._pool: asyncio.Future[DramPool] | None = None
+
+    def start_pool(self) -> None:
+        """Allocate and pre-fault the DRAM pool in a thread (seconds for GiBs); loads wait for it."""
+        self._pool = asyncio.get_running_loop().run_in_executor(
+            None, DramPool, self.config.dram_pool_bytes
+        )
+
+    async def pool(self) -> DramPool | None:
+        """The DRAM pool once it is ready (None when disabled)."""
+        if self._pool is None or self.config.dram_pool_bytes == 0:
+            return None
+        return await self._pool
+
+    async def publish_tiers(self) -> None:
+        """Re-publish checkpoint tiers that changed; failures are logged (the next sync retries)."""
+        try:
+            await self.tiers.sync(await self.pool(), self.lease_id)
+        except SllmError as e:
+            log.warning("publishing checkpoint tiers failed: %s", e.message)
 
     async def register(self) -> int:
         """Write this invoker's record under a fresh lease; returns the lease id."""
@@ -116,6 +149,7 @@ class Invoker:
         )
         await self.etcd.put(keys.Kind.INVOKER, self.config.invoker_id, record, lease=lease)
         self.lease_id = lease
+        self.tiers.forget()  # records live on the lease: a new lease needs them all again
         log.info("invoker %s registered at %s (lease %x)", self.config.invoker_id, self.config.url, lease)
         return lease
 
@@ -133,31 +167,43 @@ class Invoker:
         path = self.store.path(req.model)
         self._loading.add(iid)
         try:
+            pool = await self.pool()
             t0 = time.monotonic()
-            instance, nbytes, read_s = await asyncio.to_thread(self._load_blocking, path, device)
+            instance, ckpt = await asyncio.to_thread(self._load_blocking, path, device, pool)
             seconds = time.monotonic() - t0
         finally:
             self._loading.discard(iid)
         self.instances[iid] = LoadedInstance(
             instance_id=iid, function=req.function, model=req.model, instance=instance,
-            nbytes=nbytes, load_seconds=seconds, loaded_at=time.time(),
+            checkpoint=ckpt, load_seconds=seconds, loaded_at=time.time(),
         )
-        log.info("loaded instance %s (%s, %d bytes) in %.3f s", iid, req.model, nbytes, seconds)
-        return LoadResponse(instance_id=iid, device=device, nbytes=nbytes, load_seconds=seconds,
-                            read_seconds=read_s)
+        log.info("loaded instance %s (%s, %s tier, %d bytes read) in %.3f s", iid, req.model,
+                 ckpt.tier, ckpt.nbytes, seconds)
+        await self.publish_tiers()
+        return LoadResponse(instance_id=iid, device=device, nbytes=ckpt.nbytes,
+                            load_seconds=seconds, read_seconds=ckpt.seconds, tier=ckpt.tier)
 
-    def _load_blocking(self, path: Path, device: str) -> tuple[ModelInstance, int, float]:
-        ckpt = load_checkpoint(path, device=device, verify=self.config.verify_checksums)
-        return ModelInstance.from_tensors(path, ckpt.tensors, device=device), ckpt.nbytes, ckpt.seconds
+    def _load_blocking(
+        self, path: Path, device: str, pool: DramPool | None
+    ) -> tuple[ModelInstance, LoadedCheckpoint]:
+        ckpt = load_checkpoint(path, device=device, verify=self.config.verify_checksums, pool=pool)
+        try:
+            return ModelInstance.from_tensors(path, ckpt.tensors, device=device), ckpt
+        except BaseException:
+            ckpt.release()
+            raise
 
-    def unload(self, instance_id: str) -> None:
-        """Forget an instance and cancel its running generations. Raises InstanceNotFound."""
+    async def unload(self, instance_id: str) -> None:
+        """Forget an instance, cancel its running generations, and give its weights' memory back
+        to the DRAM pool once they have stopped. Raises InstanceNotFound."""
         inst = self.instances.pop(instance_id, None)
         if inst is None:
             raise InstanceNotFound(f"no instance {instance_id!r} on this invoker")
         for ev in list(inst.cancels):
             ev.set()
+        await asyncio.to_thread(inst.close_when_idle)
         log.info("unloaded instance %s", instance_id)
+        await self.publish_tiers()
 
     def get(self, instance_id: str) -> LoadedInstance:
         inst = self.instances.get(instance_id)
@@ -176,6 +222,8 @@ def _run_generation(
 
     try:
         with inst.lock:
+            if inst.closed:
+                raise InstanceNotFound(f"instance {inst.instance_id!r} was unloaded")
             gen = Generation(inst.instance, prompt_ids, params, cancel=cancel)
             for tok in gen:
                 post(TokenMessage(index=tok.index, token_id=tok.token_id, text=tok.text).model_dump_json())
@@ -209,13 +257,13 @@ def create_app(config: InvokerConfig) -> Starlette:
     async def list_instances(request: Request) -> Response:
         return JSONResponse({"instances": [
             {"instance_id": i.instance_id, "function": i.function, "model": i.model,
-             "device": str(i.instance.device), "nbytes": i.nbytes,
+             "device": str(i.instance.device), "tier": i.checkpoint.tier,
              "load_seconds": i.load_seconds, "loaded_at": i.loaded_at}
             for i in inv.instances.values()
         ]})
 
     async def unload(request: Request) -> Response:
-        inv.unload(request.path_params["id"])
+        await inv.unload(request.path_params["id"])
         return JSONResponse({"unloaded": request.path_params["id"]})
 
     async def generate(request: Request) -> Response:
@@ -248,17 +296,26 @@ def create_app(config: InvokerConfig) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         stop = asyncio.Event()
+        inv.start_pool()  # pre-faults in the background; the first load waits for it
         await asyncio.to_thread(warm_up)  # before registering: no load is placed here until warm
         lease = await inv.register()
         keeper = asyncio.create_task(
             inv.etcd.keep_alive(lease, INVOKER_LEASE_TTL_S, stop, on_expired=inv.register)
         )
+
+        async def tier_sync() -> None:
+            while True:
+                await inv.publish_tiers()
+                await asyncio.sleep(config.tier_sync_s)
+
+        syncer = asyncio.create_task(tier_sync())
         app.state.invoker = inv
         try:
             yield
         finally:
             stop.set()
             keeper.cancel()
+            syncer.cancel()
             with contextlib.suppress(Exception):
                 if inv.lease_id is not None:
                     await inv.etcd.revoke_lease(inv.lease_id)

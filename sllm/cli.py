@@ -155,6 +155,9 @@ def status(ctx: click.Context) -> None:
     for inv in api.call("GET", "/v1/invokers")["invokers"]:
         click.echo(f"invoker     {inv['id']:<12} {inv['url']:<26} {inv['device']:<7} "
                    f"memory {inv['used_bytes'] / 2**30:.1f}/{inv['memory_bytes'] / 2**30:.1f} GiB")
+    for c in api.call("GET", "/v1/checkpoints")["checkpoints"]:
+        click.echo(f"checkpoint  {c['model']:<28} {c['tier']:<5} on {c['invoker_id']:<12} "
+                   f"{c['nbytes'] / 2**20:.1f} MiB")
     instances = api.call("GET", "/v1/instances")["instances"]
     for i in instances:
         click.echo(f"instance    {i['id']:<28} {i['function']:<20} {i['state']:<8} on {i['invoker_id']}")
@@ -193,13 +196,23 @@ def model_import(source: str, name: str | None, dtype: str | None, replace: bool
 
 
 @model.command("list")
-def model_list() -> None:
-    """List the models in the store."""
+@click.pass_context
+def model_list(ctx: click.Context) -> None:
+    """List the models in the store, with the tier each sits in on each invoker when the
+    runtime is up (dram: cached in an invoker's DRAM pool; ssd: on its disk only)."""
     infos = _store().list()
     if not infos:
         click.echo("no models; import one with: sllm model import smollm2")
+        return
+    tiers: dict[str, list[str]] = {}
+    try:
+        for c in _api(ctx).call("GET", "/v1/checkpoints")["checkpoints"]:
+            tiers.setdefault(c["model"], []).append(f"{c['invoker_id']}:{c['tier']}")
+    except SllmError:
+        pass  # the runtime is down: the store alone
     for i in infos:
-        click.echo(f"{i.name:<32} {i.nbytes / 2**20:>9.1f} MiB  {i.dtype:<9} {i.source}")
+        where = " ".join(sorted(tiers.get(i.name, []))) or "-"
+        click.echo(f"{i.name:<32} {i.nbytes / 2**20:>9.1f} MiB  {i.dtype:<9} {where:<24} {i.source}")
 
 
 @model.command("rm")
@@ -324,8 +337,9 @@ def fn_invoke(ctx: click.Context, name: str, prompt: str | None, messages: str |
     t = result.get("timings", {})
     u = result.get("usage", {})
     tpot = t.get("tpot_seconds") or 0.0
+    tier = f" from {t['tier']}" if t.get("tier") else ""
     click.echo(
-        f"[{t.get('start', '?')} start | load {t.get('load_seconds', 0):.2f} s | "
+        f"[{t.get('start', '?')} start{tier} | load {t.get('load_seconds', 0):.2f} s | "
         f"TTFT {t.get('ttft_seconds') or 0:.3f} s | {u.get('completion_tokens', 0)} tokens, "
         f"TPOT {tpot * 1000:.1f} ms ({1 / tpot if tpot else 0:.1f} tokens/s) | "
         f"total {t.get('total_seconds', 0):.2f} s | activation {result.get('activation_id', '?')}]",

@@ -24,6 +24,10 @@ log = logging.getLogger(__name__)
 R = TypeVar("R", bound=BaseModel)
 
 
+def _key(kind: keys.Kind, name: str | tuple[str, ...]) -> str:
+    return keys.key(kind, *name) if isinstance(name, tuple) else keys.key(kind, name)
+
+
 class Etcd:
     """An asyncio etcd client for sllm records.
 
@@ -52,9 +56,11 @@ class Etcd:
         except aetcd.exceptions.ClientError as e:
             raise Unavailable(f"etcd at {self.endpoint} is unavailable: {e}", retry_after=1) from e
 
-    async def put(self, kind: keys.Kind, name: str, record: BaseModel, *, lease: int | None = None) -> None:
-        """Write ``record`` as JSON under the key of ``kind``/``name`` (attached to ``lease``)."""
-        k = keys.key(kind, name).encode()
+    async def put(self, kind: keys.Kind, name: str | tuple[str, ...], record: BaseModel, *,
+                  lease: int | None = None) -> None:
+        """Write ``record`` as JSON under the key of ``kind``/``name`` (attached to ``lease``);
+        ``name`` is a tuple for kinds with several parts."""
+        k = _key(kind, name).encode()
         v = record.model_dump_json().encode()
         await self._call(lambda: self._client.put(k, v, lease=lease))
 
@@ -72,9 +78,9 @@ class Etcd:
 
         return bool(await self._call(op))
 
-    async def get(self, kind: keys.Kind, name: str, model: type[R]) -> R | None:
+    async def get(self, kind: keys.Kind, name: str | tuple[str, ...], model: type[R]) -> R | None:
         """The record under ``kind``/``name``, or None when absent."""
-        k = keys.key(kind, name).encode()
+        k = _key(kind, name).encode()
         got = await self._call(lambda: self._client.get(k))
         return None if got is None else model.model_validate_json(got.value)
 
@@ -90,9 +96,9 @@ class Etcd:
                 log.warning("skipping unparsable etcd value at %s", kv.key)
         return out
 
-    async def delete(self, kind: keys.Kind, name: str) -> bool:
+    async def delete(self, kind: keys.Kind, name: str | tuple[str, ...]) -> bool:
         """Delete one key. Returns whether it existed."""
-        k = keys.key(kind, name).encode()
+        k = _key(kind, name).encode()
         return bool(await self._call(lambda: self._client.delete(k)))
 
     async def grant_lease(self, ttl: int) -> int:

@@ -6,6 +6,10 @@
     /sllm/instances/<instance-id>       InstanceRecord   one instance and its state
     /sllm/invokers/<invoker-id>         InvokerRecord    a live invoker; attached to its lease,
                                                          so it disappears when the invoker dies
+    /sllm/checkpoints/<invoker-id>/<model>
+                                        CheckpointRecord the fastest tier holding a model's
+                                                         checkpoint on an invoker (dram or ssd);
+                                                         attached to the invoker's lease
 
 Values are JSON documents of the pydantic records in :mod:`sllm.messages`.
 """
@@ -23,6 +27,11 @@ class Kind(str, Enum):
     FUNCTION = "functions"
     INSTANCE = "instances"
     INVOKER = "invokers"
+    CHECKPOINT = "checkpoints"
+
+
+PARTS = {Kind.FUNCTION: 1, Kind.INSTANCE: 1, Kind.INVOKER: 1, Kind.CHECKPOINT: 2}
+"""How many name parts each kind's keys have."""
 
 
 def prefix(kind: Kind) -> str:
@@ -30,22 +39,31 @@ def prefix(kind: Kind) -> str:
     return f"{ROOT}{kind.value}/"
 
 
-def key(kind: Kind, name: str) -> str:
-    """The key of one object. Raises ValueError when ``name`` is empty or contains ``/``."""
-    if not name or "/" in name:
-        raise ValueError(f"invalid {kind.value} name for an etcd key: {name!r}")
-    return prefix(kind) + name
+def key(kind: Kind, *parts: str) -> str:
+    """The key of one object: ``key(Kind.FUNCTION, name)``,
+    ``key(Kind.CHECKPOINT, invoker_id, model)``.
+
+    Raises:
+        ValueError: the wrong number of parts for ``kind``, or a part that is empty or holds ``/``.
+    """
+    if len(parts) != PARTS[kind]:
+        raise ValueError(f"{kind.value} keys have {PARTS[kind]} part(s), got {parts!r}")
+    for p in parts:
+        if not p or "/" in p:
+            raise ValueError(f"invalid {kind.value} name for an etcd key: {p!r}")
+    return prefix(kind) + "/".join(parts)
 
 
-def parse(k: str) -> tuple[Kind, str]:
-    """Split a key into its kind and name. Raises ValueError for a key outside the schema."""
+def parse(k: str) -> tuple[Kind, tuple[str, ...]]:
+    """Split a key into its kind and name parts. Raises ValueError for a key outside the schema."""
     if not k.startswith(ROOT):
         raise ValueError(f"not an sllm key: {k!r}")
-    kind_s, _, name = k[len(ROOT):].partition("/")
+    kind_s, _, rest = k[len(ROOT):].partition("/")
     try:
         kind = Kind(kind_s)
     except ValueError:
         raise ValueError(f"unknown kind in key {k!r}") from None
-    if not name or "/" in name:
+    parts = tuple(rest.split("/"))
+    if len(parts) != PARTS[kind] or not all(parts):
         raise ValueError(f"malformed key {k!r}")
-    return kind, name
+    return kind, parts

@@ -45,6 +45,16 @@ class InvokerRecord(Wire):
     pid: int
 
 
+class CheckpointRecord(Wire):
+    """Where a model's checkpoint sits on one invoker: the fastest tier holding it."""
+
+    invoker_id: str
+    model: str
+    tier: Literal["dram", "ssd"]
+    nbytes: int  # checkpoint size (bytes)
+    updated: float  # unix seconds
+
+
 class InstanceRecord(Wire):
     id: str
     function: str
@@ -58,6 +68,7 @@ class InstanceRecord(Wire):
     last_used: float | None = None  # unix seconds the last invocation ended
     load_seconds: float | None = None  # wall time of the load (read + verify + build the model)
     read_seconds: float | None = None  # of which reading and verifying the checkpoint
+    tier: str | None = None  # where the load read the checkpoint from: "dram" or "ssd"
     reason: str | None = None  # why it stopped, when it did
 
 
@@ -78,6 +89,7 @@ class Assignment(Wire):
     cold: bool  # this invocation waited for a load it caused or joined
     queue_seconds: float  # time waiting for capacity, excluding the load
     load_seconds: float  # time spent waiting for the checkpoint load (0 when warm)
+    tier: str | None = None  # where the instance's checkpoint was loaded from ("dram", "ssd")
     defaults: dict[str, Any]  # the function's generation defaults (maxTokens, temperature, topP)
 
 
@@ -101,6 +113,7 @@ class LoadResponse(Wire):
     nbytes: int  # checkpoint bytes read
     load_seconds: float  # wall time: read + verify + build the model
     read_seconds: float  # of which reading the checkpoint into memory and verifying checksums
+    tier: str  # where the checkpoint came from: "dram" (the invoker's pool) or "ssd"
 
 
 # --- gateway <-> invoker ------------------------------------------------------------------------

@@ -188,7 +188,8 @@ def start(
     home: Path, *, invokers: int = 1, gateway_port: int = config.GATEWAY_PORT,
     controller_port: int = config.CONTROLLER_PORT, etcd_port: int = config.ETCD_CLIENT_PORT,
     etcd_peer_port: int = config.ETCD_PEER_PORT, invoker_ports: list[int] | None = None,
-    store: Path | None = None, invoker_memory: str = "8Gi", tick_s: float = config.AUTOSCALER_TICK_S,
+    store: Path | None = None, invoker_memory: str = "8Gi", dram_pool: str = "2Gi",
+    tick_s: float = config.AUTOSCALER_TICK_S,
     extra_env: dict[str, str] | None = None, stop_at_exit: bool = False,
 ) -> RuntimeState:
     """Start etcd, the controller, the invokers and the gateway, each in its own process, and
@@ -225,7 +226,7 @@ def start(
     for i, port in enumerate(ports):
         specs.append((f"invoker-{i}", [py, "-m", "invoker", "--id", f"invoker-{i}", "--port", str(port),
                                        "--etcd", state.etcd_endpoint, "--store", str(store),
-                                       "--memory", invoker_memory],
+                                       "--memory", invoker_memory, "--dram-pool", dram_pool],
                       f"http://{h}:{port}/health"))
     specs.append(("gateway", [py, "-m", "gateway", "--port", str(gateway_port),
                               "--controller", state.controller_url], f"{state.gateway_url}/health"))

@@ -57,14 +57,16 @@ class Cluster:
             return r.json()  # type: ignore[no-any-return]
 
 
-def start_cluster(home: Path, *, invokers: int = 1, tick_s: float = 0.2, memory: str = "8Gi") -> Cluster:
+def start_cluster(
+    home: Path, *, invokers: int = 1, tick_s: float = 0.2, memory: str = "8Gi", dram_pool: str = "64Mi"
+) -> Cluster:
     """Start a runtime on free ports with its model store under ``home/models``."""
     store = home / "models"
     state = runtime.start(
         home, invokers=invokers, gateway_port=runtime.free_port(), controller_port=runtime.free_port(),
         etcd_port=runtime.free_port(), etcd_peer_port=runtime.free_port(),
         invoker_ports=[runtime.free_port() for _ in range(invokers)], store=store, tick_s=tick_s,
-        invoker_memory=memory, stop_at_exit=True,
+        invoker_memory=memory, dram_pool=dram_pool, stop_at_exit=True,
     )
     return Cluster(state=state, home=home, store=store)
 

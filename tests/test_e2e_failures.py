@@ -40,6 +40,17 @@ def wait_for(predicate, timeout: float = 30.0) -> bool:  # type: ignore[no-untyp
     return False
 
 
+def test_first_cold_start_reads_from_ssd_then_the_checkpoint_is_on_the_dram_tier(cluster: Cluster) -> None:
+    with cluster.client() as c:
+        before = {(r["model"], r["tier"]) for r in c.get("/v1/checkpoints").json()["checkpoints"]}
+        assert before == {("tiny-llama", "ssd")}
+        first = c.post("/v1/functions/tiny/invoke", json={"prompt": "hi", "max_tokens": 2}).json()
+        assert first["timings"]["cold_start"] and first["timings"]["tier"] == "ssd"
+        records = c.get("/v1/checkpoints").json()["checkpoints"]
+        assert [(r["invoker_id"], r["model"], r["tier"]) for r in records] == [("invoker-0", "tiny-llama", "dram")]
+        assert c.get("/v1/instances").json()["instances"][0]["tier"] == "ssd"
+
+
 def test_client_disconnect_mid_stream_releases_the_instance(cluster: Cluster) -> None:
     with cluster.client() as c:
         with c.stream("POST", "/v1/functions/tiny/invoke", json={"prompt": "hi", "stream": True}) as r:

@@ -26,7 +26,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     home = tmp_path_factory.mktemp("smollm2")
     info = import_model("smollm2", ModelStore(home / "models"))
     assert info.name == "smollm2-135m-instruct" and info.dtype == "float32"
-    c = start_cluster(home)
+    c = start_cluster(home, dram_pool="1Gi")
     try:
         c.deploy(manifest_to_dict(parse_manifest(MANIFEST.read_text())))
         yield c

@@ -286,6 +286,7 @@ def test_scale_to_zero_after_keep_alive_then_cold_start_again(cluster: Cluster) 
         assert c.get("/v1/functions/tiny-ephemeral").json()["instances"] == []
         again = c.post("/v1/functions/tiny-ephemeral/invoke", json={"prompt": "hi", "max_tokens": 2}).json()
     assert again["timings"]["cold_start"] is True
+    assert again["timings"]["tier"] == "dram"  # scaled to zero, but still cached in the pool
     assert again["text"] == first["text"]
 
 

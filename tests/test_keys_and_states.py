@@ -11,12 +11,20 @@ from sllm.states import InstanceState, check_transition
 
 def test_keys_build_and_parse_back() -> None:
     for kind in keys.Kind:
-        k = keys.key(kind, "abc-1")
+        parts = ("abc-1", "m.2")[: keys.PARTS[kind]]
+        k = keys.key(kind, *parts)
         assert k.startswith(keys.prefix(kind))
-        assert keys.parse(k) == (kind, "abc-1")
+        assert keys.parse(k) == (kind, parts)
 
 
-@pytest.mark.parametrize("bad", ["/other/functions/x", "/sllm/nope/x", "/sllm/functions/", "/sllm/functions/a/b"])
+def test_checkpoint_keys_have_invoker_and_model() -> None:
+    assert keys.key(keys.Kind.CHECKPOINT, "invoker-0", "smollm2") == "/sllm/checkpoints/invoker-0/smollm2"
+    with pytest.raises(ValueError):
+        keys.key(keys.Kind.CHECKPOINT, "invoker-0")
+
+
+@pytest.mark.parametrize("bad", ["/other/functions/x", "/sllm/nope/x", "/sllm/functions/", "/sllm/functions/a/b",
+                                 "/sllm/checkpoints/a", "/sllm/checkpoints/a/"])
 def test_foreign_or_malformed_keys_are_refused(bad: str) -> None:
     with pytest.raises(ValueError):
         keys.parse(bad)
