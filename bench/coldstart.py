@@ -11,9 +11,11 @@ not disturb a runtime started with ``sllm up``.
 
 Rows (seconds unless stated):
 
-- ``sllm cold``: a function's first invocation (no instance anywhere): client-side time to first
-  token, split into the gateway/controller hops, the checkpoint load (read + verify, then model
-  build) and the prefill;
+- ``sllm cold (ssd)`` / ``sllm cold (dram)``: a function's first invocation (no instance
+  anywhere), client-side time to first token, split into the gateway/controller hops, the
+  checkpoint load (read + verify, then model build) and the prefill. Each round starts a fresh
+  runtime: its first cold start reads the checkpoint from SSD into the invoker's DRAM pool, the
+  second (another function, same model) finds it in the DRAM tier;
 - ``sllm warm``: later invocations: time to first token, time per output token, decode tokens/s;
 - ``from_pretrained``: a fresh Python process that imports transformers, loads the same weights
   from safetensors with ``AutoModelForCausalLM.from_pretrained`` and produces the first token;
@@ -184,7 +186,10 @@ def median(xs: list[float]) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--cold", type=int, default=3, help="cold starts to measure")
+    ap.add_argument("--cold", type=int, default=3,
+                    help="rounds: each starts a fresh runtime and measures one SSD-tier and one "
+                         "DRAM-tier cold start")
+    ap.add_argument("--dram-pool", default="2Gi", help="the invoker's DRAM tier budget")
     ap.add_argument("--warm", type=int, default=10, help="warm invocations to measure")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--baseline-runs", type=int, default=3)
@@ -201,45 +206,53 @@ def main() -> None:
     dropped = drop_caches() if args.drop_caches else False
 
     rows: list[dict[str, Any]] = []
+    colds: list[dict[str, Any]] = []
+    warms: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="sllm-bench-") as tmp:
         home = Path(tmp)
-        state = runtime.start(
-            home, gateway_port=runtime.free_port(), controller_port=runtime.free_port(),
-            etcd_port=runtime.free_port(), etcd_peer_port=runtime.free_port(),
-            invoker_ports=[runtime.free_port()], store=config.store_root(), stop_at_exit=True,
-        )
-        try:
-            gw = state.gateway_url
-            colds = []
-            for i in range(args.cold):
-                name = f"bench-{i}"
-                deploy(gw, name, args.model, args.max_tokens)
-                if args.drop_caches:
-                    drop_caches()
-                res = invoke(gw, name, args.max_tokens)
-                res["instance"] = instance_record(gw, name)
-                colds.append(res)
-                httpx.delete(f"{gw}/v1/functions/{name}", timeout=30)  # unloads its idle instance
-            deploy(gw, "bench-warm", args.model, args.max_tokens)
-            invoke(gw, "bench-warm", args.max_tokens)  # the cold one, not counted
-            warms = [invoke(gw, "bench-warm", args.max_tokens) for _ in range(args.warm)]
-        finally:
-            runtime.stop(state)
+        for round_ in range(args.cold):
+            # a fresh runtime each round: its invoker's DRAM pool is empty, so the first cold
+            # start reads from SSD (page cache dropped) and the second from the DRAM tier
+            state = runtime.start(
+                home / f"r{round_}", gateway_port=runtime.free_port(),
+                controller_port=runtime.free_port(), etcd_port=runtime.free_port(),
+                etcd_peer_port=runtime.free_port(), invoker_ports=[runtime.free_port()],
+                store=config.store_root(), dram_pool=args.dram_pool, stop_at_exit=True,
+            )
+            try:
+                gw = state.gateway_url
+                for i in range(2):
+                    name = f"bench-{i}"
+                    deploy(gw, name, args.model, args.max_tokens)
+                    if args.drop_caches:
+                        drop_caches()
+                    res = invoke(gw, name, args.max_tokens)
+                    res["instance"] = instance_record(gw, name)
+                    colds.append(res)
+                    httpx.delete(f"{gw}/v1/functions/{name}", timeout=30)  # unloads the instance
+                if round_ == 0:
+                    deploy(gw, "bench-warm", args.model, args.max_tokens)
+                    invoke(gw, "bench-warm", args.max_tokens)  # the cold one, not counted
+                    warms = [invoke(gw, "bench-warm", args.max_tokens) for _ in range(args.warm)]
+            finally:
+                runtime.stop(state)
         base = baseline(model_dir, home / "safetensors", args.baseline_runs, args.drop_caches)
         lim = limits(model_dir, args.drop_caches)
 
     ckpt_bytes = lim["bytes"]
-    rows.append({
-        "row": "sllm cold", "runs": len(colds), "page_cache": "dropped" if dropped else "warm",
-        "ttft": median([c["client_ttft"] for c in colds]),
-        "ttft_runs": [round(c["client_ttft"], 3) for c in colds],
-        "read_runs": [round(c["instance"].get("read_seconds") or float("nan"), 3) for c in colds],
-        "load": median([c["timings"]["load_seconds"] for c in colds]),
-        "read": median([c["instance"].get("read_seconds") or float("nan") for c in colds]),
-        "invoker_load": median([c["instance"].get("load_seconds") or float("nan") for c in colds]),
-        "controller": median([c["timings"]["controller_seconds"] for c in colds]),
-        "prefill": median([c["timings"]["prefill_seconds"] for c in colds]),
-    })
+    for tier in ("ssd", "dram"):
+        runs = [c for c in colds if c["timings"].get("tier") == tier]
+        rows.append({
+            "row": f"sllm cold ({tier})", "tier": tier, "runs": len(runs),
+            "page_cache": "dropped" if dropped else "warm",
+            "ttft": median([c["client_ttft"] for c in runs]),
+            "ttft_runs": [round(c["client_ttft"], 3) for c in runs],
+            "load": median([c["timings"]["load_seconds"] for c in runs]),
+            "read": median([c["instance"].get("read_seconds") or float("nan") for c in runs]),
+            "invoker_load": median([c["instance"].get("load_seconds") or float("nan") for c in runs]),
+            "controller": median([c["timings"]["controller_seconds"] for c in runs]),
+            "prefill": median([c["timings"]["prefill_seconds"] for c in runs]),
+        })
     decode_tps = [
         (w["client_tokens"] - 1) / (w["client_total"] - w["client_ttft"])
         for w in warms if w["client_tokens"] > 1
@@ -271,24 +284,26 @@ def main() -> None:
         for r in rows:
             print(json.dumps(r))
         return
-    c, w, b, lm = rows
+    cs, cd, w, b, lm = rows
     print(f"model {args.model}: {ckpt_bytes / 1e6:.0f} MB checkpoint; page cache "
-          f"{'dropped before each cold run' if dropped else 'warm (not dropped)'}")
-    print(f"{'':<34}{'seconds':>10}")
-    print(f"{'sllm cold start, TTFT (client)':<34}{c['ttft']:>10.3f}  (median; runs {c['ttft_runs']})")
-    print(f"{'  of which: checkpoint read+verify':<34}{c['read']:>10.3f}  "
-          f"({ckpt_bytes / c['read'] / 1e9:.2f} GB/s; runs {c['read_runs']})")
-    print(f"{'  of which: model build':<34}{c['invoker_load'] - c['read']:>10.3f}")
-    print(f"{'  of which: controller + hops':<34}{c['controller']:>10.3f}")
-    print(f"{'  of which: prefill':<34}{c['prefill']:>10.3f}")
-    print(f"{'sllm warm start, TTFT (client)':<34}{w['ttft']:>10.3f}")
-    print(f"{'  controller + hops':<34}{w['controller']:>10.3f}")
-    print(f"{'  TPOT':<34}{w['tpot']:>10.4f}  ({w['decode_tokens_per_s']:.1f} tokens/s decode)")
-    print(f"{'from_pretrained TTFT (after import)':<34}{b['ttft']:>10.3f}  "
-          f"(load {b['load']:.3f}; {b['ttft'] / c['ttft']:.1f}x sllm cold)")
-    print(f"{'from_pretrained TTFT incl. import':<34}{b['ttft_with_import']:>10.3f}")
-    print(f"{'limit: O_DIRECT read (SSD)':<34}{lm['read_seconds']:>10.3f}  ({lm['read_gbps']:.2f} GB/s)")
-    print(f"{'limit: memcpy of checkpoint':<34}{lm['memcpy_seconds']:>10.3f}  ({lm['memcpy_gbps']:.2f} GB/s)")
+          f"{'dropped before each cold start' if dropped else 'warm (not dropped)'}")
+    print(f"{'':<38}{'seconds':>9}")
+    for c in (cs, cd):
+        print(f"{'sllm cold start from ' + c['tier'] + ', TTFT':<38}{c['ttft']:>9.3f}  "
+              f"(median of {c['runs']}: {c['ttft_runs']})")
+        print(f"{'  checkpoint read + verify':<38}{c['read']:>9.3f}  "
+              f"({ckpt_bytes / c['read'] / 1e9:.2f} GB/s)")
+        print(f"{'  model build':<38}{c['invoker_load'] - c['read']:>9.3f}")
+        print(f"{'  controller + hops':<38}{c['controller']:>9.3f}")
+        print(f"{'  prefill':<38}{c['prefill']:>9.3f}")
+    print(f"{'sllm warm start, TTFT':<38}{w['ttft']:>9.3f}  (controller + hops {w['controller']:.3f})")
+    print(f"{'  TPOT':<38}{w['tpot']:>9.4f}  ({w['decode_tokens_per_s']:.1f} tokens/s decode)")
+    print(f"{'from_pretrained TTFT (after import)':<38}{b['ttft']:>9.3f}  (load {b['load']:.3f}; "
+          f"{b['ttft'] / cs['ttft']:.1f}x sllm's SSD cold start, "
+          f"{b['ttft'] / cd['ttft']:.1f}x its DRAM cold start)")
+    print(f"{'from_pretrained TTFT incl. import':<38}{b['ttft_with_import']:>9.3f}")
+    print(f"{'limit: O_DIRECT read (SSD)':<38}{lm['read_seconds']:>9.3f}  ({lm['read_gbps']:.2f} GB/s)")
+    print(f"{'limit: memcpy of checkpoint':<38}{lm['memcpy_seconds']:>9.3f}  ({lm['memcpy_gbps']:.2f} GB/s)")
 
 
 if __name__ == "__main__":
