@@ -103,7 +103,8 @@ class ModelInstance:
 
     @classmethod
     def from_tensors(
-        cls, model_dir: Path, tensors: Mapping[str, torch.Tensor], *, device: str = "cpu"
+        cls, model_dir: Path, tensors: Mapping[str, torch.Tensor], *, device: str = "cpu",
+        tokenizer: transformers.PreTrainedTokenizerBase | None = None,
     ) -> ModelInstance:
         """Build the model around tensors that already hold its weights, without copying them.
 
@@ -114,6 +115,8 @@ class ModelInstance:
                 should run in. A tied weight (``lm_head.weight``) may be absent, or present as
                 the same tensor as its source.
             device: where the tensors are (``"cpu"``, ``"cuda:0"``, ...).
+            tokenizer: the model's tokenizer when the caller already loaded it (the invoker loads
+                it while the checkpoint is being read); default: loaded from ``model_dir``.
 
         Returns:
             An instance whose parameters are the given tensors (same storage).
@@ -136,7 +139,8 @@ class ModelInstance:
             raise CheckpointError(f"tensors still unallocated after loading: {meta[:5]}")
         if (model_dir / "generation_config.json").is_file():
             model.generation_config = GenerationConfig.from_pretrained(model_dir)
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(model_dir)
         return cls.from_model(model, tokenizer)
 
     # ---- prompts --------------------------------------------------------------------------------

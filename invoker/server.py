@@ -26,10 +26,12 @@ import os
 import threading
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from starlette.applications import Starlette
+from transformers import AutoTokenizer
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -43,7 +45,14 @@ from invoker.tiers import TierPublisher
 from invoker.warmup import warm_up
 from sllm import keys
 from sllm.config import INVOKER_LEASE_TTL_S
-from sllm.errors import Conflict, InstanceNotFound, InternalError, SllmError, Unavailable
+from sllm.errors import (
+    CheckpointError,
+    Conflict,
+    InstanceNotFound,
+    InternalError,
+    SllmError,
+    Unavailable,
+)
 from sllm.etcd import Etcd
 from sllm.http import EXCEPTION_HANDLERS, model_response, read_model
 from sllm.messages import (
@@ -186,12 +195,23 @@ class Invoker:
     def _load_blocking(
         self, path: Path, device: str, pool: DramPool | None
     ) -> tuple[ModelInstance, LoadedCheckpoint]:
-        ckpt = load_checkpoint(path, device=device, verify=self.config.verify_checksums, pool=pool)
-        try:
-            return ModelInstance.from_tensors(path, ckpt.tensors, device=device), ckpt
-        except BaseException:
-            ckpt.release()
-            raise
+        # the tokenizer loads in a second thread while the checkpoint is read (its reads run in
+        # the native engine's threads, without the GIL)
+        with ThreadPoolExecutor(1, thread_name_prefix="sllm-tokenizer") as ex:
+            tokenizer = ex.submit(AutoTokenizer.from_pretrained, path)
+            ckpt = load_checkpoint(path, device=device, verify=self.config.verify_checksums,
+                                   pool=pool)
+            try:
+                try:
+                    tok = tokenizer.result()
+                except (OSError, ValueError, KeyError) as e:
+                    raise CheckpointError(f"{path}: cannot load the tokenizer: {e}") from e
+                instance = ModelInstance.from_tensors(path, ckpt.tensors, device=device,
+                                                      tokenizer=tok)
+            except BaseException:
+                ckpt.release()
+                raise
+        return instance, ckpt
 
     async def unload(self, instance_id: str) -> None:
         """Forget an instance, cancel its running generations, and give its weights' memory back
