@@ -68,6 +68,26 @@ def test_client_disconnect_mid_stream_releases_the_instance(cluster: Cluster) ->
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
 
 
+def test_corrupt_checkpoint_is_a_clear_error_and_the_runtime_keeps_serving(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    src = save_tiny_llama(tmp_path / "src", seed=3)
+    info = import_model(str(src), ModelStore(cluster.store), name="tiny-corrupt")
+    data = info.path / "data-00000.bin"
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    data.write_bytes(bytes(raw))
+    cluster.deploy(manifest("tiny-corrupt", "tiny-corrupt"))
+    with cluster.client() as c:
+        r = c.post("/v1/functions/tiny-corrupt/invoke", json={"prompt": "hi", "max_tokens": 2})
+        assert r.status_code == 500, r.text
+        assert r.json()["error"]["code"] == "checkpoint_error"
+        assert "checksum mismatch" in r.json()["error"]["message"]
+        assert not [i for i in c.get("/v1/instances").json()["instances"] if i["function"] == "tiny-corrupt"]
+        ok = c.post("/v1/functions/tiny/invoke", json={"prompt": "hi", "max_tokens": 2})
+        assert ok.status_code == 200
+
+
 def test_killed_invoker_gives_clear_errors_then_503_with_retry_after(cluster: Cluster) -> None:
     with cluster.client() as c:
         assert c.post("/v1/functions/tiny/invoke", json={"prompt": "hi", "max_tokens": 2}).status_code == 200
