@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: install demo test down clean
 
-$(STAMP): setup.cfg pyproject.toml
+$(STAMP): setup.cfg pyproject.toml setup.py native_loader/*.cpp native_loader/*.h
 	$(PYTHON) -m venv $(VENV)
 	# the CPU build of torch first: a bare `torch` requirement would pull CUDA packages
 	$(BIN)/pip install --quiet torch==2.13.0

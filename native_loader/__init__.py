@@ -6,6 +6,18 @@ can keep many chunks in flight and consume each (verify its checksum, copy it to
 later ones are still being read. The C++ engine (:mod:`native_loader._engine`: O_DIRECT where the
 filesystem allows it, buffered reads where it refuses, the GIL released) is used when it is
 built; :class:`~native_loader.reader.PyReader` is its pure-Python twin with the same API.
+
+The C++ engine
+--------------
+``engine.h``/``engine.cpp`` are the core (C++17 and POSIX only; the header's comment gives the
+algorithm), ``binding.cpp`` the Python module (pybind11), built by ``setup.py`` on ``pip install``.
+Requests go on one FIFO queue served by ``threads`` workers, so chunks finish about in the order
+they were submitted and a caller waiting in that order works while later reads are in flight.
+With ``direct=True`` the part of a request whose address, file offset and length are multiples of
+4096 is read with O_DIRECT (no copy through the page cache: about 0.04 CPU-seconds per GB here
+against 0.2 buffered); the rest (a file's partial last page, an odd address) and files on
+filesystems that refuse O_DIRECT are read buffered. ``direct_bytes`` and ``buffered_bytes`` count
+which way the bytes went. ``close()`` finishes the queued reads before it returns.
 """
 
 from __future__ import annotations
@@ -21,7 +33,7 @@ from native_loader.reader import (
 )
 
 try:  # the C++ engine, built by the project's setup
-    from native_loader._engine import NativeReader  # type: ignore[import-not-found]
+    from native_loader._engine import NativeReader  # type: ignore[import-not-found,unused-ignore]
 except ImportError:  # not built (an editable checkout before `pip install -e .`)
     NativeReader = None
 

@@ -15,7 +15,7 @@ import os
 import threading
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Protocol
+from typing import Any, Protocol, Self
 
 DEFAULT_CHUNK_BYTES = 16 << 20
 """Bytes per read request (see docs/benchmarks.md for the measurement behind it)."""
@@ -96,7 +96,7 @@ class PyReader:
         """Wait for reads in flight and stop the threads."""
         self._pool.shutdown(wait=True)
 
-    def __enter__(self) -> PyReader:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
