@@ -330,6 +330,8 @@ def _read_staged(
             raise error
         if j + len(slots) < len(chunks):
             submit(j + len(slots))
+    if stream is not None:
+        stream.synchronize()  # the staging slots are freed on return: their copies must be done
     return total
 
 
