@@ -25,10 +25,12 @@ import logging
 import os
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from starlette.applications import Starlette
 from transformers import AutoTokenizer
@@ -103,6 +105,40 @@ class LoadedInstance:
             self.checkpoint.release()
 
 
+class TokenizerCache:
+    """Loaded tokenizers by checkpoint folder, least recently used out. Loading one takes
+    0.1-0.3 s, as long as a whole DRAM-tier load; instances of a model share its tokenizer
+    (encoding and decoding only read it). A checkpoint replaced in the store (a new
+    ``index.json``) gets a fresh entry.
+
+    Args:
+        capacity: tokenizers kept.
+    """
+
+    def __init__(self, capacity: int = 16) -> None:
+        self._capacity = capacity
+        self._lock = threading.Lock()
+        self._items: OrderedDict[tuple[str, int], Any] = OrderedDict()
+
+    def get(self, path: Path) -> Any:
+        """The tokenizer of the checkpoint at ``path`` (blocking on a miss).
+
+        Raises:
+            OSError, ValueError: transformers cannot load it.
+        """
+        key = (str(path), (path / "index.json").stat().st_mtime_ns)
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        tok = AutoTokenizer.from_pretrained(path)
+        with self._lock:
+            self._items[key] = tok
+            while len(self._items) > self._capacity:
+                self._items.popitem(last=False)
+        return tok
+
+
 def resolve_device(requested: str, default: str) -> str:
     """The torch device for an instance: ``auto`` -> the invoker's device; ``cuda`` -> ``cuda:0``.
     Raises Unavailable when CUDA is asked for on an invoker without it."""
@@ -128,6 +164,7 @@ class Invoker:
         self._loading: set[str] = set()
         self.lease_id: int | None = None
         self.tiers = TierPublisher(self.etcd, config.invoker_id, self.store)
+        self.tokenizers = TokenizerCache()
         self._pool: asyncio.Future[DramPool] | None = None
 
     def start_pool(self) -> None:
@@ -196,9 +233,9 @@ class Invoker:
         self, path: Path, device: str, pool: DramPool | None
     ) -> tuple[ModelInstance, LoadedCheckpoint]:
         # the tokenizer loads in a second thread while the checkpoint is read (its reads run in
-        # the native engine's threads, without the GIL)
+        # the native engine's threads, without the GIL), or comes from the cache
         with ThreadPoolExecutor(1, thread_name_prefix="sllm-tokenizer") as ex:
-            tokenizer = ex.submit(AutoTokenizer.from_pretrained, path)
+            tokenizer = ex.submit(self.tokenizers.get, path)
             ckpt = load_checkpoint(path, device=device, verify=self.config.verify_checksums,
                                    pool=pool)
             try:
