@@ -168,7 +168,7 @@ class Invoker:
         self._pool: asyncio.Future[DramPool] | None = None
 
     def start_pool(self) -> None:
-        """Allocate and pre-fault the DRAM pool in a thread (seconds for GiBs); loads wait for it."""
+        """Allocate and pre-fault the DRAM pool in a thread; :meth:`pool` waits for it."""
         self._pool = asyncio.get_running_loop().run_in_executor(
             None, DramPool, self.config.dram_pool_bytes
         )
@@ -353,8 +353,9 @@ def create_app(config: InvokerConfig) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         stop = asyncio.Event()
-        inv.start_pool()  # pre-faults in the background; the first load waits for it
-        await asyncio.to_thread(warm_up)  # before registering: no load is placed here until warm
+        inv.start_pool()  # pre-faults in a thread (~0.45 s per GiB here) while the warm-up runs
+        await asyncio.to_thread(warm_up)
+        await inv.pool()  # registered only once warm and pre-faulted: no cold start waits for it
         lease = await inv.register()
         keeper = asyncio.create_task(
             inv.etcd.keep_alive(lease, INVOKER_LEASE_TTL_S, stop, on_expired=inv.register)
