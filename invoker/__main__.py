@@ -28,7 +28,7 @@ def default_device() -> str:
 @click.option("--store", default=None, help="model store folder [default: $SLLM_HOME/models]")
 @click.option("--device", default=None, help="device for instances [default: cuda:0 if any, else cpu]")
 @click.option("--memory", default="8Gi", show_default=True, help="instance memory budget")
-@click.option("--dram-pool", default="2Gi", show_default=True,
+@click.option("--dram-pool", default="4Gi", show_default=True,
               help="DRAM tier budget: host memory caching recently loaded checkpoints (0: none)")
 @click.option("--no-verify", is_flag=True, help="skip checkpoint checksum verification on load")
 @click.option("--advertise-url", default=None,

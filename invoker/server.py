@@ -80,7 +80,7 @@ class InvokerConfig:
     device: str = "cpu"  # where "auto" instances go
     memory_bytes: int = 8 << 30  # instance memory budget advertised to the controller
     verify_checksums: bool = True
-    dram_pool_bytes: int = 2 << 30  # the DRAM tier's budget; 0 disables it
+    dram_pool_bytes: int = 4 << 30  # the DRAM tier's budget; 0 disables it
     tier_sync_s: float = 5.0  # how often checkpoint tiers are re-published (store changes)
 
 

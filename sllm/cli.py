@@ -101,8 +101,10 @@ def _api(ctx: click.Context) -> Api:
 @click.option("--detach", "-d", is_flag=True, help="return once the runtime is up")
 @click.option("--invokers", default=1, show_default=True, type=click.IntRange(1, 64))
 @click.option("--invoker-memory", default="8Gi", show_default=True, help="instance memory per invoker")
+@click.option("--dram-pool", default="4Gi", show_default=True,
+              help="DRAM tier per invoker: host memory caching recently loaded checkpoints")
 @click.option("--port", default=config.GATEWAY_PORT, show_default=True, help="gateway port")
-def up(detach: bool, invokers: int, invoker_memory: str, port: int) -> None:
+def up(detach: bool, invokers: int, invoker_memory: str, dram_pool: str, port: int) -> None:
     """Start the embedded runtime: etcd, controller, gateway and invokers."""
     home = config.sllm_home()
     state = runtime.RuntimeState.load(runtime.state_path(home))
@@ -117,7 +119,8 @@ def up(detach: bool, invokers: int, invoker_memory: str, port: int) -> None:
     click.echo(f"starting sllm in {home} ({invokers} invoker(s)) ...")
     t0 = time.monotonic()
     try:
-        state = runtime.start(home, invokers=invokers, gateway_port=port, invoker_memory=invoker_memory)
+        state = runtime.start(home, invokers=invokers, gateway_port=port, invoker_memory=invoker_memory,
+                              dram_pool=dram_pool)
     except runtime.RuntimeStartError as e:
         raise click.ClickException(str(e)) from None
     click.echo(f"sllm is up in {time.monotonic() - t0:.1f} s: gateway {state.gateway_url}, logs in {home / 'run'}")

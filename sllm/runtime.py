@@ -188,7 +188,7 @@ def start(
     home: Path, *, invokers: int = 1, gateway_port: int = config.GATEWAY_PORT,
     controller_port: int = config.CONTROLLER_PORT, etcd_port: int = config.ETCD_CLIENT_PORT,
     etcd_peer_port: int = config.ETCD_PEER_PORT, invoker_ports: list[int] | None = None,
-    store: Path | None = None, invoker_memory: str = "8Gi", dram_pool: str = "2Gi",
+    store: Path | None = None, invoker_memory: str = "8Gi", dram_pool: str = "4Gi",
     tick_s: float = config.AUTOSCALER_TICK_S,
     extra_env: dict[str, str] | None = None, stop_at_exit: bool = False,
 ) -> RuntimeState:
