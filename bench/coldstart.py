@@ -52,31 +52,10 @@ sys.path.insert(0, str(ROOT))
 
 from invoker.importer import import_model  # noqa: E402
 from invoker.store import ModelStore  # noqa: E402
+from pagecache import drop_caches, evict  # noqa: E402
 from sllm import config, runtime  # noqa: E402
 
 PROMPT = "What is the capital of France?"
-
-
-def evict(paths: list[Path]) -> None:
-    """Evict files from the page cache (``posix_fadvise(DONTNEED)``; no root needed), so the
-    next read of them comes from the disk while everything else stays cached, as on a node
-    whose runtime is up and whose checkpoint has not been read lately."""
-    for path in paths:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
-def drop_caches() -> bool:
-    """Drop the whole page cache (root only). Returns whether it worked."""
-    try:
-        os.sync()
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-        return True
-    except OSError:
-        return False
 
 
 def invoke(gateway: str, function: str, max_tokens: int) -> dict[str, Any]:

@@ -103,6 +103,7 @@ from invoker.checkpoint.format import align_up  # noqa: E402
 from invoker.dram_pool import DramPool  # noqa: E402
 from invoker.importer import import_model  # noqa: E402
 from invoker.store import ModelStore  # noqa: E402
+from pagecache import drop_caches  # noqa: E402
 from sllm import config  # noqa: E402
 
 PAGE = 4096
@@ -238,16 +239,6 @@ def synthetic(data: Path, target_gb: float, log: Callable[[str], None]) -> Model
 
 
 # --- page cache and touching ---------------------------------------------------------------------
-
-
-def drop_caches() -> bool:
-    """Drop the page cache (root only). Returns whether it worked."""
-    try:
-        os.sync()
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-        return True
-    except OSError:
-        return False
 
 
 def _disk_read_bytes() -> int:
