@@ -146,6 +146,23 @@ class DramPool:
                     return Lease(self, e)
                 self._lock.wait()
 
+    def acquire(self, key: str, nbytes: int, *, label: str = "") -> tuple[Lease | None, bool]:
+        """Look up ``key`` and, on a miss, reserve a block for it, atomically (two loads of the
+        same checkpoint never both read it).
+
+        Returns:
+            ``(lease, True)``: a DRAM-tier hit (waits while another thread is still reading it);
+            ``(lease, False)``: a new block the caller fills, then commits or aborts;
+            ``(None, False)``: a miss that cannot fit; load outside the pool.
+        """
+        with self._lock:
+            while key in self._entries and not self._entries[key].committed:
+                self._lock.wait()
+            hit = self.lookup(key)  # re-entrant: the condition's lock is an RLock
+            if hit is not None:
+                return hit, True
+            return self.reserve(key, nbytes, label=label), False
+
     def reserve(self, key: str, nbytes: int, *, label: str = "") -> Lease | None:
         """A block of ``nbytes`` for a new entry ``key``, evicting unused entries least recently
         used first; None when it cannot fit (the caller loads outside the pool). The caller

@@ -104,3 +104,14 @@ def test_lookup_waits_for_a_read_in_progress() -> None:
     lease.commit()
     t.join(5)
     assert got == [42]
+
+
+def test_acquire_is_a_hit_a_new_block_or_nothing() -> None:
+    pool = DramPool(4 * U, pin=False)
+    lease, hit = pool.acquire("a", 2 * U)
+    assert lease is not None and not hit
+    lease.commit()
+    again, hit = pool.acquire("a", 2 * U)
+    assert again is not None and hit and again.buffer.data_ptr() == lease.buffer.data_ptr()
+    none, hit = pool.acquire("b", 3 * U)  # "a" is in use: no room
+    assert none is None and not hit

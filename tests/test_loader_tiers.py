@@ -95,6 +95,30 @@ def test_concurrent_loads_under_a_budget_that_cannot_hold_both(tmp_path: Path) -
     assert len(pool.entries()) == 1 and pool.entries()[0].refs == 0
 
 
+def test_concurrent_loads_of_one_checkpoint_read_it_once(tmp_path: Path) -> None:
+    want = make(tmp_path / "a", 1, mib=2.0)
+    pool = DramPool(4 << 20, pin=False)
+    tiers: list[str] = []
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        try:
+            ck = load_checkpoint(tmp_path / "a", pool=pool)
+            assert same(ck.tensors, want)
+            tiers.append(ck.tier)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    assert sorted(tiers) == ["dram"] * 5 + ["ssd"]
+    assert pool.entries()[0].refs == 6
+
+
 def test_corrupt_chunk_fails_and_leaves_nothing_cached(tmp_path: Path) -> None:
     make(tmp_path / "a", 1)
     data = tmp_path / "a" / "data-00000.bin"

@@ -146,14 +146,14 @@ def load_checkpoint(
     label = str(index.meta.get("name") or folder.name)
 
     start = time.perf_counter()
-    lease = pool.lookup(key) if pool is not None else None
-    tier = "dram" if lease is not None else "ssd"
+    lease, hit = pool.acquire(key, total, label=label) if pool is not None else (None, False)
+    tier = "dram" if hit else "ssd"
     nbytes = 0
     own_reader = reader is None
-    io = reader if reader is not None else (None if lease is not None else default_reader())
+    io = reader
     try:
-        if lease is None and pool is not None:
-            lease = pool.reserve(key, total, label=label)
+        if io is None and not hit:
+            io = default_reader()
         if dev.type == "cuda":
             buffer = torch.empty(total, dtype=torch.uint8, device=dev)
             stream = torch.cuda.Stream(dev)
