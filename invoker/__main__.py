@@ -9,6 +9,7 @@ import click
 import uvicorn
 
 from invoker.server import InvokerConfig, create_app
+from native_loader import DEFAULT_CHUNK_BYTES, DEFAULT_THREADS
 from sllm.config import ETCD_CLIENT_PORT, HOST, INVOKER_BASE_PORT, store_root
 from sllm.manifest import parse_quantity
 
@@ -30,12 +31,17 @@ def default_device() -> str:
 @click.option("--memory", default="8Gi", show_default=True, help="instance memory budget")
 @click.option("--dram-pool", default="4Gi", show_default=True,
               help="DRAM tier budget: host memory caching recently loaded checkpoints (0: none)")
+@click.option("--read-threads", default=DEFAULT_THREADS, show_default=True, type=click.IntRange(1, 64),
+              help="checkpoint reader threads per load")
+@click.option("--read-chunk", default=f"{DEFAULT_CHUNK_BYTES >> 20}Mi", show_default=True,
+              help="bytes per checkpoint read request")
 @click.option("--no-verify", is_flag=True, help="skip checkpoint checksum verification on load")
 @click.option("--advertise-url", default=None,
               help="URL others reach this invoker at [default: http://HOST:PORT]")
 @click.option("--log-level", default="info", show_default=True)
 def main(invoker_id: str, host: str, port: int, etcd_endpoint: str, store: str | None,
-         device: str | None, memory: str, dram_pool: str, no_verify: bool, advertise_url: str | None,
+         device: str | None, memory: str, dram_pool: str, read_threads: int, read_chunk: str,
+         no_verify: bool, advertise_url: str | None,
          log_level: str) -> None:
     """Run an invoker: loads instances from the model store and serves their generations."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -43,7 +49,8 @@ def main(invoker_id: str, host: str, port: int, etcd_endpoint: str, store: str |
         invoker_id=invoker_id, url=advertise_url or f"http://{host}:{port}", etcd_endpoint=etcd_endpoint,
         store_root=Path(store) if store else store_root(), device=device or default_device(),
         memory_bytes=parse_quantity(memory), verify_checksums=not no_verify,
-        dram_pool_bytes=parse_quantity(dram_pool),
+        dram_pool_bytes=parse_quantity(dram_pool), read_threads=read_threads,
+        read_chunk_bytes=parse_quantity(read_chunk),
     )
     uvicorn.run(create_app(config), host=host, port=port, log_level="warning", access_log=False)
 

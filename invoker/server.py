@@ -45,6 +45,7 @@ from invoker.instance import ModelInstance
 from invoker.store import ModelStore
 from invoker.tiers import TierPublisher
 from invoker.warmup import warm_up
+from native_loader import DEFAULT_CHUNK_BYTES, DEFAULT_THREADS, default_reader
 from sllm import keys
 from sllm.config import INVOKER_LEASE_TTL_S
 from sllm.errors import (
@@ -81,6 +82,8 @@ class InvokerConfig:
     memory_bytes: int = 8 << 30  # instance memory budget advertised to the controller
     verify_checksums: bool = True
     dram_pool_bytes: int = 4 << 30  # the DRAM tier's budget; 0 disables it
+    read_threads: int = DEFAULT_THREADS  # the native reader's threads per load
+    read_chunk_bytes: int = DEFAULT_CHUNK_BYTES  # bytes per read request
     tier_sync_s: float = 5.0  # how often checkpoint tiers are re-published (store changes)
 
 
@@ -236,8 +239,10 @@ class Invoker:
         # the native engine's threads, without the GIL), or comes from the cache
         with ThreadPoolExecutor(1, thread_name_prefix="sllm-tokenizer") as ex:
             tokenizer = ex.submit(self.tokenizers.get, path)
-            ckpt = load_checkpoint(path, device=device, verify=self.config.verify_checksums,
-                                   pool=pool)
+            with default_reader(self.config.read_threads) as reader:
+                ckpt = load_checkpoint(path, device=device, verify=self.config.verify_checksums,
+                                       pool=pool, reader=reader,
+                                       chunk_bytes=self.config.read_chunk_bytes)
             try:
                 try:
                     tok = tokenizer.result()
