@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from invoker.checkpoint import load_checkpoint, write_checkpoint
-from invoker.checkpoint.loader import _read_staged, file_offsets
+from invoker.checkpoint.loader import _read_staged, _Source, file_offsets
 from invoker.checkpoint import read_index
 from invoker.dram_pool import DramPool
 from native_loader import PyReader, default_reader
@@ -167,7 +167,7 @@ def test_staging_ring_of_the_cuda_path_with_a_cpu_destination(tmp_path: Path, re
     direct = load_checkpoint(tmp_path / "a")
     dest = torch.zeros_like(direct.buffer)
     with reader() as io:  # type: ignore[operator]
-        n = _read_staged(tmp_path / "a", index, offsets, dest, io, True, 16 << 10, None)
+        n = _read_staged(_Source(tmp_path / "a", index, offsets, io, True, 16 << 10), dest, None)
     assert n == direct.nbytes
     assert torch.equal(dest, direct.buffer)
 

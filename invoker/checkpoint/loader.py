@@ -154,29 +154,13 @@ def load_checkpoint(
     try:
         if io is None and not hit:
             io = default_reader()
+        src = _Source(folder, index, offsets, io, verify, chunk_bytes)
         if dev.type == "cuda":
-            buffer = torch.empty(total, dtype=torch.uint8, device=dev)
-            stream = torch.cuda.Stream(dev)
-            copy = _device_copier(buffer, stream)
-            if tier == "dram":
-                assert lease is not None
-                copy(0, lease.buffer)
-            elif lease is not None:
-                assert io is not None
-                nbytes = _read_verified(folder, index, offsets, lease.buffer, io, verify,
-                                        chunk_bytes, on_chunk=lambda at, n: copy(at, lease.buffer[at:at + n]))
-            else:
-                assert io is not None
-                nbytes = _read_staged(folder, index, offsets, buffer, io, verify, chunk_bytes, stream)
-            stream.synchronize()
+            buffer, nbytes = _load_to_cuda(src, dev, total, lease, hit)
         else:
-            if lease is not None:
-                buffer = lease.buffer
-            else:
-                buffer = _aligned_buffer(total)
-            if tier == "ssd":
-                assert io is not None
-                nbytes = _read_verified(folder, index, offsets, buffer, io, verify, chunk_bytes)
+            buffer = lease.buffer if lease is not None else _aligned_buffer(total)
+            if not hit:
+                nbytes = _read_verified(src, buffer)
     except BaseException:
         if lease is not None:
             (lease.abort if tier == "ssd" else lease.release)()
@@ -239,12 +223,48 @@ def _chunks(index: CheckpointIndex, offsets: list[int]) -> list[_Chunk]:
     return out
 
 
+@dataclass(frozen=True)
+class _Source:
+    """What to read and how: the checkpoint's files, their places in the buffer, the reader."""
+
+    folder: Path
+    index: CheckpointIndex
+    offsets: list[int]
+    io: Reader | None
+    verify: bool
+    chunk_bytes: int
+
+
+def _load_to_cuda(
+    src: _Source, dev: torch.device, total: int, lease: Lease | None, hit: bool
+) -> tuple[torch.Tensor, int]:
+    """One device buffer filled by asynchronous copies on a side stream: from the pool entry
+    (a hit), from the pool block chunk by chunk as it is read (a miss with a block), or through
+    the staging ring (no block). Returns the buffer and the bytes read from files."""
+    buffer = torch.empty(total, dtype=torch.uint8, device=dev)
+    stream = torch.cuda.Stream(dev)
+    copy = _device_copier(buffer, stream)
+    nbytes = 0
+    if hit:
+        assert lease is not None
+        copy(0, lease.buffer)
+    elif lease is not None:
+        host = lease.buffer
+        nbytes = _read_verified(src, host, on_chunk=lambda at, n: copy(at, host[at : at + n]))
+    else:
+        nbytes = _read_staged(src, buffer, stream)
+    stream.synchronize()
+    return buffer, nbytes
+
+
 def _read_verified(
-    folder: Path, index: CheckpointIndex, offsets: list[int], host: torch.Tensor, io: Reader,
-    verify: bool, chunk_bytes: int, on_chunk: Callable[[int, int], None] | None = None,
+    src: _Source, host: torch.Tensor, on_chunk: Callable[[int, int], None] | None = None
 ) -> int:
     """Read every data file into ``host`` (all requests in flight at once), verifying each
     checksum chunk as soon as its reads are done, then handing it to ``on_chunk(at, nbytes)``."""
+    folder, index, offsets, io, verify, chunk_bytes = (
+        src.folder, src.index, src.offsets, src.io, src.verify, src.chunk_bytes)
+    assert io is not None
     base, _ = buffer_address(host)
     chunks = _chunks(index, offsets)
     tickets: list[list[int]] = []
@@ -275,13 +295,13 @@ def _read_verified(
     return total
 
 
-def _read_staged(
-    folder: Path, index: CheckpointIndex, offsets: list[int], dest: torch.Tensor, io: Reader,
-    verify: bool, chunk_bytes: int, stream: torch.cuda.Stream | None,
-) -> int:
+def _read_staged(src: _Source, dest: torch.Tensor, stream: torch.cuda.Stream | None) -> int:
     """Read into ``dest`` (any device) through a ring of :data:`STAGING_SLOTS` page-locked
     staging chunks: chunk j is read into slot j % K, verified, and copied asynchronously; a slot
     is reused once its copy has finished, so reads, checks and copies overlap."""
+    folder, index, offsets, io, verify, chunk_bytes = (
+        src.folder, src.index, src.offsets, src.io, src.verify, src.chunk_bytes)
+    assert io is not None
     chunks = _chunks(index, offsets)
     if not chunks:
         return 0
