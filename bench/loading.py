@@ -83,6 +83,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +92,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from pagecache import drop_caches  # noqa: E402
 
 import native_loader  # noqa: E402
 from invoker.checkpoint import (  # noqa: E402
@@ -103,7 +106,6 @@ from invoker.checkpoint.format import align_up  # noqa: E402
 from invoker.dram_pool import DramPool  # noqa: E402
 from invoker.importer import import_model  # noqa: E402
 from invoker.store import ModelStore  # noqa: E402
-from pagecache import drop_caches  # noqa: E402
 from sllm import config  # noqa: E402
 
 PAGE = 4096
@@ -498,7 +500,7 @@ def measure_native(m: Model, caches: list[str], repeat: int) -> list[Row]:
     _free(load_native(m))  # untimed: one-time code paths are not loading
     pool = DramPool(_pool_budget(m))  # allocated and pre-faulted outside the timing
     drop_caches()
-    first, _, out = timed(lambda: load_native(m, pool))
+    first, _, out = timed(partial(load_native, m, pool))
     _free(out)
     del out
     for cache in caches:
@@ -522,7 +524,7 @@ def measure_native(m: Model, caches: list[str], repeat: int) -> list[Row]:
             for row in (ssd, dram):
                 if cache == "cold":
                     drop_caches()
-                secs, touched, out = timed(lambda: load_native(m, pool))
+                secs, touched, out = timed(partial(load_native, m, pool))
                 if out.tier != row.tier:
                     row.note = f"load_checkpoint reported tier {out.tier!r}"
                 row.runs.append(secs)

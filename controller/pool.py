@@ -169,7 +169,7 @@ class InstancePool:
                     t_load = time.monotonic()
                     try:
                         await asyncio.wait_for(live.loaded.wait(), max(0.0, deadline - t_load))
-                    except asyncio.TimeoutError:
+                    except TimeoutError:
                         live.in_flight -= 1
                         raise Unavailable(
                             f"function {manifest.name!r} is still loading after {deadline_s:.0f} s",

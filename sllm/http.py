@@ -4,6 +4,7 @@ parsing into pydantic models, and turning a peer's error response back into an e
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from typing import Any, TypeVar
@@ -112,8 +113,6 @@ def raise_for_error(response: httpx.Response) -> None:
     err = from_body(response.status_code, body)
     retry = response.headers.get("Retry-After")
     if retry is not None:
-        try:
+        with contextlib.suppress(ValueError):
             err.retry_after = float(retry)
-        except ValueError:
-            pass
     raise err

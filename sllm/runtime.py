@@ -8,6 +8,7 @@ The state of a running runtime (pids, ports, URLs) is kept in ``<home>/run/state
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import signal
@@ -173,10 +174,8 @@ def stop_pid(pid: int, timeout: float = 10.0) -> None:
 
 def _stop_child(proc: subprocess.Popen[bytes], timeout: float) -> None:
     for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            pass
         try:
             proc.wait(wait)
             return
@@ -257,10 +256,8 @@ def stop(state: RuntimeState) -> None:
     for p in sorted(state.processes, key=lambda p: p.name == "etcd"):
         stop_pid(p.pid)
     with_state = state_path(Path(state.home))
-    try:
+    with contextlib.suppress(FileNotFoundError):
         with_state.unlink()
-    except FileNotFoundError:
-        pass
 
 
 def is_running(state: RuntimeState) -> bool:

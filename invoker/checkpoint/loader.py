@@ -21,6 +21,7 @@ Tensors that shared a storage when written share memory again.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Callable
@@ -343,10 +344,8 @@ def _read_staged(src: _Source, dest: torch.Tensor, stream: torch.cuda.Stream | N
         if error is not None:
             for rest in pending.values():  # drain what is in flight, then fail
                 for t in rest:
-                    try:
+                    with contextlib.suppress(ReadError):
                         io.wait(t)
-                    except ReadError:
-                        pass
             raise error
         if j + len(slots) < len(chunks):
             submit(j + len(slots))
