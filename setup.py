@@ -7,8 +7,8 @@ setup(
     ext_modules=[
         Pybind11Extension(
             "native_loader._engine",
-            ["native_loader/binding.cpp", "native_loader/engine.cpp"],
-            depends=["native_loader/engine.h"],
+            ["native_loader/binding.cpp", "native_loader/engine.cpp", "native_loader/uring.cpp"],
+            depends=["native_loader/engine.h", "native_loader/uring.h"],
             cxx_std=17,
             extra_compile_args=["-O3", "-pthread"],
             extra_link_args=["-pthread"],

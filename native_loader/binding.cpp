@@ -5,6 +5,7 @@
 //   sllm_io::ReadFailure     -> native_loader.reader.ReadError (errno, message, path=, offset=)
 //   sllm_io::UnknownTicket   -> KeyError(ticket)
 //   sllm_io::EngineClosed    -> RuntimeError
+//   sllm_io::BackendUnavailable -> RuntimeError (pybind11's own translation of runtime_error)
 //   std::invalid_argument    -> ValueError (pybind11's own translation)
 #include <pybind11/pybind11.h>
 
@@ -72,6 +73,17 @@ std::int64_t submit(Engine& engine, const py::object& path, std::int64_t file_of
                        reinterpret_cast<void*>(static_cast<std::uintptr_t>(address)));
 }
 
+sllm_io::Backend parse_backend(const std::string& name) {
+  if (name == "auto") return sllm_io::Backend::kAuto;
+  if (name == "io_uring") return sllm_io::Backend::kIoUring;
+  if (name == "threads") return sllm_io::Backend::kThreads;
+  throw py::value_error("backend must be 'auto', 'io_uring' or 'threads', got '" + name + "'");
+}
+
+const char* backend_name(sllm_io::Backend backend) {
+  return backend == sllm_io::Backend::kIoUring ? "io_uring" : "threads";
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_engine, m) {
@@ -83,15 +95,23 @@ PYBIND11_MODULE(_engine, m) {
       py::module_::import("native_loader.reader").attr("DEFAULT_THREADS").cast<int>();
 
   py::class_<Engine>(m, "NativeReader", R"doc(
-Reads byte ranges of files into memory with a pool of threads: O_DIRECT where the filesystem
-allows it and the range is aligned, buffered reads otherwise. Same API as
-native_loader.reader.PyReader.
+Reads byte ranges of files into memory through io_uring (one thread keeping many reads in
+flight) or with a pool of threads: O_DIRECT where the filesystem allows it and the range is
+aligned, buffered reads otherwise. Same API as native_loader.reader.PyReader.
 
 Args:
-    threads: reader threads.
+    threads: reader threads (of the threads backend; io_uring uses one).
     direct: ask for O_DIRECT reads.
+    backend: "auto" (io_uring where the kernel allows it, else threads), "io_uring" or "threads".
+
+Raises:
+    ValueError: threads out of range, or an unknown backend.
+    RuntimeError: backend="io_uring" where io_uring cannot be used.
 )doc")
-      .def(py::init<int, bool>(), "threads"_a = default_threads, "direct"_a = true)
+      .def(py::init([](int threads, bool direct, const std::string& backend) {
+             return new Engine(threads, direct, parse_backend(backend));
+           }),
+           "threads"_a = default_threads, "direct"_a = true, "backend"_a = "auto")
       .def("submit", &submit, "path"_a, "file_offset"_a, "nbytes"_a, "dest"_a, R"doc(
 Queue a read of ``nbytes`` bytes at ``file_offset`` of ``path`` into memory at address ``dest``.
 The caller keeps that memory alive until ``wait`` returns. Returns a ticket.
@@ -118,10 +138,14 @@ Raises:
       .def("__repr__",
            [](const Engine& engine) {
              return "NativeReader(threads=" + std::to_string(engine.threads()) +
-                    ", direct=" + (engine.direct() ? "True" : "False") + ")";
+                    ", direct=" + (engine.direct() ? "True" : "False") + ", backend='" +
+                    backend_name(engine.backend()) + "')";
            })
       .def_property_readonly("threads", &Engine::threads)
       .def_property_readonly("direct", &Engine::direct, "Whether O_DIRECT reads are asked for.")
+      .def_property_readonly(
+          "backend", [](const Engine& engine) { return backend_name(engine.backend()); },
+          "How requests are read: 'io_uring' or 'threads'.")
       .def_property_readonly("direct_bytes", &Engine::direct_bytes,
                              "Bytes read so far through O_DIRECT.")
       .def_property_readonly("buffered_bytes", &Engine::buffered_bytes,

@@ -2,12 +2,16 @@
 #include "engine.h"
 
 #include <fcntl.h>
+#include <sys/eventfd.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <utility>
+
+#include "uring.h"
 
 namespace sllm_io {
 
@@ -25,12 +29,10 @@ constexpr std::int64_t kMaxIo = std::int64_t{1} << 30;
   return std::string(text);
 }
 
-std::string describe(int err) {
-  char buf[256] = {0};
-  return pick_error_text(strerror_r(err, buf, sizeof buf), buf, err);
+bool is_stream(int fd) {
+  struct stat st;
+  return ::fstat(fd, &st) == 0 && (S_ISFIFO(st.st_mode) || S_ISSOCK(st.st_mode));
 }
-
-bool aligned(std::uint64_t x) { return x % static_cast<std::uint64_t>(kAlignment) == 0; }
 
 int open_retrying(const std::string& path, int flags) {
   for (;;) {
@@ -41,32 +43,40 @@ int open_retrying(const std::string& path, int flags) {
 
 }  // namespace
 
-struct Engine::Request {
-  std::string path;
-  std::int64_t offset;
-  std::int64_t nbytes;
-  char* dest;
-  // Written by the worker before `done` is set under mu_; read by wait() after.
-  bool done = false;
-  std::int64_t direct_read = 0;
-  std::int64_t buffered_read = 0;
-  std::unique_ptr<ReadFailure> failure;
-};
+std::string describe(int err) {
+  char buf[256] = {0};
+  return pick_error_text(strerror_r(err, buf, sizeof buf), buf, err);
+}
 
-struct Engine::File {
-  int direct_fd = -1;
-  int buffered_fd = -1;
-  bool direct_refused = false;  // the filesystem refused O_DIRECT for this file
-};
-
-Engine::Engine(int threads, bool direct) : threads_(threads), direct_(direct) {
+Engine::Engine(int threads, bool direct, Backend backend) : threads_(threads), direct_(direct) {
   if (threads < 1 || threads > kMaxThreads) {
     throw std::invalid_argument("threads must be between 1 and " + std::to_string(kMaxThreads) +
                                 ", got " + std::to_string(threads));
   }
-  workers_.reserve(static_cast<std::size_t>(threads));
+  if (backend != Backend::kThreads) {
+    int err = 0;
+    // Room for every piece in flight, the wake-up poll, and slack.
+    ring_ = Ring::open(2 * kQueueDepth, &err);
+    if (ring_) {
+      wake_fd_ = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+      if (wake_fd_ < 0) {
+        err = errno;
+        ring_.reset();
+      }
+    }
+    if (!ring_ && backend == Backend::kIoUring) throw BackendUnavailable(describe(err));
+  }
+  backend_ = ring_ ? Backend::kIoUring : Backend::kThreads;
+  const int workers = ring_ ? 1 : threads;
+  workers_.reserve(static_cast<std::size_t>(workers));
   try {
-    for (int i = 0; i < threads; ++i) workers_.emplace_back([this] { work(); });
+    for (int i = 0; i < workers; ++i) {
+      if (ring_) {
+        workers_.emplace_back([this] { serve_ring(); });
+      } else {
+        workers_.emplace_back([this] { work(); });
+      }
+    }
   } catch (...) {  // could not start them all: stop those that did start
     close();
     throw;
@@ -93,9 +103,12 @@ std::int64_t Engine::submit(const std::string& path, std::int64_t file_offset,
     if (closing_) throw EngineClosed();
     ticket = next_ticket_++;
     requests_.emplace(ticket, req);
+    // Woken under the lock: close() closes the eventfd only after it has set closing_. When the
+    // queue was not empty, an earlier submit has woken the ring's thread already.
+    if (backend_ == Backend::kIoUring && queue_.empty()) wake();
     queue_.push_back(std::move(req));
   }
-  work_cv_.notify_one();
+  if (backend_ == Backend::kThreads) work_cv_.notify_one();
   return ticket;
 }
 
@@ -117,8 +130,14 @@ void Engine::close() {
     closing_ = true;
   }
   work_cv_.notify_all();
+  if (wake_fd_ >= 0) wake();
   for (std::thread& t : workers_) t.join();  // they drain the queue before leaving
   workers_.clear();
+  ring_.reset();  // nothing is in flight: its thread left only once every piece had completed
+  if (wake_fd_ >= 0) {
+    ::close(wake_fd_);
+    wake_fd_ = -1;
+  }
 
   std::lock_guard<std::mutex> files_lock(files_mu_);
   for (auto& entry : files_) {
@@ -162,14 +181,18 @@ void Engine::work() {
           EIO, req->path + ": cannot read at offset " + std::to_string(req->offset),
           req->path, req->offset);
     }
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      req->done = true;
-      direct_bytes_ += static_cast<std::uint64_t>(req->direct_read);
-      buffered_bytes_ += static_cast<std::uint64_t>(req->buffered_read);
-    }
-    done_cv_.notify_all();
+    finish(*req);
   }
+}
+
+void Engine::finish(Request& req) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    req.done = true;
+    direct_bytes_ += static_cast<std::uint64_t>(req.direct_read);
+    buffered_bytes_ += static_cast<std::uint64_t>(req.buffered_read);
+  }
+  done_cv_.notify_all();
 }
 
 void Engine::read(Request& req) {
@@ -233,7 +256,10 @@ int Engine::descriptor(File& f, const std::string& path, bool direct, std::int64
     if (f.direct_refused) return -1;
     if (f.direct_fd >= 0) return f.direct_fd;
     const int fd = open_retrying(path, O_DIRECT);
-    if (fd >= 0) return f.direct_fd = fd;
+    if (fd >= 0) {
+      f.stream = f.stream || is_stream(fd);
+      return f.direct_fd = fd;
+    }
     if (errno != EINVAL) {
       const int err = errno;
       throw ReadFailure(err, path + ": cannot open: " + describe(err), path, offset);
@@ -247,7 +273,13 @@ int Engine::descriptor(File& f, const std::string& path, bool direct, std::int64
     const int err = errno;
     throw ReadFailure(err, path + ": cannot open: " + describe(err), path, offset);
   }
+  f.stream = f.stream || is_stream(fd);
   return f.buffered_fd = fd;
+}
+
+bool Engine::is_stream_file(File& f) {
+  std::lock_guard<std::mutex> lock(files_mu_);
+  return f.stream;
 }
 
 void Engine::refuse_direct(File& f) {

@@ -1,5 +1,6 @@
-"""The I/O engine: every behaviour runs against both engines (the C++ NativeReader and its
-pure-Python twin PyReader), plus what only the C++ engine has (O_DIRECT and its counters)."""
+"""The I/O engine: every behaviour runs against every engine (the C++ NativeReader with each of
+its backends, io_uring and threads, and its pure-Python twin PyReader), plus what only the C++
+engine has (O_DIRECT and its counters, the backend choice)."""
 
 from __future__ import annotations
 
@@ -24,16 +25,32 @@ MakeReader = Callable[..., Reader]
 PAGE = 4096
 
 
-@pytest.fixture(params=["py", "native"])
+BACKENDS = ["io_uring", "threads"]
+
+
+def _skip_unless_backend_works(backend: str) -> None:
+    if NativeReader is None:
+        pytest.skip("the C++ engine is not built (pip install -e .)")
+    if backend == "io_uring":
+        try:
+            NativeReader(1, True, backend="io_uring").close()
+        except RuntimeError as e:  # the kernel (or a seccomp filter) refuses io_uring
+            pytest.skip(str(e))
+
+
+@pytest.fixture(params=["py", "native-io_uring", "native-threads"])
 def make_reader(request: pytest.FixtureRequest) -> Iterator[MakeReader]:
     """A factory of readers of one engine; every reader it made is closed afterwards."""
-    if request.param == "native" and NativeReader is None:
-        pytest.skip("the C++ engine is not built (pip install -e .)")
-    engine = PyReader if request.param == "py" else NativeReader
+    backend = request.param.removeprefix("native-")
+    if request.param != "py":
+        _skip_unless_backend_works(backend)
     made: list[Reader] = []
 
     def make(threads: int = 4, direct: bool = True) -> Reader:
-        reader = engine(threads, direct)
+        if request.param == "py":
+            reader: Reader = PyReader(threads, direct)
+        else:
+            reader = NativeReader(threads, direct, backend=backend)
         made.append(reader)
         return reader
 
@@ -88,6 +105,46 @@ def disk_dir(tmp_path: Path) -> Iterator[Path]:
 def test_the_native_engine_is_built_by_the_project_setup() -> None:
     assert native_loader.NATIVE
     assert isinstance(native_loader.default_reader(), NativeReader)
+
+
+def test_many_small_requests_in_flight_at_once_all_complete(make_reader: MakeReader,
+                                                            tmp_path: Path) -> None:
+    """More requests than the io_uring backend keeps in flight (64), some unaligned."""
+    path, data = _file(tmp_path, "data", 400 * PAGE + 123)
+    m, base = _buffer(len(data))
+    reader = make_reader()
+    # 400 one-page requests, then the 123-byte tail, then 50 odd ones over the same bytes
+    requests = [(at, min(PAGE, len(data) - at)) for at in range(0, len(data), PAGE)]
+    requests += [(k * 4099, 777) for k in range(50)]
+
+    tickets = [reader.submit(path, at, n, base + at) for at, n in requests]
+
+    assert [reader.wait(t) for t in tickets] == [n for _, n in requests]
+    assert m[: len(data)] == data
+
+
+def test_a_request_larger_than_one_ring_piece_is_read_whole(make_reader: MakeReader,
+                                                            tmp_path: Path) -> None:
+    """20 MiB + 5 bytes: three 8 MiB io_uring pieces and a buffered tail in one request."""
+    path, data = _file(tmp_path, "big", (20 << 20) + 5)
+    m, base = _buffer(len(data))
+    reader = make_reader()
+
+    assert reader.wait(reader.submit(path, 0, len(data), base)) == len(data)
+    assert m[: len(data)] == data
+
+
+def test_a_file_ending_inside_a_later_piece_names_where_it_ended(make_reader: MakeReader,
+                                                                 tmp_path: Path) -> None:
+    """The request spans several pieces; the error is at the file's end, not a later piece's."""
+    path, _ = _file(tmp_path, "short.bin", (9 << 20) + 300)
+    m, base = _buffer(24 << 20)
+    reader = make_reader()
+
+    with pytest.raises(ReadError, match=rf"short\.bin: short read: file ended at offset "
+                                        rf"{(9 << 20) + 300}, expected {24 << 20}") as info:
+        reader.wait(reader.submit(path, 0, 24 << 20, base))
+    assert info.value.errno == errno.EIO and info.value.offset == (9 << 20) + 300
 
 
 def test_many_chunks_in_flight_fill_an_aligned_buffer(make_reader: MakeReader,
@@ -262,7 +319,7 @@ def test_submit_returns_while_the_read_is_still_blocked(make_reader: MakeReader,
 
 
 def test_close_finishes_the_reads_already_queued(make_reader: MakeReader, tmp_path: Path) -> None:
-    path, data = _file(tmp_path, "data", 64 * PAGE)
+    path, data = _file(tmp_path, "data", 512 * PAGE)
     m, base = _buffer(len(data))
     reader = make_reader(threads=2)
     tickets = [reader.submit(path, at, PAGE, base + at) for at in range(0, len(data), PAGE)]
@@ -329,12 +386,40 @@ def test_read_files_gives_the_same_bytes_with_each_engine(make_reader: MakeReade
 native = pytest.mark.skipif(NativeReader is None, reason="the C++ engine is not built")
 
 
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    """Each backend of the C++ engine that works here."""
+    _skip_unless_backend_works(request.param)
+    return str(request.param)
+
+
 @native
-def test_the_native_engine_reads_aligned_ranges_with_o_direct(disk_dir: Path) -> None:
+def test_the_default_backend_is_io_uring_where_the_kernel_allows_it() -> None:
+    try:
+        NativeReader(1, True, backend="io_uring").close()
+        expected = "io_uring"
+    except RuntimeError:
+        expected = "threads"
+    with NativeReader() as reader:
+        assert reader.backend == expected
+        assert f"backend='{expected}'" in repr(reader)
+    with NativeReader(2, True, backend="threads") as reader:
+        assert reader.backend == "threads"
+
+
+@native
+def test_an_unknown_backend_raises_value_error() -> None:
+    with pytest.raises(ValueError, match="backend must be"):
+        NativeReader(1, True, backend="aio")
+
+
+@native
+def test_the_native_engine_reads_aligned_ranges_with_o_direct(disk_dir: Path,
+                                                              backend: str) -> None:
     path, data = _file(disk_dir, "data", 16 * PAGE + 100)
     m, base = _buffer(len(data))
 
-    with NativeReader(2, True) as reader:
+    with NativeReader(2, True, backend=backend) as reader:
         assert reader.direct
         tickets = [reader.submit(path, at, min(4 * PAGE, len(data) - at), base + at)
                    for at in range(0, len(data), 4 * PAGE)]
@@ -345,11 +430,12 @@ def test_the_native_engine_reads_aligned_ranges_with_o_direct(disk_dir: Path) ->
 
 
 @native
-def test_the_native_engine_reads_buffered_when_o_direct_is_not_asked_for(disk_dir: Path) -> None:
+def test_the_native_engine_reads_buffered_when_o_direct_is_not_asked_for(disk_dir: Path,
+                                                                        backend: str) -> None:
     path, data = _file(disk_dir, "data", 4 * PAGE)
     m, base = _buffer(len(data))
 
-    with NativeReader(1, direct=False) as reader:
+    with NativeReader(1, direct=False, backend=backend) as reader:
         assert not reader.direct
         assert reader.wait(reader.submit(path, 0, len(data), base)) == len(data)
         assert (reader.direct_bytes, reader.buffered_bytes) == (0, len(data))
@@ -357,7 +443,8 @@ def test_the_native_engine_reads_buffered_when_o_direct_is_not_asked_for(disk_di
 
 
 @native
-def test_the_native_engine_reads_through_the_page_cache_where_o_direct_is_refused() -> None:
+def test_the_native_engine_reads_through_the_page_cache_where_o_direct_is_refused(
+        backend: str) -> None:
     """procfs refuses O_DIRECT at open (EINVAL), as tmpfs did before Linux 6.6."""
     path = "/proc/version"
     try:
@@ -370,8 +457,48 @@ def test_the_native_engine_reads_through_the_page_cache_where_o_direct_is_refuse
         text = f.read()
     m, base = _buffer(PAGE)
 
-    with NativeReader(1, True) as reader:  # an aligned page: a direct read is tried first
+    with NativeReader(1, True, backend=backend) as reader:  # an aligned page: direct is tried first
         with pytest.raises(ReadError, match=f"short read: file ended at offset {len(text)}"):
             reader.wait(reader.submit(path, 0, PAGE, base))
         assert (reader.direct_bytes, reader.buffered_bytes) == (0, len(text))
     assert m[: len(text)] == text
+
+
+@native
+def test_a_large_direct_read_goes_through_o_direct_in_pieces(disk_dir: Path, backend: str) -> None:
+    path, data = _file(disk_dir, "data", (20 << 20) + 100)
+    m, base = _buffer(len(data))
+
+    with NativeReader(2, True, backend=backend) as reader:
+        assert reader.wait(reader.submit(path, 0, len(data), base)) == len(data)
+        assert (reader.direct_bytes, reader.buffered_bytes) == (20 << 20, 100)
+    assert m[: len(data)] == data
+
+
+def test_several_python_threads_each_keep_many_requests_in_flight(make_reader: MakeReader,
+                                                                  tmp_path: Path) -> None:
+    path, data = _file(tmp_path, "data", 64 * PAGE)
+    workers = 8
+    m, base = _buffer(workers * len(data))
+    reader = make_reader(threads=3)
+    errors: list[BaseException] = []
+    start = threading.Barrier(workers)
+
+    def client(k: int) -> None:
+        try:
+            start.wait()
+            at0 = base + k * len(data)
+            tickets = [reader.submit(path, at, PAGE, at0 + at) for at in range(0, len(data), PAGE)]
+            assert [reader.wait(t) for t in tickets] == [PAGE] * len(tickets)
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+    assert not errors
+    for k in range(workers):
+        assert m[k * len(data) : (k + 1) * len(data)] == data
