@@ -10,14 +10,21 @@ built; :class:`~native_loader.reader.PyReader` is its pure-Python twin with the 
 The C++ engine
 --------------
 ``engine.h``/``engine.cpp`` are the core (C++17 and POSIX only; the header's comment gives the
-algorithm), ``binding.cpp`` the Python module (pybind11), built by ``setup.py`` on ``pip install``.
-Requests go on one FIFO queue served by ``threads`` workers, so chunks finish about in the order
-they were submitted and a caller waiting in that order works while later reads are in flight.
-With ``direct=True`` the part of a request whose address, file offset and length are multiples of
-4096 is read with O_DIRECT (no copy through the page cache: about 0.04 CPU-seconds per GB here
-against 0.2 buffered); the rest (a file's partial last page, an odd address) and files on
-filesystems that refuse O_DIRECT are read buffered. ``direct_bytes`` and ``buffered_bytes`` count
-which way the bytes went. ``close()`` finishes the queued reads before it returns.
+algorithm), ``uring.h``/``uring.cpp`` its io_uring backend (raw syscalls, no liburing),
+``binding.cpp`` the Python module (pybind11), built by ``setup.py`` on ``pip install``.
+Two backends behind one API (``NativeReader(threads, direct, backend="auto")``):
+
+- ``io_uring`` (chosen by ``auto`` where the kernel allows it): one thread owns a ring and keeps
+  up to 64 reads of at most 8 MiB in flight; ``submit`` wakes it through an eventfd;
+- ``threads``: ``threads`` workers serve one FIFO queue with ``pread``.
+
+Either way requests finish about in the order they were submitted, so a caller waiting in that
+order works while later reads are in flight. With ``direct=True`` the part of a request whose
+address, file offset and length are multiples of 4096 is read with O_DIRECT (no copy through the
+page cache: about 0.03-0.04 CPU-seconds per GB here against 0.2 buffered); the rest (a file's
+partial last page, an odd address) and files on filesystems that refuse O_DIRECT are read
+buffered. ``direct_bytes`` and ``buffered_bytes`` count which way the bytes went, ``backend``
+says which backend runs. ``close()`` finishes the queued reads before it returns.
 """
 
 from __future__ import annotations
