@@ -192,6 +192,7 @@ def model_import(source: str, name: str | None, dtype: str | None, replace: bool
     """Import SOURCE (a Hugging Face folder, a .gguf file, or `smollm2`) into the model store."""
     from invoker.importer import import_model
 
+    os.environ["TQDM_DISABLE"] = "1"  # transformers' GGUF conversion bar: the CLI reports one line
     t0 = time.monotonic()
     info = import_model(source, _store(), name=name, dtype=dtype, replace=replace)
     click.echo(f"imported {info.name}: {info.num_tensors} tensors, {info.nbytes / 2**20:.1f} MiB "
