@@ -50,10 +50,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from invoker.importer import import_model  # noqa: E402
-from invoker.store import ModelStore  # noqa: E402
-from pagecache import drop_caches, evict  # noqa: E402
-from sllm import config, runtime  # noqa: E402
+from pagecache import drop_caches, evict
+
+from invoker.importer import import_model
+from invoker.store import ModelStore
+from sllm import config, runtime
 
 PROMPT = "What is the capital of France?"
 

@@ -93,20 +93,20 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pagecache import drop_caches  # noqa: E402
+from pagecache import drop_caches
 
-import native_loader  # noqa: E402
-from invoker.checkpoint import (  # noqa: E402
+import native_loader
+from invoker.checkpoint import (
     ALIGNMENT,
     load_checkpoint,
     read_index,
     write_checkpoint,
 )
-from invoker.checkpoint.format import align_up  # noqa: E402
-from invoker.dram_pool import DramPool  # noqa: E402
-from invoker.importer import import_model  # noqa: E402
-from invoker.store import ModelStore  # noqa: E402
-from sllm import config  # noqa: E402
+from invoker.checkpoint.format import align_up
+from invoker.dram_pool import DramPool
+from invoker.importer import import_model
+from invoker.store import ModelStore
+from sllm import config
 
 PAGE = 4096
 SMOLLM2 = "smollm2-135m-instruct"
@@ -416,7 +416,7 @@ class Row:
         return 100 * g * 1e9 / self.limit_bps if g and self.limit_bps else None
 
     def as_json(self) -> dict[str, Any]:
-        r = lambda x: None if x is None else round(x, 4)  # noqa: E731
+        r = lambda x: None if x is None else round(x, 4)
         return {
             "loader": self.loader, "tier": self.tier, "cache": self.cache, "model": self.model,
             "bytes": self.nbytes, "seconds": r(self.seconds), "gbps": r(self.gbps),
@@ -693,7 +693,7 @@ def main() -> None:
         sys.exit(f"unknown model(s): {', '.join(sorted(unknown))}")
     data = args.data or config.sllm_home() / "bench-data"
     data.mkdir(parents=True, exist_ok=True)
-    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    log = lambda s: print(s, file=sys.stderr, flush=True)
 
     models = []
     for n in names:
@@ -702,7 +702,7 @@ def main() -> None:
     can_drop = drop_caches()
     caches = ["cold", "warm"] if can_drop else ["warm"]
     if not args.skip_peers:  # imports are not part of any loader's time
-        for _, (module, _) in PEERS.items():
+        for module, _ in PEERS.values():
             try:
                 __import__(module)
             except Exception:  # noqa: BLE001, S110 - reported in the row

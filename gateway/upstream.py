@@ -15,7 +15,13 @@ import httpx
 from sllm.config import COLD_START_DEADLINE_S
 from sllm.errors import InvokerError, SllmError, Unavailable
 from sllm.http import raise_for_error
-from sllm.messages import STREAM_MESSAGE, AcquireRequest, Assignment, GenerateRequest, ReleaseRequest
+from sllm.messages import (
+    STREAM_MESSAGE,
+    AcquireRequest,
+    Assignment,
+    GenerateRequest,
+    ReleaseRequest,
+)
 
 log = logging.getLogger(__name__)
 

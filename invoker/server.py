@@ -33,10 +33,10 @@ from pathlib import Path
 from typing import Any
 
 from starlette.applications import Starlette
-from transformers import AutoTokenizer
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+from transformers import AutoTokenizer
 
 from invoker.checkpoint import LoadedCheckpoint, load_checkpoint
 from invoker.dram_pool import DramPool

@@ -17,8 +17,12 @@ def warm_up() -> float:
     """Run the warm-up (blocking; a second or two on first use). Returns its wall time (s)."""
     t0 = time.perf_counter()
     import torch
-    from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
-    from transformers import PreTrainedTokenizerFast  # noqa: F401 - imported for its side effect
+    from transformers import (
+        AutoModelForCausalLM,
+        DynamicCache,
+        LlamaConfig,
+        PreTrainedTokenizerFast,  # noqa: F401 - imported for its side effect
+    )
 
     config = LlamaConfig(
         vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,

@@ -74,7 +74,7 @@ class SllmError(Exception):
         """Response headers for this error (``Retry-After`` in whole seconds when set)."""
         if self.retry_after is None:
             return {}
-        return {"Retry-After": str(max(1, int(round(self.retry_after))))}
+        return {"Retry-After": str(max(1, round(self.retry_after)))}
 
 
 class InvalidRequest(SllmError):

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 import aetcd
 import aetcd.exceptions
@@ -41,7 +41,7 @@ class Etcd:
         self.endpoint = endpoint
         self._client = aetcd.Client(host=host or "127.0.0.1", port=int(port), timeout=timeout)
 
-    async def __aenter__(self) -> Etcd:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -45,7 +45,7 @@ def parse_duration(value: Any) -> float:
     """Seconds from a duration: a number of seconds or a string like ``500ms``, ``60s``, ``5m``,
     ``1h``. Raises ValueError on anything else or a negative value."""
     if isinstance(value, bool):
-        raise ValueError("expected a duration such as 60s, 5m or 1h")
+        raise ValueError("expected a duration such as 60s, 5m or 1h")  # noqa: TRY004 - pydantic reports ValueErrors
     if isinstance(value, (int, float)):
         seconds = float(value)
     else:
@@ -62,7 +62,7 @@ def parse_quantity(value: Any) -> int:
     """Bytes from a Kubernetes quantity: an integer or a string like ``512Mi``, ``1Gi``, ``2G``.
     Raises ValueError on anything else or a negative value."""
     if isinstance(value, bool):
-        raise ValueError("expected a memory quantity such as 512Mi or 1Gi")
+        raise ValueError("expected a memory quantity such as 512Mi or 1Gi")  # noqa: TRY004 - as above
     if isinstance(value, (int, float)):
         n = float(value)
     else:

@@ -334,7 +334,7 @@ def _files(tmp_path: Path, sizes: list[int]) -> list[tuple[str, bytes]]:
 
 
 def test_read_files_places_each_file_at_its_offset(tmp_path: Path) -> None:
-    (a, da), (b, db), (c, dc) = _files(tmp_path, [5000, 0, 12345])
+    (a, da), (b, _db), (c, dc) = _files(tmp_path, [5000, 0, 12345])
     dest = bytearray(20000)
 
     n = read_files([(a, 100, 5000), (b, 6000, 0), (c, 7000, 12345)], dest, chunk_bytes=1000)

@@ -252,7 +252,7 @@ def test_eos_ids_gather_every_source_including_lists() -> None:
 # ---- sampling -----------------------------------------------------------------------------------
 
 
-def sampled(instance: ModelInstance, **kwargs: float | int | None) -> list[int]:
+def sampled(instance: ModelInstance, **kwargs: float | None) -> list[int]:
     params = SamplingParams(max_tokens=20, **kwargs)  # type: ignore[arg-type]
     _, tokens = run(instance, instance.encode(prompt=QUESTION), params)
     return [t.token_id for t in tokens]

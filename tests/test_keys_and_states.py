@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from sllm import keys
@@ -38,7 +40,7 @@ def test_names_with_slash_cannot_make_keys() -> None:
 def test_legal_lifecycle() -> None:
     path = [InstanceState.COLD, InstanceState.LOADING, InstanceState.IDLE, InstanceState.WARM,
             InstanceState.IDLE, InstanceState.STOPPED]
-    for a, b in zip(path, path[1:]):
+    for a, b in itertools.pairwise(path):
         check_transition(a, b)
 
 

@@ -9,9 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from invoker.checkpoint import load_checkpoint, write_checkpoint
+from invoker.checkpoint import load_checkpoint, read_index, write_checkpoint
 from invoker.checkpoint.loader import _read_staged, _Source, file_offsets
-from invoker.checkpoint import read_index
 from invoker.dram_pool import DramPool
 from native_loader import PyReader, default_reader
 from sllm.errors import CheckpointError

@@ -138,7 +138,7 @@ def test_a_file_ending_inside_a_later_piece_names_where_it_ended(make_reader: Ma
                                                                  tmp_path: Path) -> None:
     """The request spans several pieces; the error is at the file's end, not a later piece's."""
     path, _ = _file(tmp_path, "short.bin", (9 << 20) + 300)
-    m, base = _buffer(24 << 20)
+    _m, base = _buffer(24 << 20)  # _m keeps the mapping alive
     reader = make_reader()
 
     with pytest.raises(ReadError, match=rf"short\.bin: short read: file ended at offset "

@@ -289,7 +289,7 @@ def _read_verified(
                 _check(folder, c, view[c.at : c.at + c.hi - c.lo])
             if on_chunk is not None:
                 on_chunk(c.at, c.hi - c.lo)
-        except BaseException as e:  # keep waiting for the rest before raising
+        except BaseException as e:  # noqa: BLE001 - re-raised below, after the reads in flight
             error = e
     if error is not None:
         raise error
@@ -339,7 +339,7 @@ def _read_staged(src: _Source, dest: torch.Tensor, stream: torch.cuda.Stream | N
                 if verify:
                     _check(folder, c, memoryview(slots[k].numpy())[:n])
                 events[k] = copy(c.at, slots[k][:n])
-            except BaseException as e:
+            except BaseException as e:  # noqa: BLE001 - re-raised below, after draining
                 error = e
         if error is not None:
             for rest in pending.values():  # drain what is in flight, then fail
