@@ -1,0 +1,142 @@
+"""Startup-time estimation: how long a new instance would take to be ready on each invoker.
+
+ServerlessLLM (Fu et al., OSDI'24, §6, "startup-time-optimized model scheduling") places a model
+on the server where it would start soonest, estimating for each server:
+
+    startup = queueing + loading + migration
+
+- **queueing**: the time the loads already queued on that invoker still need (they share its
+  disk and memory bandwidth, so a new load waits for them);
+- **loading**: checkpoint size / bandwidth of the fastest tier that holds the checkpoint there:
+  the DRAM tier, the local SSD, or, with no local copy, a copy from elsewhere (another invoker or
+  the store root) over the network followed by the SSD load;
+- **migration**: when the invoker must first be freed by moving a running inference away, the
+  token-based migration cost ``a * tokens + b`` (§5) plus the destination's own load time.
+
+Bandwidths are the invoker's own measurements (published with its record), never constants.
+This module is pure: it takes plain data and returns estimates; the controller's placement
+carries the choice out.
+
+Worked example (the test ``test_worked_example``): a 1 GB checkpoint. Invoker A holds it in DRAM
+(10 GB/s) but has one load of 2 s queued: 2 + 0.1 = 2.1 s. Invoker B holds it on SSD (2 GB/s),
+idle: 0 + 0.5 = 0.5 s. Invoker C has no copy (network 1 GB/s, SSD 2 GB/s): 1 + 0.5 = 1.5 s.
+B is chosen. Had A no queue, A (0.1 s) would win.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+Tier = Literal["dram", "ssd", "remote"]
+
+
+@dataclass(frozen=True)
+class Bandwidths:
+    """One invoker's measured bandwidths, bytes per second."""
+
+    dram_bps: float  # DRAM tier to usable weights
+    ssd_bps: float  # local SSD to memory
+    network_bps: float  # a checkpoint copy from another invoker or the store root
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One invoker as a possible home for a new instance.
+
+    Attributes:
+        invoker_id: the invoker.
+        tier: the fastest tier holding the checkpoint there (``remote``: no local copy).
+        bandwidths: its measured bandwidths.
+        queued_seconds: estimated time the loads already queued on it still need.
+        migration_tokens: tokens (prompt + generated) of the inference that would have to be
+            migrated away to make room; None when it has room without migrating.
+    """
+
+    invoker_id: str
+    tier: Tier
+    bandwidths: Bandwidths
+    queued_seconds: float = 0.0
+    migration_tokens: int | None = None
+
+
+@dataclass(frozen=True)
+class MigrationCost:
+    """Token-based live migration time, ``per_token_s * tokens + fixed_s`` (ServerlessLLM §5-6):
+    the destination recomputes the KV cache of the tokens moved, plus a fixed handoff cost.
+    ``dest_load_s`` is the time the destination needs to load the migrated model first."""
+
+    per_token_s: float
+    fixed_s: float
+    dest_load_s: float = 0.0
+
+    def seconds(self, tokens: int) -> float:
+        return self.per_token_s * tokens + self.fixed_s + self.dest_load_s
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """The estimated startup time of a new instance on one invoker, and its parts (seconds)."""
+
+    invoker_id: str
+    tier: Tier
+    queue_s: float
+    load_s: float
+    migration_s: float
+
+    @property
+    def total_s(self) -> float:
+        return self.queue_s + self.load_s + self.migration_s
+
+
+def load_seconds(nbytes: int, tier: Tier, bw: Bandwidths) -> float:
+    """Seconds to load ``nbytes`` from ``tier``: DRAM or SSD at their bandwidth; ``remote`` is a
+    copy over the network and then an SSD load.
+
+    Raises:
+        ValueError: a bandwidth needed is not positive.
+    """
+    if tier == "dram":
+        return nbytes / _positive(bw.dram_bps, "dram_bps")
+    ssd = nbytes / _positive(bw.ssd_bps, "ssd_bps")
+    if tier == "ssd":
+        return ssd
+    return nbytes / _positive(bw.network_bps, "network_bps") + ssd
+
+
+def estimate(c: Candidate, nbytes: int, migration: MigrationCost | None = None) -> Estimate:
+    """The startup-time estimate of a checkpoint of ``nbytes`` bytes on candidate ``c``.
+
+    Raises:
+        ValueError: the candidate needs a migration but no ``migration`` cost is given, or a
+            bandwidth is not positive.
+    """
+    migration_s = 0.0
+    if c.migration_tokens is not None:
+        if migration is None:
+            raise ValueError(f"{c.invoker_id} needs a migration but no migration cost was given")
+        migration_s = migration.seconds(c.migration_tokens)
+    return Estimate(
+        invoker_id=c.invoker_id, tier=c.tier, queue_s=max(0.0, c.queued_seconds),
+        load_s=load_seconds(nbytes, c.tier, c.bandwidths), migration_s=migration_s,
+    )
+
+
+def choose(
+    candidates: Sequence[Candidate], nbytes: int, migration: MigrationCost | None = None
+) -> tuple[Estimate | None, list[Estimate]]:
+    """Every candidate's estimate, smallest first, and the chosen one (None without candidates).
+    Ties go to the faster tier, then the lower invoker id, so the choice is deterministic."""
+    order = {"dram": 0, "ssd": 1, "remote": 2}
+    estimates = sorted(
+        (estimate(c, nbytes, migration) for c in candidates),
+        key=lambda e: (e.total_s, order[e.tier], e.invoker_id),
+    )
+    return (estimates[0] if estimates else None), estimates
+
+
+def _positive(v: float, name: str) -> float:
+    if not v > 0:
+        raise ValueError(f"{name} must be positive, got {v}")
+    return v

@@ -1,0 +1,67 @@
+"""Startup-time estimation (ServerlessLLM §6): arithmetic against hand-computed cases."""
+
+from __future__ import annotations
+
+import pytest
+
+from controller.estimator import (
+    Bandwidths,
+    Candidate,
+    MigrationCost,
+    choose,
+    estimate,
+    load_seconds,
+)
+
+GB = 10**9
+BW = Bandwidths(dram_bps=10 * GB, ssd_bps=2 * GB, network_bps=1 * GB)
+
+
+def test_worked_example() -> None:
+    """The module docstring's example."""
+    a = Candidate("a", "dram", BW, queued_seconds=2.0)
+    b = Candidate("b", "ssd", BW)
+    c = Candidate("c", "remote", BW)
+    best, all_ = choose([a, b, c], GB)
+    assert best is not None and best.invoker_id == "b"
+    assert [(e.invoker_id, round(e.total_s, 6)) for e in all_] == [("b", 0.5), ("c", 1.5), ("a", 2.1)]
+    best, _ = choose([Candidate("a", "dram", BW), b, c], GB)
+    assert best is not None and best.invoker_id == "a" and best.total_s == pytest.approx(0.1)
+
+
+def test_load_seconds_per_tier() -> None:
+    assert load_seconds(4 * GB, "dram", BW) == pytest.approx(0.4)
+    assert load_seconds(4 * GB, "ssd", BW) == pytest.approx(2.0)
+    assert load_seconds(4 * GB, "remote", BW) == pytest.approx(4.0 + 2.0)
+
+
+def test_with_equal_bandwidths_dram_beats_ssd_beats_remote() -> None:
+    cands = [Candidate("r", "remote", BW), Candidate("s", "ssd", BW), Candidate("d", "dram", BW)]
+    _, all_ = choose(cands, GB)
+    assert [e.tier for e in all_] == ["dram", "ssd", "remote"]
+
+
+def test_migration_adds_token_cost_and_destination_load() -> None:
+    cost = MigrationCost(per_token_s=0.001, fixed_s=0.05, dest_load_s=0.3)
+    e = estimate(Candidate("a", "dram", BW, migration_tokens=200), GB, cost)
+    assert e.migration_s == pytest.approx(0.2 + 0.05 + 0.3)
+    assert e.total_s == pytest.approx(0.1 + 0.55)
+    # a DRAM copy behind a migration loses to a free SSD invoker when the migration is long
+    best, _ = choose([Candidate("a", "dram", BW, migration_tokens=2000), Candidate("b", "ssd", BW)], GB, cost)
+    assert best is not None and best.invoker_id == "b"
+
+
+def test_migration_without_a_cost_model_is_refused() -> None:
+    with pytest.raises(ValueError, match="migration"):
+        estimate(Candidate("a", "ssd", BW, migration_tokens=10), GB)
+
+
+def test_unmeasured_bandwidth_is_refused() -> None:
+    with pytest.raises(ValueError, match="ssd_bps"):
+        load_seconds(GB, "ssd", Bandwidths(dram_bps=1, ssd_bps=0, network_bps=1))
+
+
+def test_ties_are_deterministic() -> None:
+    best, _ = choose([Candidate("b", "ssd", BW), Candidate("a", "ssd", BW)], GB)
+    assert best is not None and best.invoker_id == "a"
+    assert choose([], GB) == (None, [])
