@@ -16,6 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from sllm.errors import InternalError, InvalidRequest, NotFound, SllmError, from_body
+from sllm.validation import describe
 
 log = logging.getLogger(__name__)
 
@@ -57,20 +58,6 @@ EXCEPTION_HANDLERS: dict[Any, Any] = {
 """Pass as ``Starlette(exception_handlers=...)``: every service maps errors the same way."""
 
 
-def validation_message(e: ValidationError) -> tuple[str, str | None]:
-    """A one-line message naming each failing field, and the first field's dotted path."""
-    parts = []
-    first: str | None = None
-    for err in e.errors(include_url=False):
-        loc = ".".join(str(p) for p in err["loc"])
-        first = first or loc or None
-        reason = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            reason = "unknown field"
-        parts.append(f"{loc}: {reason}" if loc else reason)
-    return "; ".join(parts), first
-
-
 async def read_json(request: Request) -> Any:
     """The request's JSON body. Raises InvalidRequest for an oversized or malformed body."""
     body = await request.body()
@@ -93,7 +80,7 @@ async def read_model(request: Request, model: type[M]) -> M:
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        message, param = validation_message(e)
+        message, param = describe(e)
         raise InvalidRequest(f"invalid request: {message}", param=param) from None
 
 

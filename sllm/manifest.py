@@ -26,6 +26,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sllm.errors import ManifestError
+from sllm.validation import describe
 
 API_VERSION = "sllm.dev/v1"
 NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
@@ -162,16 +163,6 @@ class FunctionManifest(_Strict):
         return self.metadata.name
 
 
-def _loc(loc: tuple[int | str, ...]) -> str:
-    parts: list[str] = []
-    for p in loc:
-        if isinstance(p, int):
-            parts[-1:] = [f"{parts[-1] if parts else ''}[{p}]"]
-        else:
-            parts.append(str(p))
-    return ".".join(parts) or "(manifest)"
-
-
 def validate_manifest(data: Any) -> FunctionManifest:
     """Validate an already-decoded manifest (a dict).
 
@@ -184,15 +175,8 @@ def validate_manifest(data: Any) -> FunctionManifest:
     try:
         return FunctionManifest.model_validate(data)
     except ValidationError as e:
-        errors = e.errors(include_url=False)
-        lines = []
-        for err in errors:
-            reason = err["msg"].removeprefix("Value error, ")
-            if err["type"] == "extra_forbidden":
-                reason = "unknown field"
-            lines.append(f"{_loc(err['loc'])}: {reason}")
-        first = _loc(errors[0]["loc"]) if errors else None
-        raise ManifestError("invalid manifest: " + "; ".join(lines), param=first) from None
+        message, param = describe(e)
+        raise ManifestError("invalid manifest: " + message, param=param) from None
 
 
 def parse_manifest(text: str) -> FunctionManifest:
