@@ -52,6 +52,7 @@ sys.path.insert(0, str(ROOT))
 
 from pagecache import drop_caches, evict
 
+from gateway.sse import parse_events
 from invoker.importer import import_model
 from invoker.store import ModelStore
 from sllm import config, runtime
@@ -68,18 +69,14 @@ def invoke(gateway: str, function: str, max_tokens: int) -> dict[str, Any]:
     body = {"prompt": PROMPT, "max_tokens": max_tokens, "stream": True}
     with httpx.Client(timeout=600) as c, c.stream("POST", f"{gateway}/v1/functions/{function}/invoke", json=body) as r:
         r.raise_for_status()
-        name = ""
-        for line in r.iter_lines():
-            if line.startswith("event:"):
-                name = line[6:].strip()
-            elif line.startswith("data:"):
-                if name == "token":
-                    tokens += 1
-                    first = first or time.perf_counter()
-                elif name == "done":
-                    done = json.loads(line[5:])
-                elif name == "error":
-                    raise RuntimeError(line)
+        for name, data in parse_events(r.iter_lines()):
+            if name == "token":
+                tokens += 1
+                first = first or time.perf_counter()
+            elif name == "done":
+                done = data
+            elif name == "error":
+                raise RuntimeError(data)
     end = time.perf_counter()
     done["client_ttft"] = (first or end) - t0
     done["client_total"] = end - t0

@@ -1,8 +1,10 @@
-"""Server-Sent Events framing (``text/event-stream``)."""
+"""Server-Sent Events (``text/event-stream``): framing on the gateway, parsing for its clients
+(the CLI, the benchmarks, the tests)."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -14,3 +16,17 @@ def event(data: Any, name: str | None = None) -> str:
     payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
     head = f"event: {name}\n" if name else ""
     return f"{head}data: {payload}\n\n"
+
+
+def parse_events(lines: Iterable[str]) -> Iterator[tuple[str, Any]]:
+    """``(event name, data)`` per event of a stream's lines, as :func:`event` writes them: the
+    name is ``message`` when the event has none; data is decoded JSON, except OpenAI's closing
+    ``[DONE]``, which stays a string."""
+    name = "message"
+    for line in lines:
+        if line.startswith("event:"):
+            name = line[6:].strip()
+        elif line.startswith("data:"):
+            payload = line[5:].strip()
+            yield name, payload if payload == "[DONE]" else json.loads(payload)
+            name = "message"

@@ -27,6 +27,7 @@ from typing import Any
 import click
 import httpx
 
+from gateway.sse import parse_events
 from sllm import config, runtime
 from sllm.errors import InvalidRequest, SllmError, Unavailable, from_body
 from sllm.http import raise_for_error
@@ -69,13 +70,7 @@ class Api:
                 if r.status_code != 200:
                     r.read()
                     raise_for_error(r)
-                name = "message"
-                for line in r.iter_lines():
-                    if line.startswith("event:"):
-                        name = line[6:].strip()
-                    elif line.startswith("data:"):
-                        yield name, json.loads(line[5:].strip())
-                        name = "message"
+                yield from parse_events(r.iter_lines())
         except httpx.ConnectError:
             raise Unavailable(f"no gateway at {self.url}; start the runtime with: sllm up --detach") from None
 

@@ -22,6 +22,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from gateway.sse import parse_events
 from invoker.importer import import_model
 from invoker.store import ModelStore
 from sllm import keys, runtime
@@ -76,15 +77,7 @@ def reference(src: Path) -> Any:
 
 def sse(response: httpx.Response) -> list[tuple[str, Any]]:
     """(event, data) pairs of a Server-Sent Events response."""
-    out, name = [], "message"
-    for line in response.iter_lines():
-        if line.startswith("event:"):
-            name = line[6:].strip()
-        elif line.startswith("data:"):
-            payload = line[5:].strip()
-            out.append((name, payload if payload == "[DONE]" else json.loads(payload)))
-            name = "message"
-    return out
+    return list(parse_events(response.iter_lines()))
 
 
 def user(text: str) -> list[dict[str, str]]:
