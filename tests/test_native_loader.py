@@ -333,31 +333,39 @@ def test_close_finishes_the_reads_already_queued(make_reader: MakeReader, tmp_pa
     reader.close()  # twice is fine
 
 
+def _run_clients(client: Callable[[int], None], workers: int) -> None:
+    """Run ``client(k)`` for k < workers in that many Python threads; re-raise the first failure."""
+    errors: list[BaseException] = []
+
+    def run(k: int) -> None:
+        try:
+            client(k)
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+
+
 def test_concurrent_submits_from_several_python_threads(make_reader: MakeReader,
                                                         tmp_path: Path) -> None:
     path, data = _file(tmp_path, "data", 32 * PAGE)
     workers, rounds = 6, 20
     m, base = _buffer(workers * len(data))
     reader = make_reader(threads=3)
-    errors: list[BaseException] = []
 
     def client(k: int) -> None:
-        try:
-            for i in range(rounds):
-                at = (i * 7 % 32) * PAGE
-                n = min(3 * PAGE + i, len(data) - at)
-                dest = base + k * len(data) + at
-                assert reader.wait(reader.submit(path, at, n, dest)) == n
-        except BaseException as e:  # noqa: BLE001 - handed to the main thread
-            errors.append(e)
+        for i in range(rounds):
+            at = (i * 7 % 32) * PAGE
+            n = min(3 * PAGE + i, len(data) - at)
+            dest = base + k * len(data) + at
+            assert reader.wait(reader.submit(path, at, n, dest)) == n
 
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(workers)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-
-    assert not errors
+    _run_clients(client, workers)
     for k in range(workers):
         assert m[k * len(data) : (k + 1) * len(data)] == data
 
@@ -481,24 +489,14 @@ def test_several_python_threads_each_keep_many_requests_in_flight(make_reader: M
     workers = 8
     m, base = _buffer(workers * len(data))
     reader = make_reader(threads=3)
-    errors: list[BaseException] = []
     start = threading.Barrier(workers)
 
     def client(k: int) -> None:
-        try:
-            start.wait()
-            at0 = base + k * len(data)
-            tickets = [reader.submit(path, at, PAGE, at0 + at) for at in range(0, len(data), PAGE)]
-            assert [reader.wait(t) for t in tickets] == [PAGE] * len(tickets)
-        except BaseException as e:  # noqa: BLE001 - handed to the main thread
-            errors.append(e)
+        start.wait()
+        at0 = base + k * len(data)
+        tickets = [reader.submit(path, at, PAGE, at0 + at) for at in range(0, len(data), PAGE)]
+        assert [reader.wait(t) for t in tickets] == [PAGE] * len(tickets)
 
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(workers)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-
-    assert not errors
+    _run_clients(client, workers)
     for k in range(workers):
         assert m[k * len(data) : (k + 1) * len(data)] == data
