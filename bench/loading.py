@@ -437,6 +437,19 @@ def timed(load: Callable[[], Loaded]) -> tuple[float, float, Loaded]:
     return t2 - t0, t2 - t1, out
 
 
+def _time_once(row: Row, load: Callable[[], Loaded], cache: str) -> str | None:
+    """One timed load added to ``row`` (the page cache dropped first for a cold row); the loaded
+    data is freed again. Returns the tier the loader reported."""
+    if cache == "cold":
+        drop_caches()
+    secs, touched, out = timed(load)
+    row.runs.append(secs)
+    row.touches.append(touched)
+    tier = out.tier
+    _free(out)
+    return tier
+
+
 def _free(out: Loaded | None) -> None:
     if out is not None:
         out.release()
@@ -464,13 +477,7 @@ def measure_peer(name: str, module: str, fn: Callable[[Model], Loaded], m: Model
             if cache == "warm":
                 _free(fn(m))  # load once untimed: the files are now in the page cache
             for _ in range(repeat):
-                if cache == "cold":
-                    drop_caches()
-                secs, touched, out = timed(lambda: fn(m))
-                row.runs.append(secs)
-                row.touches.append(touched)
-                _free(out)
-                del out
+                _time_once(row, partial(fn, m), cache)
         except Exception as e:  # noqa: BLE001 - report the failure in the row, never a number
             row.runs, row.touches = [], []
             row.note = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
@@ -512,25 +519,13 @@ def measure_native(m: Model, caches: list[str], repeat: int) -> list[Row]:
         if cache == "warm":
             _free(load_native(m))
         for _ in range(repeat):
-            if cache == "cold":
-                drop_caches()
-            secs, touched, out = timed(lambda: load_native(m))
-            nopool.runs.append(secs)
-            nopool.touches.append(touched)
-            _free(out)
-            del out
+            _time_once(nopool, partial(load_native, m), cache)
         for _ in range(repeat):
             _evict(pool)
             for row in (ssd, dram):
-                if cache == "cold":
-                    drop_caches()
-                secs, touched, out = timed(partial(load_native, m, pool))
-                if out.tier != row.tier:
-                    row.note = f"load_checkpoint reported tier {out.tier!r}"
-                row.runs.append(secs)
-                row.touches.append(touched)
-                _free(out)
-                del out
+                tier = _time_once(row, partial(load_native, m, pool), cache)
+                if tier != row.tier:
+                    row.note = f"load_checkpoint reported tier {tier!r}"
     del pool
     gc.collect()
     return rows
