@@ -57,6 +57,11 @@ def _align_up(n: int) -> int:
     return -(-n // ALIGNMENT) * ALIGNMENT
 
 
+def _block_bytes(nbytes: int) -> int:
+    """The arena bytes a block for ``nbytes`` takes: at least one 4 KiB unit, whole units."""
+    return _align_up(max(nbytes, 1))
+
+
 @dataclass
 class _Entry:
     key: str
@@ -66,6 +71,11 @@ class _Entry:
     refs: int = 0
     committed: bool = False
     last_used: float = 0.0
+
+    @property
+    def span(self) -> int:
+        """Arena bytes the entry's block takes."""
+        return _block_bytes(self.nbytes)
 
 
 @dataclass(frozen=True)
@@ -190,7 +200,7 @@ class DramPool:
         Raises:
             ValueError: ``key`` is already cached or being read (call :meth:`lookup` first).
         """
-        size = _align_up(max(nbytes, 1))
+        size = _block_bytes(nbytes)
         with self._lock:
             if key in self._entries:
                 raise ValueError(f"pool entry {key!r} exists already")
@@ -215,7 +225,7 @@ class DramPool:
     @property
     def used_bytes(self) -> int:
         with self._lock:
-            return sum(_align_up(max(e.nbytes, 1)) for e in self._entries.values())
+            return sum(e.span for e in self._entries.values())
 
     # --- internals (lock held by callers below) ---------------------------------------------------
 
@@ -241,7 +251,7 @@ class DramPool:
 
     def _evict(self, e: _Entry) -> None:
         del self._entries[e.key]
-        self._give_back(e.start, _align_up(max(e.nbytes, 1)))
+        self._give_back(e.start, e.span)
         log.info("DRAM pool: evicted %s (%d bytes)", e.label or e.key, e.nbytes)
 
     def _commit(self, e: _Entry) -> None:
@@ -254,7 +264,7 @@ class DramPool:
         with self._lock:
             if self._entries.get(e.key) is e:
                 del self._entries[e.key]
-                self._give_back(e.start, _align_up(max(e.nbytes, 1)))
+                self._give_back(e.start, e.span)
             self._lock.notify_all()
 
     def _release(self, e: _Entry) -> None:
