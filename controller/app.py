@@ -3,14 +3,24 @@
 HTTP API (JSON; errors in the OpenAI-shaped envelope of :mod:`sllm.errors`):
 
 - ``POST /v1/functions`` (manifest) create; ``PUT /v1/functions/{name}`` create or replace;
-  ``GET /v1/functions``; ``GET|DELETE /v1/functions/{name}``
+  ``GET /v1/functions``; ``GET|DELETE /v1/functions/{name}`` (a function's view holds its
+  instances, each with the placement decision that put it where it is and every candidate's
+  estimate)
 - ``POST /v1/acquire`` (:class:`~sllm.messages.AcquireRequest`) -> :class:`~sllm.messages.Assignment`;
   ``POST /v1/release`` (:class:`~sllm.messages.ReleaseRequest`)
-- ``GET /v1/instances``, ``GET /v1/invokers``, ``GET /v1/checkpoints`` (tier of each model on
-  each invoker), ``GET /health``
+- ``GET /v1/instances``, ``GET /v1/invokers`` (with measured bandwidths and used memory),
+  ``GET /v1/checkpoints`` (tier of each model on each invoker), ``GET /health`` (with the role)
 
-A reconcile loop runs every :data:`~sllm.config.AUTOSCALER_TICK_S`: it drops instances whose
-invoker's lease expired, then carries out :func:`controller.autoscaler.decide`.
+Several controllers may run: one leads, elected through an etcd lease
+(:mod:`controller.leader`); the others answer every API call but ``/health`` with
+:class:`~sllm.errors.NotLeader` (503), naming the leader, and take over when its lease expires.
+A new leader rebuilds its state from etcd (:meth:`Controller.recover`): functions, instances
+(adopted, re-sent when their load was pending, or marked lost), and orphans are unloaded.
+
+The leader's reconcile loop runs every ``tick_s``: it marks lost the instances of invokers whose
+lease expired, refreshes where checkpoints are, carries out
+:func:`controller.autoscaler.decide`, and now and then unloads orphans (instances an invoker has
+that no record names).
 """
 
 from __future__ import annotations
@@ -19,7 +29,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,11 +40,13 @@ from starlette.routing import Route
 
 from controller.autoscaler import decide
 from controller.invoker_client import InvokerClient
+from controller.leader import LeaderElection
+from controller.placement import Policy
 from controller.pool import InstancePool
 from controller.registry import FunctionRegistry
 from sllm import keys
-from sllm.config import AUTOSCALER_TICK_S, COLD_START_DEADLINE_S
-from sllm.errors import InvalidRequest, SllmError, Unavailable
+from sllm.config import AUTOSCALER_TICK_S, CONTROLLER_LEASE_TTL_S
+from sllm.errors import InvalidRequest, NotLeader, SllmError, Unavailable
 from sllm.etcd import Etcd
 from sllm.http import EXCEPTION_HANDLERS, model_response, read_json, read_model
 from sllm.manifest import validate_manifest
@@ -49,25 +61,74 @@ from sllm.messages import (
 
 log = logging.getLogger(__name__)
 
+ORPHAN_SWEEP_S = 30.0
+"""Seconds between two sweeps for orphans (instances an invoker has that no record names)."""
+
 
 @dataclass
 class ControllerConfig:
     etcd_endpoint: str
-    model_exists: Callable[[str], bool]  # is a model name in the model store
+    model_exists: Callable[[str], bool]  # is a model name in the store root
+    model_bytes: Callable[[str], int]  # checkpoint size of a model in the store root (bytes)
+    controller_id: str = "controller-0"
+    url: str = ""  # where this controller's API answers (named by standbys)
     tick_s: float = AUTOSCALER_TICK_S
-    deadline_s: float = COLD_START_DEADLINE_S
+    policy: Policy = "ours"
+    lease_ttl_s: int = CONTROLLER_LEASE_TTL_S
 
 
 class Controller:
-    """The controller's state and its reconcile loop."""
+    """The controller's state, its leadership and its reconcile loop."""
 
     def __init__(self, config: ControllerConfig) -> None:
         self.config = config
         self.etcd = Etcd(config.etcd_endpoint)
         self.invoker_client = InvokerClient()
         self.registry = FunctionRegistry(self.etcd, config.model_exists)
-        self.pool = InstancePool(self.etcd, self.invoker_client, self.list_invokers)
+        self.pool = self._new_pool()
+        self.election = LeaderElection(self.etcd, "controller", config.controller_id, config.url,
+                                       ttl_s=config.lease_ttl_s)
         self._invokers_cache: list[InvokerRecord] = []
+        self._leading: list[asyncio.Task[None]] = []
+        self._last_sweep = 0.0
+
+    def _new_pool(self) -> InstancePool:
+        return InstancePool(self.etcd, self.invoker_client, self.list_invokers,
+                            self.config.model_bytes, policy=self.config.policy)
+
+    @property
+    def leading(self) -> bool:
+        return bool(self._leading)
+
+    async def require_leader(self) -> None:
+        """Raise NotLeader (503, naming the leader) unless this controller leads."""
+        if self.leading:
+            return
+        try:
+            leader = await self.election.leader()
+        except Unavailable:
+            leader = None
+        where = f"; the leader is {leader.holder} at {leader.url}" if leader else ""
+        raise NotLeader(f"controller {self.config.controller_id} is a standby{where}", retry_after=1)
+
+    async def on_elected(self) -> None:
+        """Become the leader: rebuild state from etcd, then run the reconcile loop and the
+        instance-record flusher."""
+        self.pool = self._new_pool()
+        await self.recover()
+        self._leading = [asyncio.create_task(self.run_reconciler()),
+                         asyncio.create_task(self.pool.run_flusher())]
+        log.info("controller %s leads", self.config.controller_id)
+
+    async def on_deposed(self) -> None:
+        """Stop leading: stop the loops and forget the in-memory state (the new leader rebuilds
+        it from etcd; nothing is unloaded)."""
+        tasks, self._leading = self._leading, []
+        for t in tasks:
+            t.cancel()
+        await self.pool.close()
+        self.pool = self._new_pool()
+        log.warning("controller %s no longer leads", self.config.controller_id)
 
     async def list_invokers(self) -> list[InvokerRecord]:
         """Live invokers (those whose lease is alive), from etcd; the last known list when etcd
@@ -79,33 +140,81 @@ class Controller:
         return self._invokers_cache
 
     async def recover(self) -> None:
-        """Adopt the instances a previous controller left in etcd (see InstancePool.adopt)."""
+        """Rebuild the pool from etcd (see InstancePool.adopt) and unload orphans.
+
+        Raises:
+            Unavailable: etcd is away (the election retries).
+        """
+        functions = await self.registry.list()
         records = await self.etcd.list(keys.Kind.INSTANCE, InstanceRecord)
-        alive: dict[str, set[str]] = {}
-        for inv in await self.list_invokers():
+        invokers = await self.etcd.list(keys.Kind.INVOKER, InvokerRecord)
+        self._invokers_cache = invokers
+        reported: dict[str, set[str]] = {}
+        for inv in invokers:
             try:
-                alive[inv.id] = set(await self.invoker_client.list_instances(inv.url))
+                reported[inv.id] = set(await self.invoker_client.list_instances(inv.url))
             except SllmError as e:
                 log.warning("invoker %s unreachable during recovery: %s", inv.id, e.message)
-        await self.pool.adopt(records, alive)
-        await self.registry.list()
+        max_tokens = {f.manifest.name: f.manifest.spec.generation.maxTokens for f in functions}
+        orphans = await self.pool.adopt(records, reported, max_tokens)
+        await self._unload_orphans(orphans, invokers)
+        await self.pool.refresh_tiers()
+        self._last_sweep = time.monotonic()
+
+    async def _unload_orphans(self, orphans: list[tuple[str, str, str]],
+                              invokers: list[InvokerRecord]) -> None:
+        urls = {i.id: i.url for i in invokers}
+        for inv_id, iid, why in orphans:
+            log.warning("unloading orphan instance %s on %s: %s", iid, inv_id, why)
+            try:
+                await self.invoker_client.unload(urls[inv_id], iid)
+            except SllmError as e:
+                log.warning("unloading orphan %s failed: %s", iid, e.message)
+
+    async def sweep_orphans(self, invokers: list[InvokerRecord]) -> None:
+        """Unload instances an invoker has loaded that this controller does not know."""
+        known = {r.id for r in self.pool.records()}
+        orphans: list[tuple[str, str, str]] = []
+        for inv in invokers:
+            try:
+                ids = await self.invoker_client.list_instances(inv.url)
+            except SllmError:
+                continue  # a dead invoker is the lease's business
+            orphans += [(inv.id, iid, "not known to the controller") for iid in ids
+                        if iid not in known and iid not in self.pool.instances]
+        await self._unload_orphans(orphans, invokers)
 
     async def reconcile(self) -> None:
-        """One pass: drop instances on dead invokers, then scale by the autoscaler's decision."""
-        live_ids = {i.id for i in await self.list_invokers()}
-        for rec in self.pool.records():
-            if rec.invoker_id not in live_ids:
-                await self.pool.stop(rec.id, reason=f"invoker {rec.invoker_id} lost", unload=False)
+        """One pass: mark instances of dead invokers lost, refresh checkpoint tiers, scale by
+        the autoscaler's decision, expire old lost records, sweep for orphans now and then.
+
+        Raises:
+            Unavailable: etcd is away (the pass is skipped; warm invocations go on).
+        """
+        invokers = await self.list_invokers()
+        live_ids = {i.id for i in invokers}
+        for inv_id in sorted({r.invoker_id for r in self.pool.records()
+                              if r.id in self.pool.instances} - live_ids):
+            self.pool.lose_invoker(inv_id, f"invoker {inv_id} lost (its lease expired)")
+        await self.pool.refresh_tiers()
         functions = {r.manifest.name: r.manifest for r in await self.registry.list()}
         decision = decide(time.time(), functions, self.pool.views())
         for iid in decision.stop:
             await self.pool.stop(iid, reason="scaled down (keep-alive expired or function changed)")
+        for iid in decision.drain:
+            await self.pool.drain(iid, reason="function deleted or changed")
         for name, count in decision.start.items():
             for _ in range(count):
                 try:
-                    await self.pool.start_instance(functions[name])
+                    if await self.pool.start_instance(functions[name]) is None:
+                        break
                 except SllmError as e:
                     log.warning("could not start a minimum instance of %s: %s", name, e.message)
+                    break
+        self.pool.expire_lost()
+        if time.monotonic() - self._last_sweep >= ORPHAN_SWEEP_S:
+            self._last_sweep = time.monotonic()
+            await self.sweep_orphans(invokers)
 
     async def run_reconciler(self) -> None:
         while True:
@@ -118,13 +227,14 @@ class Controller:
             await asyncio.sleep(self.config.tick_s)
 
     async def close(self) -> None:
-        await self.pool.close()
+        await self.on_deposed()
         await self.invoker_client.close()
         await self.etcd.close()
 
 
 def function_view(record: FunctionRecord, instances: list[InstanceRecord]) -> dict[str, Any]:
-    """The API's view of a function: its manifest, timestamps and instances."""
+    """The API's view of a function: its manifest, timestamps and instances (each with its
+    placement decision)."""
     return {
         "name": record.manifest.name,
         "manifest": record.manifest.model_dump(mode="json"),
@@ -135,13 +245,22 @@ def function_view(record: FunctionRecord, instances: list[InstanceRecord]) -> di
     }
 
 
+Handler = Callable[[Request], Awaitable[Response]]
+
+
 def create_app(config: ControllerConfig) -> Starlette:
-    """The controller's ASGI app; its lifespan connects etcd, recovers state and starts the
-    reconcile loop and the instance-record flusher."""
+    """The controller's ASGI app; its lifespan connects etcd and campaigns for leadership."""
     ctl = Controller(config)
 
+    def leader_only(handler: Handler) -> Handler:
+        async def wrapped(request: Request) -> Response:
+            await ctl.require_leader()
+            return await handler(request)
+        return wrapped
+
     async def health(request: Request) -> Response:
-        return JSONResponse({"status": "ok", "component": "controller"})
+        return JSONResponse({"status": "ok", "component": "controller", "id": config.controller_id,
+                             "role": "leader" if ctl.leading else "standby"})
 
     async def list_functions(request: Request) -> Response:
         records = await ctl.registry.list()
@@ -173,20 +292,19 @@ def create_app(config: ControllerConfig) -> Starlette:
         name = request.path_params["name"]
         record = await ctl.registry.delete(name)
         for rec in ctl.pool.records():
-            live = ctl.pool.instances.get(rec.id)
-            if rec.function == name and live is not None and live.in_flight == 0:
-                await ctl.pool.stop(rec.id, reason="function deleted")
+            if rec.function == name:
+                await ctl.pool.drain(rec.id, reason="function deleted")
         return JSONResponse({"deleted": name, "manifest": record.manifest.model_dump(mode="json")})
 
     async def acquire(request: Request) -> Response:
         req = await read_model(request, AcquireRequest)
         record = await ctl.registry.get(req.function, cached=True)
-        assignment = await ctl.pool.acquire(record.manifest, config.deadline_s)
+        assignment = await ctl.pool.acquire(record.manifest)
         return model_response(assignment)
 
     async def release(request: Request) -> Response:
         req = await read_model(request, ReleaseRequest)
-        await ctl.pool.release(req.instance_id)
+        await ctl.pool.release(req.instance_id, failed=req.failed)
         return JSONResponse({"released": req.instance_id})
 
     async def list_instances(request: Request) -> Response:
@@ -207,29 +325,30 @@ def create_app(config: ControllerConfig) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        await ctl.recover()
-        tasks = [asyncio.create_task(ctl.run_reconciler()), asyncio.create_task(ctl.pool.run_flusher())]
+        campaign = asyncio.create_task(ctl.election.run(ctl.on_elected, ctl.on_deposed))
         app.state.controller = ctl
         try:
             yield
         finally:
-            for t in tasks:
-                t.cancel()
-            with contextlib.suppress(Exception):
-                await ctl.pool.flush()
+            if ctl.leading:
+                with contextlib.suppress(Exception):
+                    await ctl.pool.flush()
+            campaign.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await campaign
             await ctl.close()
 
     routes = [
         Route("/health", health),
-        Route("/v1/functions", list_functions, methods=["GET"]),
-        Route("/v1/functions", create_function, methods=["POST"]),
-        Route("/v1/functions/{name}", get_function, methods=["GET"]),
-        Route("/v1/functions/{name}", put_function, methods=["PUT"]),
-        Route("/v1/functions/{name}", delete_function, methods=["DELETE"]),
-        Route("/v1/acquire", acquire, methods=["POST"]),
-        Route("/v1/release", release, methods=["POST"]),
-        Route("/v1/instances", list_instances),
-        Route("/v1/invokers", list_invokers),
-        Route("/v1/checkpoints", list_checkpoints),
+        Route("/v1/functions", leader_only(list_functions), methods=["GET"]),
+        Route("/v1/functions", leader_only(create_function), methods=["POST"]),
+        Route("/v1/functions/{name}", leader_only(get_function), methods=["GET"]),
+        Route("/v1/functions/{name}", leader_only(put_function), methods=["PUT"]),
+        Route("/v1/functions/{name}", leader_only(delete_function), methods=["DELETE"]),
+        Route("/v1/acquire", leader_only(acquire), methods=["POST"]),
+        Route("/v1/release", leader_only(release), methods=["POST"]),
+        Route("/v1/instances", leader_only(list_instances)),
+        Route("/v1/invokers", leader_only(list_invokers)),
+        Route("/v1/checkpoints", leader_only(list_checkpoints)),
     ]
     return Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)

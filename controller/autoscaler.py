@@ -7,8 +7,9 @@ Rules, per function:
 - keep-alive / scale to zero: an idle instance whose last invocation ended ``keepAlive`` seconds
   ago or more is stopped, as long as the function keeps at least ``minInstances`` loaded
   instances; the longest-idle go first.
-- an idle instance of a function that no longer exists, or that serves a model the function no
-  longer names (after an update), is stopped at once.
+- an instance of a function that no longer exists, or that serves a model the function no
+  longer names (after an update), is stopped at once when idle and drained otherwise (it takes
+  no new invocations and stops when the last one in flight ends).
 - a function with fewer than ``minInstances`` loaded or loading instances gets the difference
   started.
 
@@ -24,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from sllm.manifest import FunctionManifest
-from sllm.states import InstanceState
+from sllm.states import FINAL, InstanceState
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,7 @@ class InstanceView:
 class ScaleDecision:
     stop: tuple[str, ...]  # instance ids to unload, in order
     start: Mapping[str, int]  # function name -> instances to start
+    drain: tuple[str, ...] = ()  # instance ids to drain (busy ones of gone or changed functions)
 
 
 def decide(
@@ -49,20 +51,21 @@ def decide(
 ) -> ScaleDecision:
     """Decide one autoscaling pass. ``now`` is unix seconds; see the module docstring."""
     stop: list[str] = []
+    drain: list[str] = []
     start: dict[str, int] = {}
     by_fn: dict[str, list[InstanceView]] = {}
     for inst in instances:
-        if inst.state == InstanceState.STOPPED:
+        if inst.state in FINAL or inst.state == InstanceState.DRAINING:
             continue
         by_fn.setdefault(inst.function, []).append(inst)
 
     for fn_name, insts in sorted(by_fn.items()):
         manifest = functions.get(fn_name)
-        if manifest is None:
-            stop.extend(i.id for i in insts if i.state == InstanceState.IDLE)
-            continue
-        stale = [i for i in insts if i.model != manifest.spec.model]
+        stale = insts if manifest is None else [i for i in insts if i.model != manifest.spec.model]
         stop.extend(i.id for i in stale if i.state == InstanceState.IDLE)
+        drain.extend(i.id for i in stale if i.state != InstanceState.IDLE)
+        if manifest is None:
+            continue
         current = [i for i in insts if i.model == manifest.spec.model]
         keep_min = manifest.spec.scaling.minInstances
         keep_alive = manifest.spec.scaling.keepAlive
@@ -78,4 +81,4 @@ def decide(
         missing = manifest.spec.scaling.minInstances - have
         if missing > 0:
             start[fn_name] = missing
-    return ScaleDecision(stop=tuple(stop), start=start)
+    return ScaleDecision(stop=tuple(stop), drain=tuple(drain), start=start)

@@ -84,6 +84,8 @@ class Estimate:
     queue_s: float
     load_s: float
     migration_s: float
+    evicts: bool = False  # idle instances must be unloaded there first
+    migrates: bool = False  # running instances must be migrated away first
 
     @property
     def total_s(self) -> float:

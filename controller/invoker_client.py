@@ -51,6 +51,14 @@ class InvokerClient:
         if r.status_code != 404:
             raise_for_error(r)
 
+    async def healthy(self, invoker_url: str, timeout_s: float = 1.0) -> bool:
+        """Whether the invoker answers its health check within ``timeout_s`` seconds."""
+        try:
+            r = await self._http.get(f"{invoker_url}/health", timeout=timeout_s)
+        except httpx.HTTPError:
+            return False
+        return r.status_code == 200
+
     async def list_instances(self, invoker_url: str) -> list[str]:
         """Ids of the instances an invoker has loaded. Raises InvokerError when unreachable."""
         try:

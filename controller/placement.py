@@ -1,37 +1,285 @@
-"""Placement: which invoker a new instance goes to.
+"""Placement: which invoker a new instance goes to, and what must make room for it there.
 
-This is the first, memory-only policy: among live invokers whose free instance memory covers the
-function's ``resources.memory``, pick the one with the most free memory (ties: the lowest id, so
-the choice is deterministic). ServerlessLLM's startup-time-optimized placement (OSDI'24 §6:
-queueing + checkpoint size / bandwidth of the fastest tier holding it + migration cost) replaces it
-with the controller issue, behind the same signature.
+The scheduler works on a :class:`ClusterView`, plain data kept up to date incrementally (the
+controller's instance pool builds one per decision from its instances; ``bench/replay.py
+--simulate`` keeps one of 1,000 invokers and drives this same :func:`place`).
 
-Worked example: invokers a (4 GiB budget, 3 GiB used) and b (2 GiB budget, nothing used); a
-function that needs 1 GiB goes to b (2 GiB free > 1 GiB free); one that needs 3 GiB goes nowhere
-(None), and the caller must first unload idle instances.
+Policies (``policy`` argument):
+
+- ``ours``: ServerlessLLM's startup-time-optimized placement (OSDI'24 §6). For every invoker
+  that can host the instance, estimate ``queue + load + migration``
+  (:mod:`controller.estimator`): the time its queued loads still need, checkpoint size /
+  bandwidth of the fastest tier holding the checkpoint there (DRAM, SSD, or a copy from
+  elsewhere: ``remote``), and the token-based migration cost when running inferences must move
+  away first. Pick the minimum.
+- ``locality``: the fastest tier holding the checkpoint (DRAM, then SSD, then none), ties to the
+  invoker with the most free memory; never migrates and ignores queued loads.
+- ``least-loaded``: the invoker with the fewest invocations in flight and loads starting, ties
+  to the most free memory.
+- ``random``: any invoker that can host it, uniformly.
+
+An invoker can host an instance needing ``need`` bytes when its free memory covers it, or would
+after unloading idle instances (least recently used first), or (``ours`` only) after migrating
+running instances away (fewest tokens first) as well.
+
+Worked example (the test ``test_worked_example``): a 1 GB checkpoint needing 1 GB of memory;
+invoker a holds it in DRAM (10 GB/s) but its memory is full of one running instance with 500
+tokens in flight; b holds it on SSD (2 GB/s) with room; c has no copy (network 1 GB/s, SSD
+2 GB/s) and room. With migration at 1 ms per token + 0.1 s: a = 0.1 + 0.6 = 0.7 s, b = 0.5 s,
+c = 1.5 s: ``ours`` picks b, ``locality`` also b (a cannot host it without migrating).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import heapq
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Literal
 
-from sllm.messages import InvokerRecord
+from controller.estimator import Bandwidths, Estimate, MigrationCost, Tier, load_seconds
+from sllm.messages import BandwidthRecord
+
+Policy = Literal["ours", "locality", "least-loaded", "random"]
+POLICIES: tuple[Policy, ...] = ("ours", "locality", "least-loaded", "random")
+
+PLACEMENT_KEEP = 16
+"""Candidate estimates a decision keeps (best first); the decision records how many there were."""
+
+_TIER_ORDER = {"dram": 0, "ssd": 1, "remote": 2}
 
 
-def choose_invoker(
-    invokers: Sequence[InvokerRecord], used_bytes: Mapping[str, int], need_bytes: int
-) -> InvokerRecord | None:
-    """The invoker with the most free memory that fits ``need_bytes``, or None.
+@dataclass
+class Slot:
+    """One instance's hold on an invoker."""
+
+    memory_bytes: int
+    kind: Literal["starting", "idle", "busy"]
+    last_used: float = 0.0  # unix seconds (idle instances: the LRU key)
+    tokens: int = 0  # busy: tokens (prompt + generated) its inferences hold, what migration moves
+    ready_by: float = 0.0  # starting: unix seconds its load is estimated to end
+
+
+@dataclass
+class InvokerState:
+    """One invoker as the scheduler sees it. Aggregates are kept by :meth:`put` / :meth:`drop`
+    so that a decision costs O(1) per invoker.
+
+    Attributes:
+        memory_bytes: its instance memory budget.
+        bandwidths: its measured bandwidths.
+        in_flight: invocations running on it (least-loaded's key).
+    """
+
+    id: str
+    url: str
+    memory_bytes: int
+    bandwidths: Bandwidths
+    in_flight: int = 0
+    slots: dict[str, Slot] = field(default_factory=dict)
+    used_bytes: int = 0  # held by all its slots
+    idle_bytes: int = 0  # held by idle slots (can be unloaded)
+    busy_bytes: int = 0  # held by busy slots (can be migrated away)
+    busy_tokens: int = 0
+    starting: int = 0
+    ready_by: float = 0.0  # latest ready_by among its starting slots (unix seconds)
+
+    def put(self, instance_id: str, slot: Slot) -> None:
+        """Add or replace an instance's slot."""
+        self.drop(instance_id)
+        self.slots[instance_id] = slot
+        self.used_bytes += slot.memory_bytes
+        if slot.kind == "idle":
+            self.idle_bytes += slot.memory_bytes
+        elif slot.kind == "busy":
+            self.busy_bytes += slot.memory_bytes
+            self.busy_tokens += slot.tokens
+        else:
+            self.starting += 1
+            self.ready_by = max(self.ready_by, slot.ready_by)
+
+    def drop(self, instance_id: str) -> None:
+        """Remove an instance's slot (absent: nothing happens)."""
+        slot = self.slots.pop(instance_id, None)
+        if slot is None:
+            return
+        self.used_bytes -= slot.memory_bytes
+        if slot.kind == "idle":
+            self.idle_bytes -= slot.memory_bytes
+        elif slot.kind == "busy":
+            self.busy_bytes -= slot.memory_bytes
+            self.busy_tokens -= slot.tokens
+        else:
+            self.starting -= 1
+            self.ready_by = max((s.ready_by for s in self.slots.values() if s.kind == "starting"),
+                                default=0.0)
+
+    @property
+    def free_bytes(self) -> int:
+        return self.memory_bytes - self.used_bytes
+
+
+@dataclass
+class ClusterView:
+    """What placement needs to know: invokers and where checkpoints are.
+
+    Attributes:
+        invokers: invoker id -> its state.
+        tiers: model -> {invoker id -> the fastest tier holding its checkpoint there}.
+    """
+
+    invokers: dict[str, InvokerState] = field(default_factory=dict)
+    tiers: dict[str, dict[str, Tier]] = field(default_factory=dict)
+
+    def set_tier(self, model: str, invoker_id: str, tier: Tier | None) -> None:
+        """Record where ``model``'s checkpoint is on an invoker (None: no local copy)."""
+        by_inv = self.tiers.setdefault(model, {})
+        if tier is None or tier == "remote":
+            by_inv.pop(invoker_id, None)
+        else:
+            by_inv[invoker_id] = tier
+
+
+@dataclass(frozen=True)
+class PlacementRequest:
+    """A new instance to place.
+
+    Attributes:
+        model: its model (the checkpoint to load).
+        nbytes: checkpoint size (bytes).
+        memory_bytes: instance memory it reserves (bytes).
+    """
+
+    model: str
+    nbytes: int
+    memory_bytes: int
+
+
+@dataclass(frozen=True)
+class Placement:
+    """A decision: where, what to unload or migrate first, and every candidate's estimate.
+
+    Attributes:
+        invoker: the chosen invoker.
+        chosen: its estimate.
+        evict: idle instance ids to unload first, least recently used first.
+        migrate: busy instance ids to migrate away first (fewest tokens first).
+        candidates: up to ``keep`` estimates, best (smallest total) first.
+        considered: how many invokers could host the instance.
+    """
+
+    policy: Policy
+    invoker: InvokerState
+    chosen: Estimate
+    evict: tuple[str, ...]
+    migrate: tuple[str, ...]
+    candidates: tuple[Estimate, ...]
+    considered: int
+
+
+def place(
+    view: ClusterView, req: PlacementRequest, *, policy: Policy = "ours",
+    migration: MigrationCost | None = None, now: float | None = None,
+    rng: random.Random | None = None, keep: int = PLACEMENT_KEEP,
+) -> Placement | None:
+    """Choose an invoker for ``req`` by ``policy`` (see the module docstring).
 
     Args:
-        invokers: live invokers.
-        used_bytes: invoker id -> bytes already reserved by its instances (absent = 0).
-        need_bytes: bytes the new instance reserves.
+        view: the cluster.
+        req: the instance to place.
+        policy: ``ours``, ``locality``, ``least-loaded`` or ``random``.
+        migration: the token-based migration cost; None means migration is not considered.
+        now: unix seconds (queued loads are counted from it); default time.time().
+        rng: randomness for ``random``.
+        keep: candidate estimates to keep in the decision.
+
+    Returns:
+        The decision, or None when no invoker can host the instance (even by unloading every
+        idle instance, or by migrating when allowed).
+
+    Raises:
+        ValueError: an unknown policy, or an invoker's bandwidth is not positive.
     """
-    best: InvokerRecord | None = None
-    best_free = -1
-    for inv in sorted(invokers, key=lambda i: i.id):
-        free = inv.memory_bytes - used_bytes.get(inv.id, 0)
-        if free >= need_bytes and free > best_free:
-            best, best_free = inv, free
-    return best
+    if policy not in POLICIES:
+        raise ValueError(f"unknown placement policy {policy!r}; use one of {', '.join(POLICIES)}")
+    now = time.time() if now is None else now
+    need = req.memory_bytes
+    nbytes = req.nbytes
+    held = view.tiers.get(req.model, {})
+    may_migrate = policy == "ours" and migration is not None
+    rows: list[tuple[float, int, str, float, float, float, bool, bool]] = []
+    for inv in view.invokers.values():
+        free = inv.memory_bytes - inv.used_bytes
+        evict = migrate = False
+        if free < need:
+            if free + inv.idle_bytes >= need:
+                evict = True
+            elif may_migrate and free + inv.idle_bytes + inv.busy_bytes >= need:
+                evict = inv.idle_bytes > 0
+                migrate = True
+            else:
+                continue
+        tier = held.get(inv.id, "remote")
+        queue_s = inv.ready_by - now if inv.ready_by > now else 0.0
+        load_s = load_seconds(nbytes, tier, inv.bandwidths)
+        mig_s = migration.seconds(inv.busy_tokens) if migrate and migration is not None else 0.0
+        rows.append((queue_s + load_s + mig_s, _TIER_ORDER[tier], inv.id, queue_s, load_s, mig_s,
+                     evict, migrate))
+    if not rows:
+        return None
+    best = heapq.nsmallest(keep, rows)
+    if policy == "ours":
+        pick = best[0]
+    elif policy == "locality":
+        pick = min(rows, key=lambda r: (r[1], r[7], -view.invokers[r[2]].free_bytes, r[2]))
+    elif policy == "least-loaded":
+        pick = min(rows, key=lambda r: (view.invokers[r[2]].in_flight + view.invokers[r[2]].starting,
+                                        -view.invokers[r[2]].free_bytes, r[2]))
+    else:
+        pick = (rng or random).choice([r for r in rows if not r[7]] or rows)
+    inv = view.invokers[pick[2]]
+    evict_ids, migrate_ids = _make_room(inv, need, migrate=pick[7])
+    return Placement(
+        policy=policy, invoker=inv, chosen=_estimate(pick), evict=evict_ids, migrate=migrate_ids,
+        candidates=tuple(_estimate(r) for r in best), considered=len(rows),
+    )
+
+
+def _estimate(row: tuple[float, int, str, float, float, float, bool, bool]) -> Estimate:
+    _, order, inv_id, queue_s, load_s, mig_s, evicts, migrates = row
+    tier: Tier = ("dram", "ssd", "remote")[order]  # type: ignore[assignment]
+    return Estimate(inv_id, tier, queue_s, load_s, mig_s, evicts, migrates)
+
+
+def _make_room(inv: InvokerState, need: int, *, migrate: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Idle instances to unload (LRU first) and, when ``migrate``, busy ones to move away
+    (fewest tokens first) until ``need`` bytes are free on ``inv``."""
+    free = inv.free_bytes
+    evict: list[str] = []
+    moved: list[str] = []
+    if free >= need:
+        return (), ()
+    for iid, slot in sorted(((i, s) for i, s in inv.slots.items() if s.kind == "idle"),
+                            key=lambda p: p[1].last_used):
+        evict.append(iid)
+        free += slot.memory_bytes
+        if free >= need:
+            return tuple(evict), ()
+    if migrate:
+        for iid, slot in sorted(((i, s) for i, s in inv.slots.items() if s.kind == "busy"),
+                                key=lambda p: p[1].tokens):
+            moved.append(iid)
+            free += slot.memory_bytes
+            if free >= need:
+                break
+    return tuple(evict), tuple(moved)
+
+
+def bandwidths_of(record: BandwidthRecord | None) -> Bandwidths:
+    """:class:`Bandwidths` from an invoker record's measured ``bandwidths``. An invoker that
+    published none (a version that did not measure) is taken as 1 GB/s for every tier, so it
+    is still placed, though by memory and queue rather than by its speed."""
+    if record is None:
+        return Bandwidths(dram_bps=1e9, ssd_bps=1e9, network_bps=1e9)
+    return Bandwidths(dram_bps=record.dram_bps, ssd_bps=record.ssd_bps,
+                      network_bps=record.network_bps)

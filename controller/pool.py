@@ -1,19 +1,25 @@
 """The instance pool: which instances exist, where, in what state, and how busy.
 
-The pool is the controller's working memory of instances; etcd holds the durable copy (one
-:class:`~sllm.messages.InstanceRecord` per instance, written by a background flusher so the hot
-path of a warm invocation does no etcd round trip).
+The pool is the leading controller's working memory of instances; etcd holds the durable copy
+(one :class:`~sllm.messages.InstanceRecord` per instance). A new instance's record is written
+before its load is sent (a controller that dies then finds the pending load and sends it again);
+later changes are written by a background flusher, so the hot path of a warm invocation does no
+etcd round trip and keeps working while etcd is briefly away.
 
 How an invocation gets an instance (:meth:`InstancePool.acquire`):
 
 1. a loaded instance of the function with fewer than ``targetConcurrency`` invocations in flight
    (the least busy) -> a warm start;
-2. else an instance of it that is still loading and has a free slot -> join that cold start;
-3. else, below ``maxInstances``, place a new instance (:mod:`controller.placement`), unloading the
-   least recently used idle instance of another function when no invoker has room -> a cold start;
-4. else wait, in a bounded queue (429 past :data:`~sllm.config.MAX_QUEUE_PER_FUNCTION` waiters),
-   until an instance frees up, at most until the deadline (then 503 with Retry-After), as
-   Knative's activator buffers requests while a revision scales from zero.
+2. else an instance of it that is still starting and has a free slot -> join that cold start;
+3. else, below ``maxInstances``, place a new instance (:func:`controller.placement.place`),
+   unloading the least recently used idle instances the decision names -> a cold start;
+4. else wait, in a bounded queue (429 past the function's ``maxQueue`` waiters), until an
+   instance frees up, at most ``queueTimeout`` seconds (then 503 with Retry-After), as Knative's
+   activator buffers requests while a revision scales from zero.
+
+When the best candidate must first migrate running inferences away (ServerlessLLM §5-6), the
+pool takes the best candidate that needs no migration, or waits when there is none: live
+migration comes with the next issue; the estimate already weighs it.
 
 Every acquired slot is given back with :meth:`InstancePool.release`.
 """
@@ -25,21 +31,42 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from controller.autoscaler import InstanceView
+from controller.estimator import MigrationCost, Tier
 from controller.invoker_client import InvokerClient
-from controller.placement import choose_invoker
+from controller.placement import (
+    ClusterView,
+    Estimate,
+    InvokerState,
+    Placement,
+    PlacementRequest,
+    Policy,
+    Slot,
+    bandwidths_of,
+    place,
+)
 from sllm import keys
-from sllm.config import MAX_QUEUE_PER_FUNCTION
+from sllm.config import LOST_RETENTION_S, MIGRATION_FIXED_S, MIGRATION_PER_TOKEN_S
 from sllm.errors import InstanceNotFound, SllmError, TooManyRequests, Unavailable
 from sllm.etcd import Etcd
 from sllm.manifest import FunctionManifest
-from sllm.messages import Assignment, InstanceRecord, InvokerRecord, LoadRequest
-from sllm.states import LOADED, InstanceState, check_transition
+from sllm.messages import (
+    Assignment,
+    CheckpointRecord,
+    EstimateRecord,
+    InstanceRecord,
+    InvokerRecord,
+    LoadRequest,
+    PlacementRecord,
+)
+from sllm.states import FINAL, LOADED, STARTING, InstanceState, check_transition
 
 log = logging.getLogger(__name__)
+
+S = InstanceState
 
 
 @dataclass
@@ -48,6 +75,7 @@ class LiveInstance:
 
     record: InstanceRecord
     in_flight: int = 0  # invocations holding a slot (including those waiting for the load)
+    max_tokens: int = 0  # the function's maxTokens: the migration estimate's bound per inference
     loaded: asyncio.Event = field(default_factory=asyncio.Event)
     error: SllmError | None = None  # why the load failed, once ``loaded`` is set
 
@@ -62,7 +90,9 @@ class InstancePool:
     Args:
         etcd: the durable store.
         invokers: HTTP client for invokers.
-        list_invokers: returns the live invokers (from etcd).
+        list_invokers: returns the live invokers (from etcd, or the last known list).
+        model_bytes: checkpoint size of a model in the store root (bytes); raises ModelNotFound.
+        policy: the placement policy (``ours`` unless comparing, see controller.placement).
         clock: unix seconds; a parameter so tests can drive time.
     """
 
@@ -71,13 +101,22 @@ class InstancePool:
         etcd: Etcd,
         invokers: InvokerClient,
         list_invokers: Callable[[], Awaitable[list[InvokerRecord]]],
+        model_bytes: Callable[[str], int],
+        *,
+        policy: Policy = "ours",
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._etcd = etcd
         self._invokers = invokers
         self._list_invokers = list_invokers
+        self._model_bytes = model_bytes
+        self.policy: Policy = policy
+        self.migration = MigrationCost(MIGRATION_PER_TOKEN_S, MIGRATION_FIXED_S)
         self._clock = clock
         self.instances: dict[str, LiveInstance] = {}
+        self.lost: dict[str, InstanceRecord] = {}  # final records kept for LOST_RETENTION_S
+        self.tiers: dict[str, dict[str, Tier]] = {}  # model -> invoker id -> tier
+        self._urls: dict[str, str] = {}  # live invoker id -> URL, as of the last decision
         self._changed = asyncio.Condition()
         self._waiting: dict[str, int] = {}
         self._dirty: set[str] = set()
@@ -92,19 +131,33 @@ class InstancePool:
             log.info("instance %s (%s): %s -> %s", live.record.id, live.record.function,
                      live.record.state.value, new.value)
         live.record = live.record.model_copy(update={"state": new, **changes})
-        self._dirty.add(live.record.id)
+        self._mark(live.record.id)
+
+    def _mark(self, instance_id: str) -> None:
+        self._dirty.add(instance_id)
         self._flush_wakeup.set()
 
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     async def flush(self) -> None:
-        """Write every changed instance record to etcd now (stopped ones are deleted)."""
+        """Write every changed instance record to etcd now (stopped ones are deleted, lost ones
+        kept until their retention ends).
+
+        Raises:
+            Unavailable: etcd is away (what is not written yet stays to write).
+        """
         while self._dirty:
             iid = self._dirty.pop()
             live = self.instances.get(iid)
+            record = live.record if live is not None else self.lost.get(iid)
             try:
-                if live is None:
+                if record is None:
                     await self._etcd.delete(keys.Kind.INSTANCE, iid)
                 else:
-                    await self._etcd.put(keys.Kind.INSTANCE, iid, live.record)
+                    await self._etcd.put(keys.Kind.INSTANCE, iid, record)
             except Unavailable:
                 self._dirty.add(iid)
                 raise
@@ -132,24 +185,27 @@ class InstancePool:
         return [
             i for i in self.instances.values()
             if i.record.function == manifest.name and i.record.model == manifest.spec.model
-            and i.state != InstanceState.STOPPED
+            and (i.state in LOADED or i.state in STARTING)
         ]
 
-    async def acquire(self, manifest: FunctionManifest, deadline_s: float) -> Assignment:
+    async def acquire(self, manifest: FunctionManifest, deadline_s: float | None = None) -> Assignment:
         """A slot on an instance of the function, starting one if needed (see module docstring).
 
         Args:
             manifest: the function's manifest.
-            deadline_s: seconds this call may wait for capacity and loading together.
+            deadline_s: seconds this call may wait for capacity and loading together (default:
+                the function's ``queueTimeout``).
 
         Raises:
             TooManyRequests: the function's wait queue is full.
             Unavailable: no instance could be had before the deadline, or no invoker can host it.
             SllmError: the load failed (ModelNotFound, CheckpointError, InvokerError).
         """
+        scaling = manifest.spec.scaling
+        deadline_s = scaling.queueTimeout if deadline_s is None else deadline_s
         start = time.monotonic()
         deadline = start + deadline_s
-        target = manifest.spec.scaling.targetConcurrency
+        target = scaling.targetConcurrency
         queue_s = 0.0
         queued = False
         try:
@@ -160,9 +216,10 @@ class InstancePool:
                     live = min(loaded, key=lambda i: i.in_flight)
                     self._take(live)
                     return self._assignment(manifest, live, cold=False, queue_s=queue_s, load_s=0.0)
-                loading = [i for i in cands if i.state not in LOADED and i.in_flight < target]
-                if not loading and len(cands) < manifest.spec.scaling.maxInstances:
-                    loading = [await self.start_instance(manifest)]
+                loading = [i for i in cands if i.state in STARTING and i.in_flight < target]
+                if not loading and len(cands) < scaling.maxInstances:
+                    started = await self.start_instance(manifest)
+                    loading = [started] if started is not None else []
                 if loading:
                     live = min(loading, key=lambda i: i.in_flight)
                     live.in_flight += 1
@@ -175,19 +232,20 @@ class InstancePool:
                             f"function {manifest.name!r} is still loading after {deadline_s:.0f} s",
                             retry_after=5,
                         ) from None
-                    if live.error is not None:
-                        live.in_flight -= 1
-                        raise live.error
                     live.in_flight -= 1
+                    if live.state == S.LOST:  # its invoker died while loading: place it again
+                        continue
+                    if live.error is not None:
+                        raise live.error
                     self._take(live)
                     return self._assignment(
                         manifest, live, cold=True, queue_s=queue_s, load_s=time.monotonic() - t_load
                     )
                 # No capacity: wait for a release or a state change.
                 if not queued:
-                    if self._waiting.get(manifest.name, 0) >= MAX_QUEUE_PER_FUNCTION:
+                    if self._waiting.get(manifest.name, 0) >= scaling.maxQueue:
                         raise TooManyRequests(
-                            f"function {manifest.name!r} has {MAX_QUEUE_PER_FUNCTION} invocations "
+                            f"function {manifest.name!r} has {scaling.maxQueue} invocations "
                             "waiting already", retry_after=1,
                         )
                     self._waiting[manifest.name] = self._waiting.get(manifest.name, 0) + 1
@@ -195,7 +253,7 @@ class InstancePool:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise Unavailable(
-                        f"no instance of {manifest.name!r} became free within {deadline_s:.0f} s",
+                        f"no instance of {manifest.name!r} became free within {deadline_s:g} s",
                         retry_after=1,
                     )
                 t_wait = time.monotonic()
@@ -208,10 +266,14 @@ class InstancePool:
             if queued:
                 self._waiting[manifest.name] -= 1
 
+    def waiting(self, function: str) -> int:
+        """Invocations of ``function`` waiting for capacity now."""
+        return self._waiting.get(function, 0)
+
     def _take(self, live: LiveInstance) -> None:
         live.in_flight += 1
-        if live.state == InstanceState.IDLE:
-            self._set_state(live, InstanceState.WARM)
+        if live.state == S.IDLE:
+            self._set_state(live, S.ACTIVE)
 
     def _assignment(
         self, manifest: FunctionManifest, live: LiveInstance, *, cold: bool, queue_s: float,
@@ -223,96 +285,202 @@ class InstancePool:
             load_seconds=load_s, tier=live.record.tier, defaults=manifest.spec.generation.model_dump(),
         )
 
-    async def release(self, instance_id: str) -> None:
-        """Give back a slot taken by :meth:`acquire`. Raises InstanceNotFound for an unknown id."""
+    async def release(self, instance_id: str, *, failed: str | None = None) -> None:
+        """Give back a slot taken by :meth:`acquire`. ``failed`` says the invoker could not be
+        reached: the pool checks it at once and marks its instances lost if it is down.
+
+        Raises:
+            InstanceNotFound: an unknown id (a lost instance's id is not an error).
+        """
         live = self.instances.get(instance_id)
         if live is None:
+            if instance_id in self.lost:
+                return
             raise InstanceNotFound(f"no instance {instance_id!r}")
         live.in_flight = max(0, live.in_flight - 1)
-        if live.in_flight == 0 and live.state == InstanceState.WARM:
-            self._set_state(live, InstanceState.IDLE, last_used=self._clock())
+        if live.in_flight == 0:
+            if live.state == S.ACTIVE:
+                self._set_state(live, S.IDLE, last_used=self._clock())
+            elif live.state == S.DRAINING:
+                await self.stop(instance_id, reason=live.record.reason or "drained")
+        if failed is not None:
+            self._spawn(self.check_invoker(live.record.invoker_id, live.record.invoker_url, failed))
         await self._notify()
 
-    # --- starting and stopping ------------------------------------------------------------------
+    async def check_invoker(self, invoker_id: str, url: str, why: str) -> bool:
+        """Probe an invoker a client could not reach; when it does not answer, mark its
+        instances lost at once rather than waiting for its lease to expire. Returns whether it
+        is alive."""
+        if await self._invokers.healthy(url):
+            return True
+        self.lose_invoker(invoker_id, f"invoker {invoker_id} unreachable: {why}")
+        await self._notify()
+        return False
+
+    # --- placement and loading ------------------------------------------------------------------
+
+    def view(self, invokers: Iterable[InvokerRecord]) -> ClusterView:
+        """The scheduler's view of the live ``invokers`` and this pool's instances."""
+        view = ClusterView(tiers=self.tiers)
+        self._urls = {}
+        for rec in invokers:
+            self._urls[rec.id] = rec.url
+            view.invokers[rec.id] = InvokerState(
+                id=rec.id, url=rec.url, memory_bytes=rec.memory_bytes,
+                bandwidths=bandwidths_of(rec.bandwidths),
+            )
+        for live in self.instances.values():
+            inv = view.invokers.get(live.record.invoker_id)
+            if inv is None or live.state in FINAL:
+                continue
+            inv.in_flight += live.in_flight
+            if live.state in STARTING:
+                slot = Slot(live.record.memory_bytes, "starting", ready_by=live.record.ready_by or 0.0)
+            elif live.state == S.IDLE and live.in_flight == 0:
+                slot = Slot(live.record.memory_bytes, "idle", last_used=live.record.last_used or 0.0)
+            else:
+                slot = Slot(live.record.memory_bytes, "busy",
+                            tokens=max(1, live.in_flight) * live.max_tokens)
+            inv.put(live.record.id, slot)
+        return view
 
     def used_bytes(self) -> dict[str, int]:
         """Invoker id -> instance memory reserved on it (bytes)."""
         used: dict[str, int] = {}
         for i in self.instances.values():
-            if i.state != InstanceState.STOPPED:
+            if i.state not in FINAL:
                 used[i.record.invoker_id] = used.get(i.record.invoker_id, 0) + i.record.memory_bytes
         return used
 
-    async def start_instance(self, manifest: FunctionManifest) -> LiveInstance:
-        """Place a new instance of the function and start loading it in the background.
+    def decide(self, manifest: FunctionManifest, invokers: list[InvokerRecord]) -> Placement | None:
+        """The placement decision for a new instance of ``manifest``, or None when it must wait
+        for capacity. A decision that needs live migration (the next issue) is replaced by the
+        best one without; with none, the instance waits.
 
         Raises:
-            Unavailable: no invoker runs, or none has room even after unloading idle instances.
+            Unavailable: no invoker's memory budget could ever hold it.
+            ModelNotFound: the model left the store root.
         """
         need = manifest.spec.resources.memory
+        largest = max((i.memory_bytes for i in invokers), default=0)
+        if need > largest:
+            raise Unavailable(
+                f"function {manifest.name!r} needs {need} bytes of instance memory; the largest "
+                f"invoker has {largest}", retry_after=30,
+            )
+        view = self.view(invokers)
+        req = PlacementRequest(model=manifest.spec.model, nbytes=self._model_bytes(manifest.spec.model),
+                               memory_bytes=need)
+        decision = place(view, req, policy=self.policy, migration=self.migration)
+        if decision is not None and decision.migrate:
+            log.info("best place for %s needs migrating %s away (%.3f s); live migration is not "
+                     "available yet", manifest.name, ", ".join(decision.migrate),
+                     decision.chosen.total_s)
+            fallback = place(view, req, policy=self.policy, migration=None)
+            if fallback is not None:
+                # keep every candidate's estimate, migration ones included
+                decision = Placement(
+                    policy=fallback.policy, invoker=fallback.invoker, chosen=fallback.chosen,
+                    evict=fallback.evict, migrate=(), candidates=decision.candidates,
+                    considered=decision.considered,
+                )
+            else:
+                decision = None
+        return decision
+
+    async def start_instance(self, manifest: FunctionManifest) -> LiveInstance | None:
+        """Place a new instance of the function and start loading it in the background; None
+        when every invoker is full of busy instances (the caller waits for a release).
+
+        Raises:
+            Unavailable: no invoker runs, or none could ever hold the instance.
+            ModelNotFound: the model left the store root.
+        """
         invokers = await self._list_invokers()
         if not invokers:
             raise Unavailable("no invoker is running", retry_after=5)
-        choice = choose_invoker(invokers, self.used_bytes(), need)
-        while choice is None:
-            victim = self._lru_idle(exclude_function=manifest.name)
-            if victim is None:
-                raise Unavailable(
-                    f"no invoker has {need} bytes free for {manifest.name!r} and no idle instance "
-                    "can be unloaded", retry_after=5,
-                )
-            log.info("unloading idle instance %s to make room for %s", victim.record.id, manifest.name)
-            await self.stop(victim.record.id, reason="evicted for " + manifest.name)
-            choice = choose_invoker(invokers, self.used_bytes(), need)
+        t0 = time.perf_counter()
+        decision = self.decide(manifest, invokers)
+        decision_s = time.perf_counter() - t0
+        if decision is None:
+            log.info("no room for %s on any invoker: waiting for an instance to free up", manifest.name)
+            return None
+        for iid in decision.evict:
+            victim = self.instances.get(iid)
+            if victim is not None and victim.state == S.IDLE and victim.in_flight == 0:
+                self._spawn(self.stop(iid, reason=f"evicted (least recently used idle) for {manifest.name}"))
         now = self._clock()
+        inv = decision.invoker
         record = InstanceRecord(
             id=f"{manifest.name}-{uuid.uuid4().hex[:8]}", function=manifest.name,
-            model=manifest.spec.model, invoker_id=choice.id, invoker_url=choice.url,
-            state=InstanceState.COLD, created=now, memory_bytes=need,
+            model=manifest.spec.model, invoker_id=inv.id, invoker_url=inv.url,
+            state=S.PENDING, created=now, memory_bytes=manifest.spec.resources.memory,
+            placement=placement_record(decision, list(decision.evict), now, decision_s),
+            ready_by=now + decision.chosen.total_s,
         )
-        live = LiveInstance(record)
+        live = LiveInstance(record, max_tokens=manifest.spec.generation.maxTokens)
         self.instances[record.id] = live
-        self._dirty.add(record.id)
-        self._flush_wakeup.set()
-        log.info("cold start: instance %s of %s on invoker %s", record.id, manifest.name, choice.id)
-        task = asyncio.create_task(self._load(live, manifest))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        log.info("cold start: instance %s of %s on invoker %s (%s tier, estimated %.3f s, %d "
+                 "candidates, decided in %.2f ms)", record.id, manifest.name, inv.id,
+                 decision.chosen.tier, decision.chosen.total_s, decision.considered, decision_s * 1e3)
+        try:  # durable before the load is sent: a successor controller finds the pending load
+            await self._etcd.put(keys.Kind.INSTANCE, record.id, record)
+        except Unavailable as e:
+            log.warning("instance %s not recorded before its load (%s); the flusher retries",
+                        record.id, e.message)
+            self._mark(record.id)
+        self._spawn(self._load(live))
         return live
 
-    async def _load(self, live: LiveInstance, manifest: FunctionManifest) -> None:
-        self._set_state(live, InstanceState.LOADING)
-        req = LoadRequest(instance_id=live.record.id, function=manifest.name,
-                          model=manifest.spec.model, device=manifest.spec.resources.device)
+    def _sources(self, model: str, exclude: str) -> list[str]:
+        """URLs of live invokers holding ``model``'s checkpoint, DRAM tier first."""
+        held = self.tiers.get(model, {})
+        order = sorted(held.items(), key=lambda p: (p[1] != "dram", p[0]))
+        return [self._urls[inv] for inv, _ in order if inv != exclude and inv in self._urls]
+
+    async def _load(self, live: LiveInstance) -> None:
+        rec = live.record
+        if live.state == S.PENDING:
+            self._set_state(live, S.LOADING)
+        req = LoadRequest(instance_id=rec.id, function=rec.function, model=rec.model,
+                          device="auto", sources=self._sources(rec.model, rec.invoker_id))
         try:
-            resp = await self._invokers.load(live.record.invoker_url, req)
+            resp = await self._invokers.load(rec.invoker_url, req)
         except SllmError as e:
-            log.warning("instance %s failed to load: %s", live.record.id, e.message)
-            live.error = e
-            if live.state != InstanceState.STOPPED:
-                self._set_state(live, InstanceState.STOPPED, reason=f"load failed: {e.message}")
-            self.instances.pop(live.record.id, None)
+            if live.state not in FINAL:
+                log.warning("instance %s failed to load: %s", rec.id, e.message)
+                live.error = e
+                self._set_state(live, S.STOPPED, reason=f"load failed: {e.message}")
+                self.instances.pop(rec.id, None)
         else:
-            if live.state == InstanceState.STOPPED:  # stopped while loading: undo the load
-                live.error = Unavailable(f"instance {live.record.id} was stopped while loading",
-                                         retry_after=1)
-                try:
-                    await self._invokers.unload(live.record.invoker_url, live.record.id)
-                except SllmError as e:
-                    log.warning("unloading %s failed: %s", live.record.id, e.message)
+            if live.state in FINAL or live.state == S.DRAINING:  # stopped while loading: undo it
+                live.error = Unavailable(f"instance {rec.id} was stopped while loading", retry_after=1)
+                if live.state == S.DRAINING:
+                    await self.stop(rec.id, reason=live.record.reason or "stopped while loading")
+                elif live.state == S.STOPPED:
+                    await self._unload(live)
             else:
                 now = self._clock()
-                self._set_state(live, InstanceState.IDLE, loaded_at=now, last_used=now,
+                self._set_state(live, S.IDLE, loaded_at=now, last_used=now, ready_by=None,
                                 load_seconds=resp.load_seconds, read_seconds=resp.read_seconds,
-                                tier=resp.tier)
+                                tier=resp.tier, transfer_seconds=resp.transfer_seconds or None)
+                self.tiers.setdefault(rec.model, {}).setdefault(rec.invoker_id, "ssd")
         live.loaded.set()
         await self._notify()
 
-    def _lru_idle(self, exclude_function: str | None = None) -> LiveInstance | None:
-        idle = [i for i in self.instances.values()
-                if i.state == InstanceState.IDLE and i.in_flight == 0
-                and i.record.function != exclude_function]
-        return min(idle, key=lambda i: i.record.last_used or 0.0, default=None)
+    async def refresh_tiers(self) -> None:
+        """Re-read where every checkpoint is (``/sllm/checkpoints/``, published by invokers).
+
+        Raises:
+            Unavailable: etcd is away.
+        """
+        tiers: dict[str, dict[str, Tier]] = {}
+        for r in await self._etcd.list(keys.Kind.CHECKPOINT, CheckpointRecord):
+            tiers.setdefault(r.model, {})[r.invoker_id] = r.tier
+        self.tiers.clear()
+        self.tiers.update(tiers)
+
+    # --- stopping -------------------------------------------------------------------------------
 
     async def stop(self, instance_id: str, *, reason: str, unload: bool = True) -> None:
         """Stop an instance: forget it, delete its record, and (``unload``) have its invoker
@@ -320,33 +488,110 @@ class InstancePool:
         live = self.instances.pop(instance_id, None)
         if live is None:
             return
-        self._set_state(live, InstanceState.STOPPED, reason=reason)
+        starting = live.state in STARTING
+        self._set_state(live, S.STOPPED, reason=reason)
         log.info("instance %s stopped: %s", instance_id, reason)
-        if unload:
-            try:
-                await self._invokers.unload(live.record.invoker_url, instance_id)
-            except SllmError as e:
-                log.warning("unloading %s failed: %s", instance_id, e.message)
+        if unload and not starting:  # a load in flight is undone when it answers (see _load)
+            await self._unload(live)
         await self._notify()
 
-    async def adopt(self, records: Iterable[InstanceRecord], alive: dict[str, set[str]]) -> None:
-        """Rebuild the pool after a controller restart from etcd's records: loaded instances that
-        their invoker still reports are adopted as idle; the other records are deleted.
+    async def drain(self, instance_id: str, *, reason: str) -> None:
+        """Stop an instance once its invocations in flight end (now, when it has none)."""
+        live = self.instances.get(instance_id)
+        if live is None or live.state in FINAL:
+            return
+        if live.in_flight == 0 and live.state not in STARTING:
+            await self.stop(instance_id, reason=reason)
+        elif live.state != S.DRAINING:
+            self._set_state(live, S.DRAINING, reason=reason)
+
+    async def _unload(self, live: LiveInstance) -> None:
+        try:
+            await self._invokers.unload(live.record.invoker_url, live.record.id)
+        except SllmError as e:
+            log.warning("unloading %s failed: %s", live.record.id, e.message)
+
+    def lose_invoker(self, invoker_id: str, reason: str) -> list[str]:
+        """Mark every instance on a dead invoker lost (waiters on its loads place again).
+        Returns their ids."""
+        now = self._clock()
+        gone = [i for i in self.instances.values() if i.record.invoker_id == invoker_id]
+        for live in gone:
+            self.instances.pop(live.record.id, None)
+            self._set_state(live, S.LOST, reason=reason, lost_at=now)
+            self.lost[live.record.id] = live.record
+            live.loaded.set()
+            log.warning("instance %s lost: %s", live.record.id, reason)
+        for by_inv in self.tiers.values():
+            by_inv.pop(invoker_id, None)
+        return [live.record.id for live in gone]
+
+    def expire_lost(self) -> None:
+        """Delete lost records older than :data:`~sllm.config.LOST_RETENTION_S`."""
+        now = self._clock()
+        for iid, rec in list(self.lost.items()):
+            if now - (rec.lost_at or now) >= LOST_RETENTION_S:
+                del self.lost[iid]
+                self._mark(iid)
+
+    # --- recovery -------------------------------------------------------------------------------
+
+    async def adopt(
+        self, records: Iterable[InstanceRecord], reported: Mapping[str, set[str]],
+        max_tokens: Mapping[str, int],
+    ) -> list[tuple[str, str, str]]:
+        """Rebuild the pool after a controller (re)start from etcd's records.
+
+        - loaded instances their invoker still reports: adopted as idle (draining ones are
+          stopped);
+        - pending and loading instances on a live invoker: their load is sent again (an invoker
+          joins a load of the same instance already in progress);
+        - instances on an invoker that is gone: lost;
+        - lost records: kept until their retention ends; everything else: deleted.
 
         Args:
             records: instance records from etcd.
-            alive: invoker id -> ids of the instances that invoker reports loaded.
+            reported: live invoker id -> ids of the instances it has loaded.
+            max_tokens: function name -> its maxTokens (for migration estimates).
+
+        Returns:
+            Orphans, ``(invoker id, instance id, why)``: instances an invoker has that no record
+            names; the caller unloads them.
         """
+        known: set[str] = set()
         for rec in records:
-            if rec.state in LOADED and rec.id in alive.get(rec.invoker_id, set()):
-                live = LiveInstance(rec.model_copy(update={"state": InstanceState.IDLE}))
+            known.add(rec.id)
+            if rec.state == S.LOST:
+                self.lost[rec.id] = rec
+                continue
+            if rec.state in FINAL:
+                self._mark(rec.id)
+                continue
+            live = LiveInstance(rec, max_tokens=max_tokens.get(rec.function, 0))
+            if rec.invoker_id not in reported:
+                self.instances[rec.id] = live
+                self.lose_invoker(rec.invoker_id, f"invoker {rec.invoker_id} gone while no "
+                                  "controller led")
+            elif rec.state in STARTING:
+                self.instances[rec.id] = live
+                log.info("resending the pending load of %s", rec.id)
+                self._spawn(self._load(live))
+            elif rec.id in reported[rec.invoker_id]:
                 live.loaded.set()
                 self.instances[rec.id] = live
-                self._dirty.add(rec.id)
+                if rec.state == S.DRAINING:
+                    self._spawn(self.stop(rec.id, reason=rec.reason or "drained"))
+                    continue
+                # invocations in flight are the gateway's; it releases them to us
+                self._set_state(live, S.IDLE if rec.state == S.ACTIVE else rec.state)
                 log.info("adopted instance %s of %s", rec.id, rec.function)
             else:
-                self._dirty.add(rec.id)  # not in self.instances: the flusher deletes it
+                log.info("instance %s is no longer on %s; forgetting it", rec.id, rec.invoker_id)
+                self._mark(rec.id)
+        orphans = [(inv, iid, "no instance record names it")
+                   for inv, ids in reported.items() for iid in sorted(ids - known)]
         self._flush_wakeup.set()
+        return orphans
 
     def views(self) -> list[InstanceView]:
         """The autoscaler's view of every instance."""
@@ -357,8 +602,22 @@ class InstancePool:
         ]
 
     def records(self) -> list[InstanceRecord]:
-        return [i.record for i in self.instances.values()]
+        """Every instance's record, lost ones included."""
+        return [i.record for i in self.instances.values()] + list(self.lost.values())
 
     async def close(self) -> None:
         for t in list(self._tasks):
             t.cancel()
+
+
+def placement_record(p: Placement, evicted: list[str], now: float, seconds: float) -> PlacementRecord:
+    """The durable form of a placement decision (``seconds``: how long deciding took)."""
+    def est(e: Estimate) -> EstimateRecord:
+        return EstimateRecord(invoker_id=e.invoker_id, tier=e.tier, queue_s=e.queue_s,
+                              load_s=e.load_s, migration_s=e.migration_s, total_s=e.total_s,
+                              evicts=e.evicts, migrates=e.migrates)
+
+    return PlacementRecord(policy=p.policy, chosen=est(p.chosen),
+                           candidates=[est(c) for c in p.candidates], considered=p.considered,
+                           evicted=evicted, migrate=list(p.migrate), decided_at=now,
+                           decision_seconds=seconds)

@@ -7,8 +7,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from invoker.checkpoint.format import INDEX_NAME
+from invoker.store import ModelStore
 from sllm import keys
-from sllm.errors import Conflict, FunctionNotFound, ManifestError
+from sllm.errors import Conflict, FunctionNotFound, ManifestError, ModelNotFound
 from sllm.etcd import Etcd
 from sllm.manifest import FunctionManifest
 from sllm.messages import FunctionRecord
@@ -84,3 +86,30 @@ class FunctionRegistry:
         await self._etcd.delete(keys.Kind.FUNCTION, name)
         self.cache.pop(name, None)
         return record
+
+
+class CheckpointSizes:
+    """Checkpoint sizes of the models in the store root, cached per version of their index (a
+    placement decision needs the size; reading an index takes milliseconds).
+
+    Args:
+        store: the store root.
+    """
+
+    def __init__(self, store: ModelStore) -> None:
+        self._store = store
+        self._cache: dict[str, tuple[int, int]] = {}  # name -> (index mtime ns, bytes)
+
+    def __call__(self, model: str) -> int:
+        """Bytes of ``model``'s checkpoint. Raises ModelNotFound, InvalidRequest, CheckpointError."""
+        path = self._store.path(model)
+        try:
+            mtime = (path / INDEX_NAME).stat().st_mtime_ns
+        except FileNotFoundError:
+            raise ModelNotFound(f"model {model!r} is not in the store", param="model") from None
+        hit = self._cache.get(model)
+        if hit is not None and hit[0] == mtime:
+            return hit[1]
+        nbytes = self._store.get(model).nbytes
+        self._cache[model] = (mtime, nbytes)
+        return nbytes

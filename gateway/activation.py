@@ -16,6 +16,7 @@ Timings (seconds, in :class:`Timings`), measured at the gateway from the request
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -25,7 +26,7 @@ from typing import Any
 import httpx
 
 from gateway.metrics import METRICS
-from gateway.upstream import Upstream
+from gateway.upstream import InvokerUnreachable, Upstream
 from sllm.errors import InvokerError, SllmError, from_body
 from sllm.messages import (
     Assignment,
@@ -36,6 +37,9 @@ from sllm.messages import (
     TokenMessage,
 )
 
+UNREACHABLE_RETRIES = 2
+"""Times an invocation is tried on another instance when its invoker cannot be reached at all
+(before any token, so nothing is lost or repeated)."""
 
 @dataclass
 class Timings:
@@ -165,8 +169,31 @@ async def start(
     """
     t0 = time.monotonic()
     act_id = uuid.uuid4().hex
-    assignment = await upstream.acquire(function)
-    acquire_s = time.monotonic() - t0
+    for attempt in range(UNREACHABLE_RETRIES + 1):
+        assignment = await upstream.acquire(function)
+        acquire_s = time.monotonic() - t0
+        d = assignment.defaults
+        try:
+            request = GenerateRequest(
+                prompt=prompt, messages=messages, raw=raw,
+                max_tokens=max_tokens if max_tokens is not None else int(d.get("maxTokens", 128)),
+                temperature=temperature if temperature is not None else float(d.get("temperature", 0.0)),
+                top_p=top_p if top_p is not None else float(d.get("topP", 1.0)),
+                seed=seed,
+            )
+            response = await upstream.open_stream(assignment, request)
+        except InvokerUnreachable as e:
+            # the invoker is gone: the controller checks it and marks its instances lost, so the
+            # next acquire goes elsewhere; nothing was generated yet, so trying again is safe
+            upstream.release_soon(assignment.instance_id, failed=e.message)
+            if attempt == UNREACHABLE_RETRIES:
+                raise
+            await asyncio.sleep(0.2)
+            continue
+        except BaseException:
+            upstream.release_soon(assignment.instance_id)
+            raise
+        break
     timings = Timings(
         cold_start=assignment.cold, tier=assignment.tier, queue=assignment.queue_seconds,
         load=assignment.load_seconds,
@@ -175,18 +202,5 @@ async def start(
     if assignment.cold:
         METRICS.cold_starts.labels(function).inc()
         METRICS.cold_start_seconds.labels(function).observe(assignment.load_seconds)
-    d = assignment.defaults
-    try:
-        request = GenerateRequest(
-            prompt=prompt, messages=messages, raw=raw,
-            max_tokens=max_tokens if max_tokens is not None else int(d.get("maxTokens", 128)),
-            temperature=temperature if temperature is not None else float(d.get("temperature", 0.0)),
-            top_p=top_p if top_p is not None else float(d.get("topP", 1.0)),
-            seed=seed,
-        )
-        response = await upstream.open_stream(assignment, request)
-    except BaseException:
-        upstream.release_soon(assignment.instance_id)
-        raise
     return Activation(id=act_id, function=function, assignment=assignment, timings=timings,
                       _response=response, _upstream=upstream, _t0=t0)

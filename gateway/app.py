@@ -37,7 +37,7 @@ from sllm.manifest import FunctionManifest, manifest_to_dict, parse_manifest, va
 
 @dataclass(frozen=True)
 class GatewayConfig:
-    controller_url: str
+    controller_urls: tuple[str, ...]  # the leader and its standbys, in the order to try them
     api_key: str | None = None
 
 
@@ -57,7 +57,7 @@ async def _manifest_body(request: Request) -> FunctionManifest:
 
 def create_app(config: GatewayConfig) -> Starlette:
     """The gateway's ASGI app."""
-    upstream = Upstream(config.controller_url)
+    upstream = Upstream(config.controller_urls)
 
     def guarded(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
         async def wrapper(request: Request) -> Response:

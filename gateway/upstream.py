@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import httpx
 
-from sllm.config import COLD_START_DEADLINE_S
-from sllm.errors import InvokerError, SllmError, Unavailable
+from sllm.config import COLD_START_DEADLINE_S, CONTROLLER_LEASE_TTL_S
+from sllm.errors import InvokerError, NotLeader, SllmError, Unavailable
 from sllm.http import raise_for_error
 from sllm.messages import (
     STREAM_MESSAGE,
@@ -26,15 +27,29 @@ from sllm.messages import (
 log = logging.getLogger(__name__)
 
 
+FAILOVER_WAIT_S = 2 * CONTROLLER_LEASE_TTL_S + 2.0
+"""Seconds a controller call keeps trying the known controllers (a standby answers NotLeader;
+a dead leader's lease takes up to its TTL to expire) before it gives up with 503."""
+
+
+class InvokerUnreachable(InvokerError):
+    """The assigned invoker did not answer at all (no connection): the invocation can be tried
+    on another instance, since nothing was generated."""
+
+
 class Upstream:
-    """HTTP clients to the controller and to invokers, sharing one connection pool.
+    """HTTP clients to the controllers and to invokers, sharing one connection pool.
 
     Args:
-        controller_url: ``http://host:port`` of the controller.
+        controller_urls: ``http://host:port`` of each controller; calls go to the one that
+            answered last and move on to the next when it is unreachable or a standby.
     """
 
-    def __init__(self, controller_url: str) -> None:
-        self.controller_url = controller_url.rstrip("/")
+    def __init__(self, controller_urls: Sequence[str]) -> None:
+        if not controller_urls:
+            raise ValueError("at least one controller URL is needed")
+        self.controller_urls = [u.rstrip("/") for u in controller_urls]
+        self._current = 0
         self._http = httpx.AsyncClient(
             timeout=httpx.Timeout(10.0, read=COLD_START_DEADLINE_S + 30.0),
             limits=httpx.Limits(max_connections=1000, max_keepalive_connections=100),
@@ -46,30 +61,54 @@ class Upstream:
             await asyncio.gather(*self._background, return_exceptions=True)
         await self._http.aclose()
 
+    @property
+    def controller_url(self) -> str:
+        """The controller calls go to now (the leader, as far as the gateway knows)."""
+        return self.controller_urls[self._current]
+
     async def controller(self, method: str, path: str, *, json: Any = None) -> httpx.Response:
-        """Call the controller; raises the error it answered, or Unavailable when it is down."""
-        try:
-            r = await self._http.request(method, f"{self.controller_url}{path}", json=json)
-        except httpx.HTTPError as e:
-            raise Unavailable(f"the controller is unreachable: {e!r}", retry_after=2) from e
-        raise_for_error(r)
-        return r
+        """Call the leading controller: on a connection failure or a NotLeader answer, try the
+        next known controller, for up to :data:`FAILOVER_WAIT_S` seconds.
+
+        Raises:
+            SllmError: the error the leader answered.
+            Unavailable: no controller led within the wait.
+        """
+        deadline = time.monotonic() + FAILOVER_WAIT_S
+        n = len(self.controller_urls)
+        while True:
+            for _ in range(n):
+                url = self.controller_urls[self._current]
+                try:
+                    r = await self._http.request(method, f"{url}{path}", json=json)
+                    raise_for_error(r)
+                    return r
+                except httpx.HTTPError as e:
+                    failure: str = f"{url} is unreachable: {e!r}"
+                except NotLeader as e:
+                    failure = e.message
+                self._current = (self._current + 1) % n
+            if time.monotonic() >= deadline:
+                raise Unavailable(f"no controller leads: {failure}", retry_after=2)
+            await asyncio.sleep(0.2)
 
     async def acquire(self, function: str) -> Assignment:
         """Ask the controller for an instance slot (waits through a cold start)."""
         r = await self.controller("POST", "/v1/acquire", json=AcquireRequest(function=function).model_dump())
         return Assignment.model_validate_json(r.content)
 
-    def release_soon(self, instance_id: str, stream: httpx.Response | None = None) -> None:
+    def release_soon(self, instance_id: str, stream: httpx.Response | None = None, *,
+                     failed: str | None = None) -> None:
         """Close the invoker's token ``stream`` (which cancels its generation if still running)
         and give the slot back, in a task of its own: a request cancelled because its client
-        went away can no longer await anything itself."""
+        went away can no longer await anything itself. ``failed`` tells the controller the
+        invoker could not be reached (it checks and marks its instances lost)."""
         async def release() -> None:
             if stream is not None:
                 await stream.aclose()
             try:
-                await self.controller("POST", "/v1/release",
-                                      json=ReleaseRequest(instance_id=instance_id).model_dump())
+                body = ReleaseRequest(instance_id=instance_id, failed=failed)
+                await self.controller("POST", "/v1/release", json=body.model_dump())
             except SllmError as e:
                 log.warning("release of %s failed: %s", instance_id, e.message)
 
@@ -85,7 +124,7 @@ class Upstream:
         try:
             r = await self._http.send(req, stream=True)
         except httpx.HTTPError as e:
-            raise InvokerError(f"invoker at {assignment.invoker_url} is unreachable: {e!r}") from e
+            raise InvokerUnreachable(f"invoker at {assignment.invoker_url} is unreachable: {e!r}") from e
         if r.status_code != 200:
             await r.aread()
             await r.aclose()

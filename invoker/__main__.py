@@ -10,7 +10,7 @@ import uvicorn
 
 from invoker.server import InvokerConfig, create_app
 from native_loader import DEFAULT_CHUNK_BYTES, DEFAULT_THREADS
-from sllm.config import ETCD_CLIENT_PORT, HOST, INVOKER_BASE_PORT, store_root
+from sllm.config import ETCD_CLIENT_PORT, HOST, INVOKER_BASE_PORT, INVOKER_LEASE_TTL_S, store_root
 from sllm.manifest import parse_quantity
 
 
@@ -26,7 +26,12 @@ def default_device() -> str:
 @click.option("--host", default=HOST, show_default=True)
 @click.option("--port", default=INVOKER_BASE_PORT, show_default=True, type=int)
 @click.option("--etcd", "etcd_endpoint", default=f"{HOST}:{ETCD_CLIENT_PORT}", show_default=True)
-@click.option("--store", default=None, help="model store folder [default: $SLLM_HOME/models]")
+@click.option("--store", default=None, help="this invoker's local model store [default: $SLLM_HOME/models]")
+@click.option("--origin", default=None,
+              help="the store root, where checkpoints come from when no peer has a copy "
+                   "[default: none; with the default store they are the same]")
+@click.option("--lease-ttl", default=INVOKER_LEASE_TTL_S, show_default=True, type=click.IntRange(1, 60),
+              help="seconds after its last keep-alive that the controller takes this invoker as dead")
 @click.option("--device", default=None, help="device for instances [default: cuda:0 if any, else cpu]")
 @click.option("--memory", default="8Gi", show_default=True, help="instance memory budget")
 @click.option("--dram-pool", default="4Gi", show_default=True,
@@ -40,7 +45,7 @@ def default_device() -> str:
               help="URL others reach this invoker at [default: http://HOST:PORT]")
 @click.option("--log-level", default="info", show_default=True)
 def main(invoker_id: str, host: str, port: int, etcd_endpoint: str, store: str | None,
-         device: str | None, memory: str, dram_pool: str, read_threads: int, read_chunk: str,
+         origin: str | None, lease_ttl: int, device: str | None, memory: str, dram_pool: str, read_threads: int, read_chunk: str,
          no_verify: bool, advertise_url: str | None,
          log_level: str) -> None:
     """Run an invoker: loads instances from the model store and serves their generations."""
@@ -50,7 +55,8 @@ def main(invoker_id: str, host: str, port: int, etcd_endpoint: str, store: str |
         store_root=Path(store) if store else store_root(), device=device or default_device(),
         memory_bytes=parse_quantity(memory), verify_checksums=not no_verify,
         dram_pool_bytes=parse_quantity(dram_pool), read_threads=read_threads,
-        read_chunk_bytes=parse_quantity(read_chunk),
+        read_chunk_bytes=parse_quantity(read_chunk), origin=Path(origin) if origin else None,
+        lease_ttl_s=lease_ttl,
     )
     uvicorn.run(create_app(config), host=host, port=port, log_level="warning", access_log=False)
 

@@ -4,7 +4,13 @@ their generations.
 HTTP API (JSON; errors in the OpenAI-shaped envelope of :mod:`sllm.errors`):
 
 - ``POST /v1/instances`` (:class:`~sllm.messages.LoadRequest`) -> :class:`~sllm.messages.LoadResponse`
-  once the instance is loaded; ``GET /v1/instances``; ``DELETE /v1/instances/{id}``
+  once the instance is loaded; ``GET /v1/instances``; ``DELETE /v1/instances/{id}``. A load
+  first fetches the checkpoint into the local store when there is no copy (or a stale one) from
+  the peers the request names, then the store root (:mod:`invoker.transfer`). Loading is
+  idempotent: the same instance id again joins the load in progress, or gets the answer of the
+  finished one (a controller that took over re-sends pending loads).
+- ``GET /v1/checkpoints/{model}`` and ``GET /v1/checkpoints/{model}/files/{path}`` (with Range):
+  the local checkpoints, for other invokers to fetch (:mod:`invoker.files_api`)
 - ``POST /v1/instances/{id}/generate`` (:class:`~sllm.messages.GenerateRequest`): a stream of
   newline-delimited JSON, one :class:`~sllm.messages.TokenMessage` per token, then a
   :class:`~sllm.messages.DoneMessage` (or an :class:`~sllm.messages.ErrorMessage` when generation
@@ -12,7 +18,9 @@ HTTP API (JSON; errors in the OpenAI-shaped envelope of :mod:`sllm.errors`):
   before the stream starts. A client that disconnects cancels its generation.
 - ``GET /health``
 
-The invoker registers itself in etcd under a lease it keeps alive, so the controller sees it die.
+The invoker registers itself in etcd under a lease it keeps alive, so the controller sees it die;
+its record carries its bandwidths, probed at start-up and then measured from its own loads and
+transfers (:mod:`invoker.bandwidth`), for the scheduler's startup-time estimates.
 Blocking work (checkpoint loading, generation) runs in threads; a per-instance lock lets one
 generation use an instance at a time (token-level scheduling comes with the FastServe issue).
 """
@@ -38,12 +46,16 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from transformers import AutoTokenizer
 
+from invoker.bandwidth import BandwidthMeter, probe
 from invoker.checkpoint import LoadedCheckpoint, load_checkpoint
+from invoker.checkpoint.format import INDEX_NAME
 from invoker.dram_pool import DramPool
+from invoker.files_api import checkpoint_file_routes
 from invoker.generation import Generation, SamplingParams
 from invoker.instance import ModelInstance
 from invoker.store import ModelStore
 from invoker.tiers import TierPublisher
+from invoker.transfer import TransferResult, fetch_checkpoint
 from invoker.warmup import warm_up
 from native_loader import DEFAULT_CHUNK_BYTES, DEFAULT_THREADS, default_reader
 from sllm import keys
@@ -85,6 +97,8 @@ class InvokerConfig:
     read_threads: int = DEFAULT_THREADS  # the native reader's threads per load
     read_chunk_bytes: int = DEFAULT_CHUNK_BYTES  # bytes per read request
     tier_sync_s: float = 5.0  # how often checkpoint tiers are re-published (store changes)
+    origin: Path | None = None  # the store root: where checkpoints come from with no local copy
+    lease_ttl_s: int = INVOKER_LEASE_TTL_S  # the controller sees this invoker dead this long after
 
 
 @dataclass
@@ -96,6 +110,7 @@ class LoadedInstance:
     checkpoint: LoadedCheckpoint  # its tensors back the model; released once unloaded
     load_seconds: float
     loaded_at: float
+    response: LoadResponse  # what the load answered (repeated to a controller asking again)
     lock: threading.Lock = field(default_factory=threading.Lock)  # one generation at a time
     cancels: set[threading.Event] = field(default_factory=set)  # of running generations
     closed: bool = False  # set under ``lock`` once unloaded: the weights may be reused
@@ -164,11 +179,15 @@ class Invoker:
         self.store = ModelStore(config.store_root)
         self.etcd = Etcd(config.etcd_endpoint)
         self.instances: dict[str, LoadedInstance] = {}
-        self._loading: set[str] = set()
+        self._loading: dict[str, asyncio.Task[LoadResponse]] = {}
+        self._fetching: dict[str, asyncio.Task[TransferResult]] = {}
+        self._origin_index: dict[str, tuple[tuple[int, int], bytes]] = {}
+        self.meter: BandwidthMeter | None = None  # once the start-up probe ran
         self.lease_id: int | None = None
         self.tiers = TierPublisher(self.etcd, config.invoker_id, self.store)
         self.tokenizers = TokenizerCache()
         self._pool: asyncio.Future[DramPool] | None = None
+        self._started = time.time()
 
     def start_pool(self) -> None:
         """Allocate and pre-fault the DRAM pool in a thread; :meth:`pool` waits for it."""
@@ -189,48 +208,134 @@ class Invoker:
         except SllmError as e:
             log.warning("publishing checkpoint tiers failed: %s", e.message)
 
+    def record(self) -> InvokerRecord:
+        """This invoker's record, with its current bandwidths."""
+        return InvokerRecord(
+            id=self.config.invoker_id, url=self.config.url, device=self.config.device,
+            memory_bytes=self.config.memory_bytes, started=self._started, pid=os.getpid(),
+            bandwidths=self.meter.snapshot() if self.meter is not None else None,
+        )
+
     async def register(self) -> int:
         """Write this invoker's record under a fresh lease; returns the lease id."""
-        lease = await self.etcd.grant_lease(INVOKER_LEASE_TTL_S)
-        record = InvokerRecord(
-            id=self.config.invoker_id, url=self.config.url, device=self.config.device,
-            memory_bytes=self.config.memory_bytes, started=time.time(), pid=os.getpid(),
-        )
-        await self.etcd.put(keys.Kind.INVOKER, self.config.invoker_id, record, lease=lease)
+        lease = await self.etcd.grant_lease(self.config.lease_ttl_s)
+        await self.etcd.put(keys.Kind.INVOKER, self.config.invoker_id, self.record(), lease=lease)
         self.lease_id = lease
         self.tiers.forget()  # records live on the lease: a new lease needs them all again
         log.info("invoker %s registered at %s (lease %x)", self.config.invoker_id, self.config.url, lease)
         return lease
 
+    async def publish_record(self) -> None:
+        """Re-write this invoker's record (its bandwidths changed); failures are logged."""
+        if self.lease_id is None:
+            return
+        try:
+            await self.etcd.put(keys.Kind.INVOKER, self.config.invoker_id, self.record(),
+                                lease=self.lease_id)
+        except SllmError as e:
+            log.warning("publishing the invoker record failed: %s", e.message)
+
     async def load(self, req: LoadRequest) -> LoadResponse:
-        """Load an instance's checkpoint and build its model (in a thread).
+        """Load an instance (fetching its checkpoint first when there is no local copy) and
+        build its model, in threads. Idempotent per instance id: a repeat joins the load in
+        progress or gets the finished load's answer.
 
         Raises:
-            Conflict: an instance with this id is loaded or loading.
-            ModelNotFound, CheckpointError: from the store and the checkpoint reader.
+            Conflict: the id is taken by an instance of another model.
+            ModelNotFound: no source has the checkpoint.
+            CheckpointError: the checkpoint is corrupt (locally and at every source).
+            Unavailable: the sources are unreachable, or CUDA is asked for without a GPU.
         """
         iid = req.instance_id
-        if iid in self.instances or iid in self._loading:
-            raise Conflict(f"instance {iid!r} is already loaded or loading")
+        done = self.instances.get(iid)
+        if done is not None:
+            if done.model != req.model:
+                raise Conflict(f"instance {iid!r} is loaded with another model ({done.model})")
+            return done.response
+        task = self._loading.get(iid)
+        if task is None:
+            task = asyncio.create_task(self._load(req))
+            self._loading[iid] = task
+            task.add_done_callback(lambda _: self._loading.pop(iid, None))
+        # shielded: a controller that goes away mid-load does not undo it; its successor asks again
+        return await asyncio.shield(task)
+
+    async def _load(self, req: LoadRequest) -> LoadResponse:
+        iid = req.instance_id
         device = resolve_device(req.device, self.config.device)
+        t_fetch = time.monotonic()
+        transfer = await self.fetch(req.model, req.sources)
+        transfer_s = time.monotonic() - t_fetch if transfer is not None else 0.0
         path = self.store.path(req.model)
-        self._loading.add(iid)
-        try:
-            pool = await self.pool()
-            t0 = time.monotonic()
-            instance, ckpt = await asyncio.to_thread(self._load_blocking, path, device, pool)
-            seconds = time.monotonic() - t0
-        finally:
-            self._loading.discard(iid)
+        pool = await self.pool()
+        t0 = time.monotonic()
+        instance, ckpt = await asyncio.to_thread(self._load_blocking, path, device, pool)
+        seconds = time.monotonic() - t0
+        tier = "remote" if transfer is not None else ckpt.tier
+        resp = LoadResponse(
+            instance_id=iid, device=device, nbytes=ckpt.nbytes, load_seconds=seconds + transfer_s,
+            read_seconds=ckpt.seconds, tier=tier, transfer_seconds=transfer_s,
+            transferred_bytes=transfer.transferred if transfer is not None else 0,
+            source=transfer.source if transfer is not None else None,
+        )
         self.instances[iid] = LoadedInstance(
             instance_id=iid, function=req.function, model=req.model, instance=instance,
-            checkpoint=ckpt, load_seconds=seconds, loaded_at=time.time(),
+            checkpoint=ckpt, load_seconds=seconds, loaded_at=time.time(), response=resp,
         )
-        log.info("loaded instance %s (%s, %s tier, %d bytes read) in %.3f s", iid, req.model,
-                 ckpt.tier, ckpt.nbytes, seconds)
+        log.info("loaded instance %s (%s, %s tier, %d bytes read) in %.3f s%s", iid, req.model,
+                 tier, ckpt.nbytes, seconds,
+                 f" after a {transfer_s:.3f} s transfer from {transfer.source}" if transfer else "")
+        if self.meter is not None and self.meter.observe(
+            "dram" if ckpt.tier == "dram" else "ssd", ckpt.nbytes, ckpt.seconds
+        ):
+            await self.publish_record()
         await self.publish_tiers()
-        return LoadResponse(instance_id=iid, device=device, nbytes=ckpt.nbytes,
-                            load_seconds=seconds, read_seconds=ckpt.seconds, tier=ckpt.tier)
+        return resp
+
+    def _stale(self, model: str) -> bool:
+        """Whether the local copy of ``model`` is missing or differs from the store root's
+        (compared by index.json, cached per version of the root's index)."""
+        if not self.store.exists(model):
+            return True
+        origin = self.config.origin
+        if origin is None or origin.resolve() == self.store.root.resolve():
+            return False
+        index = origin / model / INDEX_NAME
+        try:
+            st = index.stat()
+            version = (st.st_mtime_ns, st.st_size)
+            cached = self._origin_index.get(model)
+            if cached is None or cached[0] != version:
+                cached = (version, index.read_bytes())
+                self._origin_index[model] = cached
+            return cached[1] != (self.store.root / model / INDEX_NAME).read_bytes()
+        except OSError:
+            return False  # not in the root (any more): the local copy is all there is
+
+    async def fetch(self, model: str, peers: list[str]) -> TransferResult | None:
+        """Make sure the local store holds a current copy of ``model``: None when it already
+        did, else the transfer that fetched it (from ``peers`` in order, then the store root).
+        Concurrent calls for one model share one transfer.
+
+        Raises:
+            ModelNotFound, CheckpointError, Unavailable: see invoker.transfer.fetch_checkpoint.
+        """
+        if not self._stale(model):
+            return None
+        task = self._fetching.get(model)
+        if task is None:
+            sources: list[str | Path] = [*peers]
+            if self.config.origin is not None:
+                sources.append(self.config.origin)
+            task = asyncio.create_task(
+                asyncio.to_thread(fetch_checkpoint, model, self.store, sources))
+            self._fetching[model] = task
+            task.add_done_callback(lambda _: self._fetching.pop(model, None))
+        result = await asyncio.shield(task)
+        if self.meter is not None and self.meter.observe("network", result.transferred, result.seconds):
+            await self.publish_record()
+        await self.publish_tiers()
+        return result
 
     def _load_blocking(
         self, path: Path, device: str, pool: DramPool | None
@@ -360,10 +465,14 @@ def create_app(config: InvokerConfig) -> Starlette:
         stop = asyncio.Event()
         inv.start_pool()  # pre-faults in a thread (~0.45 s per GiB here) while the warm-up runs
         await asyncio.to_thread(warm_up)
+        seed = await asyncio.to_thread(probe, config.store_root)
+        inv.meter = BandwidthMeter(seed)
+        log.info("bandwidth probe: DRAM %.2f GB/s, SSD %.2f GB/s, write %.2f GB/s",
+                 seed.dram_bps / 1e9, seed.ssd_bps / 1e9, seed.write_bps / 1e9)
         await inv.pool()  # registered only once warm and pre-faulted: no cold start waits for it
         lease = await inv.register()
         keeper = asyncio.create_task(
-            inv.etcd.keep_alive(lease, INVOKER_LEASE_TTL_S, stop, on_expired=inv.register)
+            inv.etcd.keep_alive(lease, config.lease_ttl_s, stop, on_expired=inv.register)
         )
 
         async def tier_sync() -> None:
@@ -390,5 +499,6 @@ def create_app(config: InvokerConfig) -> Starlette:
         Route("/v1/instances", list_instances, methods=["GET"]),
         Route("/v1/instances/{id}", unload, methods=["DELETE"]),
         Route("/v1/instances/{id}/generate", generate, methods=["POST"]),
+        *checkpoint_file_routes(inv.store),
     ]
     return Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)

@@ -3,7 +3,9 @@
 Layout: ``<root>/<name>/`` is a complete checkpoint (it has ``index.json``). New checkpoints are
 written into ``<root>/.staging-<name>-<random>/`` and renamed into place by
 :meth:`ModelStore.commit`, so a name never points at half a model; staging leftovers (dot
-folders) and folders without an index are never listed.
+folders) and folders without an index are never listed. A checkpoint fetched from another node
+(:mod:`invoker.transfer`) collects its files in ``<root>/.partial-<name>/`` across attempts and is
+moved to a staging folder (:meth:`ModelStore.stage`) once complete.
 
 Model names: lowercase letters, digits, ``-``, ``.`` and ``_``, starting with a letter or digit,
 at most 63 characters.
@@ -30,6 +32,7 @@ MAX_NAME_LEN = 63
 _NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 _STAGING_PREFIX = ".staging-"
 _TRASH_PREFIX = ".trash-"
+_PARTIAL_PREFIX = ".partial-"
 
 
 def validate_name(name: str) -> str:
@@ -152,6 +155,31 @@ class ModelStore:
         """
         path = self.root / f"{_STAGING_PREFIX}{validate_name(name)}-{uuid.uuid4().hex[:8]}"
         path.mkdir()
+        return path
+
+    def partial_dir(self, name: str) -> Path:
+        """Where a transfer of ``name`` keeps partial data between attempts:
+        ``<root>/.partial-<name>/``, the same path every time so a later attempt resumes (a dot
+        folder: never listed). Not created here.
+
+        Raises:
+            InvalidRequest: a bad name.
+        """
+        return self.root / f"{_PARTIAL_PREFIX}{validate_name(name)}"
+
+    def stage(self, name: str, folder: Path) -> Path:
+        """Move ``folder``, a complete checkpoint in a dot folder directly under the root (a
+        :meth:`partial_dir`), to a new staging folder of ``name`` and return it, for
+        :meth:`commit` or :meth:`discard`.
+
+        Raises:
+            InvalidRequest: a bad name, or ``folder`` is not a dot folder directly under the root.
+        """
+        folder = Path(folder)
+        if folder.parent != self.root or not folder.name.startswith("."):
+            raise InvalidRequest(f"{folder} is not a dot folder of the store {self.root}")
+        path = self.root / f"{_STAGING_PREFIX}{validate_name(name)}-{uuid.uuid4().hex[:8]}"
+        os.rename(folder, path)
         return path
 
     def discard(self, staging: Path) -> None:

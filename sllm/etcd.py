@@ -10,7 +10,8 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, Self, TypeVar
+from dataclasses import dataclass
+from typing import Any, Generic, Self, TypeVar
 
 import aetcd
 import aetcd.exceptions
@@ -26,6 +27,15 @@ R = TypeVar("R", bound=BaseModel)
 
 def _key(kind: keys.Kind, name: str | tuple[str, ...]) -> str:
     return keys.key(kind, *name) if isinstance(name, tuple) else keys.key(kind, name)
+
+
+@dataclass(frozen=True)
+class Versioned(Generic[R]):
+    """A record as stored, with what a compare-and-swap needs (:meth:`Etcd.get_versioned`)."""
+
+    record: R
+    mod_revision: int  # etcd's revision of the key's last write; :meth:`Etcd.replace` compares it
+    lease: int  # the id of the lease the key is attached to, 0 for none
 
 
 class Etcd:
@@ -64,15 +74,36 @@ class Etcd:
         v = record.model_dump_json().encode()
         await self._call(lambda: self._client.put(k, v, lease=lease))
 
-    async def create(self, kind: keys.Kind, name: str, record: BaseModel) -> bool:
-        """Write ``record`` only if the key does not exist yet. Returns whether it was written."""
+    async def create(self, kind: keys.Kind, name: str, record: BaseModel, *,
+                     lease: int | None = None) -> bool:
+        """Write ``record`` only if the key does not exist yet (attached to ``lease`` when given).
+        Returns whether it was written."""
         k = keys.key(kind, name).encode()
         v = record.model_dump_json().encode()
         tx = self._client.transactions
 
         async def op() -> bool:
             ok, _ = await self._client.transaction(
-                compare=[tx.version(k) == 0], success=[tx.put(k, v)], failure=[]
+                compare=[tx.version(k) == 0], success=[tx.put(k, v, lease=lease)], failure=[]
+            )
+            return bool(ok)
+
+        return bool(await self._call(op))
+
+    async def replace(self, kind: keys.Kind, name: str, record: BaseModel, *, mod_revision: int,
+                      lease: int | None = None) -> bool:
+        """Compare-and-swap: overwrite the key with ``record`` (attached to ``lease``, which
+        detaches it from its old lease) only if its last write is still ``mod_revision`` (from
+        :meth:`get_versioned`). Returns whether it was written; False when the key changed or was
+        deleted since it was read."""
+        k = keys.key(kind, name).encode()
+        v = record.model_dump_json().encode()
+        tx = self._client.transactions
+
+        async def op() -> bool:
+            ok, _ = await self._client.transaction(
+                compare=[tx.mod(k) == mod_revision], success=[tx.put(k, v, lease=lease)],
+                failure=[],
             )
             return bool(ok)
 
@@ -83,6 +114,16 @@ class Etcd:
         k = _key(kind, name).encode()
         got = await self._call(lambda: self._client.get(k))
         return None if got is None else model.model_validate_json(got.value)
+
+    async def get_versioned(self, kind: keys.Kind, name: str | tuple[str, ...],
+                            model: type[R]) -> Versioned[R] | None:
+        """Like :meth:`get`, with the key's mod revision and lease; None when absent."""
+        k = _key(kind, name).encode()
+        got = await self._call(lambda: self._client.get(k))
+        if got is None:
+            return None
+        record = model.model_validate_json(got.value)
+        return Versioned(record=record, mod_revision=int(got.mod_revision), lease=int(got.lease))
 
     async def list(self, kind: keys.Kind, model: type[R]) -> list[R]:
         """Every record of ``kind``, in key order. Records that fail to parse are skipped with a

@@ -10,6 +10,9 @@
                                         CheckpointRecord the fastest tier holding a model's
                                                          checkpoint on an invoker (dram or ssd);
                                                          attached to the invoker's lease
+    /sllm/leader/<role>                 LeaderRecord     who leads (role "controller"); attached to
+                                                         the leader's lease, so it frees itself
+                                                         when the leader dies
 
 Values are JSON documents of the pydantic records in :mod:`sllm.messages`.
 """
@@ -28,9 +31,10 @@ class Kind(str, Enum):
     INSTANCE = "instances"
     INVOKER = "invokers"
     CHECKPOINT = "checkpoints"
+    LEADER = "leader"
 
 
-PARTS = {Kind.FUNCTION: 1, Kind.INSTANCE: 1, Kind.INVOKER: 1, Kind.CHECKPOINT: 2}
+PARTS = {Kind.FUNCTION: 1, Kind.INSTANCE: 1, Kind.INVOKER: 1, Kind.CHECKPOINT: 2, Kind.LEADER: 1}
 """How many name parts each kind's keys have."""
 
 

@@ -25,6 +25,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from sllm.config import COLD_START_DEADLINE_S, MAX_QUEUE_PER_FUNCTION
 from sllm.errors import ManifestError
 from sllm.validation import describe
 
@@ -124,10 +125,16 @@ class Scaling(_Strict):
     """In-flight invocations one instance takes before another is started or requests wait."""
     keepAlive: float = 60.0
     """Seconds an idle instance stays loaded before it is scaled to zero; written as ``60s``."""
+    maxQueue: int = Field(default=MAX_QUEUE_PER_FUNCTION, ge=0)
+    """Invocations that may wait for capacity at once (as Knative's activator buffers them while
+    a revision scales up); past it they get 429 with Retry-After."""
+    queueTimeout: float = COLD_START_DEADLINE_S
+    """Seconds an invocation may wait for capacity and a cold start together before it gets 503
+    with Retry-After; written as ``300s``."""
 
-    @field_validator("keepAlive", mode="before")
+    @field_validator("keepAlive", "queueTimeout", mode="before")
     @classmethod
-    def _keep_alive_duration(cls, v: Any) -> float:
+    def _durations(cls, v: Any) -> float:
         return parse_duration(v)
 
     @model_validator(mode="after")

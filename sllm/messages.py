@@ -36,6 +36,16 @@ class FunctionRecord(Wire):
     generation: int = 1  # bumped on every update
 
 
+class BandwidthRecord(Wire):
+    """An invoker's measured bandwidths (bytes per second): seeded by a probe at start-up, then
+    an exponentially weighted moving average of its own loads and transfers."""
+
+    dram_bps: float  # DRAM tier -> usable weights
+    ssd_bps: float  # local SSD -> memory
+    network_bps: float  # a checkpoint copy from another invoker or the store root
+    samples: int = 0  # loads and transfers measured since the probe
+
+
 class InvokerRecord(Wire):
     id: str
     url: str  # http://host:port of the invoker's API
@@ -43,6 +53,7 @@ class InvokerRecord(Wire):
     memory_bytes: int  # instance memory budget (bytes)
     started: float  # unix seconds
     pid: int
+    bandwidths: BandwidthRecord | None = None  # None only from an invoker too old to measure
 
 
 class CheckpointRecord(Wire):
@@ -53,6 +64,40 @@ class CheckpointRecord(Wire):
     tier: Literal["dram", "ssd"]
     nbytes: int  # checkpoint size (bytes)
     updated: float  # unix seconds
+
+
+class LeaderRecord(Wire):
+    """The current leader of a role (``/sllm/leader/<role>``), held under the leader's lease."""
+
+    holder: str  # the leader's id (e.g. "controller-0")
+    url: str  # where the leader's API answers
+    since: float  # unix seconds it took the lead
+
+
+class EstimateRecord(Wire):
+    """One candidate invoker's estimated startup time (ServerlessLLM §6), seconds."""
+
+    invoker_id: str
+    tier: Literal["dram", "ssd", "remote"]  # the fastest tier holding the checkpoint there
+    queue_s: float  # waiting behind loads already queued there
+    load_s: float  # checkpoint size / that tier's bandwidth (remote: copy, then SSD load)
+    migration_s: float  # moving running inferences away first (0 when not needed)
+    total_s: float
+    evicts: bool = False  # idle instances must be unloaded first
+    migrates: bool = False  # running instances must be migrated away first
+
+
+class PlacementRecord(Wire):
+    """Why an instance went where it did: the decision and the candidates' estimates."""
+
+    policy: str  # "ours", "locality", "least-loaded" or "random"
+    chosen: EstimateRecord
+    candidates: list[EstimateRecord]  # best first; at most PLACEMENT_KEEP of them
+    considered: int  # invokers that could host it
+    evicted: list[str] = []  # idle instances unloaded to make room
+    migrate: list[str] = []  # running instances that must move away (the next issue)
+    decided_at: float  # unix seconds
+    decision_seconds: float  # wall time of the placement decision
 
 
 class InstanceRecord(Wire):
@@ -68,8 +113,12 @@ class InstanceRecord(Wire):
     last_used: float | None = None  # unix seconds the last invocation ended
     load_seconds: float | None = None  # wall time of the load (read + verify + build the model)
     read_seconds: float | None = None  # of which reading and verifying the checkpoint
-    tier: str | None = None  # where the load read the checkpoint from: "dram" or "ssd"
+    tier: str | None = None  # where the load read the checkpoint from: "dram", "ssd", "remote"
     reason: str | None = None  # why it stopped, when it did
+    placement: PlacementRecord | None = None  # the decision that put it there
+    ready_by: float | None = None  # unix seconds its load is estimated to end (while starting)
+    transfer_seconds: float | None = None  # fetching the checkpoint first (no local copy)
+    lost_at: float | None = None  # unix seconds it was marked lost
 
 
 # --- gateway <-> controller ---------------------------------------------------------------------
@@ -95,6 +144,7 @@ class Assignment(Wire):
 
 class ReleaseRequest(Wire):
     instance_id: str
+    failed: str | None = None  # the invoker could not be reached: why (the controller checks it)
 
 
 # --- controller <-> invoker ---------------------------------------------------------------------
@@ -105,6 +155,8 @@ class LoadRequest(Wire):
     function: str
     model: str
     device: str = "auto"
+    sources: list[str] = []  # peer invokers' URLs holding the checkpoint, tried in order before
+    # the invoker's store root when it has no local copy
 
 
 class LoadResponse(Wire):
@@ -113,7 +165,10 @@ class LoadResponse(Wire):
     nbytes: int  # checkpoint bytes read
     load_seconds: float  # wall time: read + verify + build the model
     read_seconds: float  # of which reading the checkpoint into memory and verifying checksums
-    tier: str  # where the checkpoint came from: "dram" (the invoker's pool) or "ssd"
+    tier: str  # where the checkpoint came from: "dram", "ssd" or "remote" (fetched first)
+    transfer_seconds: float = 0.0  # fetching the checkpoint into the local store first
+    transferred_bytes: int = 0  # bytes fetched (less than nbytes when a transfer resumed)
+    source: str | None = None  # where it was fetched from (a peer URL or the store root)
 
 
 # --- gateway <-> invoker ------------------------------------------------------------------------

@@ -188,11 +188,21 @@ def start(
     controller_port: int = config.CONTROLLER_PORT, etcd_port: int = config.ETCD_CLIENT_PORT,
     etcd_peer_port: int = config.ETCD_PEER_PORT, invoker_ports: list[int] | None = None,
     store: Path | None = None, invoker_memory: str = "8Gi", dram_pool: str = "4Gi",
-    tick_s: float = config.AUTOSCALER_TICK_S,
+    tick_s: float = config.AUTOSCALER_TICK_S, placement: str = "ours",
+    controllers: int = 1, controller_ports: list[int] | None = None,
+    invoker_lease_ttl: int = config.INVOKER_LEASE_TTL_S,
+    controller_lease_ttl: int = config.CONTROLLER_LEASE_TTL_S,
     extra_env: dict[str, str] | None = None, stop_at_exit: bool = False,
 ) -> RuntimeState:
-    """Start etcd, the controller, the invokers and the gateway, each in its own process, and
+    """Start etcd, the controllers, the invokers and the gateway, each in its own process, and
     wait until each is healthy. On any failure, everything started so far is stopped again.
+
+    One machine behaves like ``invokers`` servers: invoker ``i`` has its own model store
+    (``<home>/invokers/invoker-i/models``), DRAM-tier budget (``dram_pool``) and instance memory
+    budget (``invoker_memory``); models are imported into the store root (``store``, default
+    ``<home>/models``), from which an invoker fetches a checkpoint when no peer has a copy.
+    With ``controllers`` > 1, the first leads and the others stand by (the gateway knows them
+    all); ``placement`` picks the controllers' placement policy.
 
     Returns:
         The runtime's state (also written to ``<home>/run/state.json``).
@@ -205,8 +215,9 @@ def start(
     env = {**os.environ, "SLLM_HOME": str(home), "PYTHONUNBUFFERED": "1", **(extra_env or {})}
     h = config.HOST
     ports = invoker_ports or [config.INVOKER_BASE_PORT + i for i in range(invokers)]
+    cports = controller_ports or [controller_port + (100 * i) for i in range(controllers)]
     state = RuntimeState(home=str(home), etcd_endpoint=f"{h}:{etcd_port}",
-                         controller_url=f"http://{h}:{controller_port}",
+                         controller_url=f"http://{h}:{cports[0]}",
                          gateway_url=f"http://{h}:{gateway_port}")
     py = sys.executable
     specs: list[tuple[str, list[str], str]] = [
@@ -218,17 +229,23 @@ def start(
                   "--initial-cluster", f"sllm=http://{h}:{etcd_peer_port}",
                   "--log-level", "warn"],
          f"http://{h}:{etcd_port}/health"),
-        ("controller", [py, "-m", "controller", "--port", str(controller_port),
-                        "--etcd", state.etcd_endpoint, "--store", str(store), "--tick", str(tick_s)],
-         f"{state.controller_url}/health"),
     ]
+    for i, cport in enumerate(cports):
+        specs.append((f"controller-{i}" if i else "controller",
+                      controller_argv(i, cport, state.etcd_endpoint, store, tick_s, placement,
+                                      controller_lease_ttl),
+                      f"http://{h}:{cport}/health"))
     for i, port in enumerate(ports):
         specs.append((f"invoker-{i}", [py, "-m", "invoker", "--id", f"invoker-{i}", "--port", str(port),
-                                       "--etcd", state.etcd_endpoint, "--store", str(store),
-                                       "--memory", invoker_memory, "--dram-pool", dram_pool],
+                                       "--etcd", state.etcd_endpoint,
+                                       "--store", str(invoker_store(home, i)), "--origin", str(store),
+                                       "--memory", invoker_memory, "--dram-pool", dram_pool,
+                                       "--lease-ttl", str(invoker_lease_ttl)],
                       f"http://{h}:{port}/health"))
-    specs.append(("gateway", [py, "-m", "gateway", "--port", str(gateway_port),
-                              "--controller", state.controller_url], f"{state.gateway_url}/health"))
+    gw = [py, "-m", "gateway", "--port", str(gateway_port)]
+    for cport in cports:
+        gw += ["--controller", f"http://{h}:{cport}"]
+    specs.append(("gateway", gw, f"{state.gateway_url}/health"))
     started: list[subprocess.Popen[bytes]] = []
     try:
         pending: list[tuple[str, subprocess.Popen[bytes], str]] = []
@@ -249,6 +266,19 @@ def start(
         raise
     state.save(state_path(home))
     return state
+
+
+def invoker_store(home: Path, index: int) -> Path:
+    """The local model store of invoker ``index`` of the runtime at ``home``."""
+    return home / "invokers" / f"invoker-{index}" / "models"
+
+
+def controller_argv(index: int, port: int, etcd_endpoint: str, store: Path, tick_s: float,
+                    placement: str, lease_ttl: int) -> list[str]:
+    """The command line of controller ``index`` (``controller-<index>`` in the election)."""
+    return [sys.executable, "-m", "controller", "--id", f"controller-{index}", "--port", str(port),
+            "--etcd", etcd_endpoint, "--store", str(store), "--tick", str(tick_s),
+            "--placement", placement, "--lease-ttl", str(lease_ttl)]
 
 
 def stop(state: RuntimeState) -> None:

@@ -1,14 +1,24 @@
 """Instance states and their legal transitions.
 
-An instance is one loaded copy of a function's model on one invoker::
+An instance is one copy of a function's model on one invoker::
 
-    cold ──> loading ──> idle <──> warm
-      │         │         │         │
-      └─────────┴─────────┴─────────┴──> stopped
+    pending ──> loading ──> idle <──> active <──> migrating
+       │           │          │          │            │
+       │           │          └──────────┴─> draining ┘
+       │           │                 │           │
+       └───────────┴─────────────────┴───────────┴──> stopped | lost
 
-``cold`` is chosen but not yet loading; ``idle`` and ``warm`` are both loaded (warm while it has
-invocations in flight); ``stopped`` is final (unloaded after keep-alive, failed to load, or its
-invoker died).
+- ``pending``: placed on an invoker; its load request is not sent yet (the record is written to
+  etcd first, so a controller that dies here finds the pending load and sends it again);
+- ``loading``: the invoker is fetching (when it has no copy) and loading the checkpoint;
+- ``idle``: warm, no invocation in flight; the keep-alive clock runs;
+- ``active``: warm, serving one or more invocations;
+- ``migrating``: warm, its inferences are moving to another instance (ServerlessLLM §5);
+- ``draining``: takes no new invocations and is unloaded when the last one in flight ends
+  (the function was deleted or changed);
+- ``stopped`` (final): unloaded after keep-alive, evicted, or failed to load;
+- ``lost`` (final): its invoker died (lease expired or unreachable); the record stays a while so
+  an operator sees what happened.
 """
 
 from __future__ import annotations
@@ -19,23 +29,37 @@ from sllm.errors import InternalError
 
 
 class InstanceState(str, Enum):
-    COLD = "cold"  # placed on an invoker, load not started
-    LOADING = "loading"  # the invoker is loading the checkpoint
-    IDLE = "idle"  # loaded, no invocation in flight; keep-alive clock running
-    WARM = "warm"  # loaded, serving one or more invocations
-    STOPPED = "stopped"  # unloaded or failed; final
+    PENDING = "pending"
+    LOADING = "loading"
+    IDLE = "idle"
+    ACTIVE = "active"
+    MIGRATING = "migrating"
+    DRAINING = "draining"
+    STOPPED = "stopped"
+    LOST = "lost"
 
 
+S = InstanceState
+_END = {S.STOPPED, S.LOST}
 TRANSITIONS: dict[InstanceState, frozenset[InstanceState]] = {
-    InstanceState.COLD: frozenset({InstanceState.LOADING, InstanceState.STOPPED}),
-    InstanceState.LOADING: frozenset({InstanceState.IDLE, InstanceState.WARM, InstanceState.STOPPED}),
-    InstanceState.IDLE: frozenset({InstanceState.WARM, InstanceState.STOPPED}),
-    InstanceState.WARM: frozenset({InstanceState.IDLE, InstanceState.STOPPED}),
-    InstanceState.STOPPED: frozenset(),
+    S.PENDING: frozenset({S.LOADING, *_END}),
+    S.LOADING: frozenset({S.IDLE, S.DRAINING, *_END}),
+    S.IDLE: frozenset({S.ACTIVE, S.DRAINING, *_END}),
+    S.ACTIVE: frozenset({S.IDLE, S.MIGRATING, S.DRAINING, *_END}),
+    S.MIGRATING: frozenset({S.ACTIVE, S.IDLE, S.DRAINING, *_END}),
+    S.DRAINING: frozenset(_END),
+    S.STOPPED: frozenset(),
+    S.LOST: frozenset(),
 }
 
-LOADED = frozenset({InstanceState.IDLE, InstanceState.WARM})
-"""States in which an instance can serve invocations."""
+LOADED = frozenset({S.IDLE, S.ACTIVE})
+"""States in which an instance takes new invocations."""
+
+STARTING = frozenset({S.PENDING, S.LOADING})
+"""States of an instance on its way to being loaded (a cold start in progress)."""
+
+FINAL = frozenset(_END)
+"""States an instance never leaves; it holds no memory on its invoker."""
 
 
 def check_transition(old: InstanceState, new: InstanceState) -> None:

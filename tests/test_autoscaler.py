@@ -1,11 +1,9 @@
-"""The autoscaler's pure decision and the placement policy."""
+"""The autoscaler's pure decision."""
 
 from __future__ import annotations
 
 from controller.autoscaler import InstanceView, decide
-from controller.placement import choose_invoker
 from sllm.manifest import validate_manifest
-from sllm.messages import InvokerRecord
 from sllm.states import InstanceState as S
 
 
@@ -31,7 +29,7 @@ def test_scale_to_zero_after_keep_alive() -> None:
 
 def test_busy_instances_are_never_stopped() -> None:
     f = fn("f")
-    insts = [InstanceView("i1", "f", "m", S.WARM, 0.0), InstanceView("i2", "f", "m", S.LOADING, 0.0)]
+    insts = [InstanceView("i1", "f", "m", S.ACTIVE, 0.0), InstanceView("i2", "f", "m", S.LOADING, 0.0)]
     assert decide(1e9, {"f": f}, insts).stop == ()
 
 
@@ -45,17 +43,15 @@ def test_deleted_function_and_stale_model_instances_stop_when_idle() -> None:
     f = fn("f", model="new")
     insts = [InstanceView("old", "f", "old-model", S.IDLE, 1e9),
              InstanceView("gone", "g", "m", S.IDLE, 1e9),
-             InstanceView("busy", "g", "m", S.WARM, 1e9)]
-    assert set(decide(0.0, {"f": f}, insts).stop) == {"old", "gone"}
+             InstanceView("busy", "g", "m", S.ACTIVE, 1e9)]
+    d = decide(0.0, {"f": f}, insts)
+    assert set(d.stop) == {"old", "gone"}
+    assert d.drain == ("busy",)  # busy: it finishes what it serves, takes nothing new
 
 
-def inv(i: str, mem: int) -> InvokerRecord:
-    return InvokerRecord(id=i, url=f"http://{i}", device="cpu", memory_bytes=mem, started=0.0, pid=1)
-
-
-def test_placement_worked_example() -> None:
-    gib = 1 << 30
-    invokers = [inv("a", 4 * gib), inv("b", 2 * gib)]
-    assert choose_invoker(invokers, {"a": 3 * gib}, gib).id == "b"  # type: ignore[union-attr]
-    assert choose_invoker(invokers, {"a": 3 * gib}, 3 * gib) is None
-    assert choose_invoker(invokers, {}, gib).id == "a"  # type: ignore[union-attr]
+def test_draining_instances_count_for_nothing() -> None:
+    """A draining instance is on its way out: it neither satisfies minInstances nor is
+    stopped twice."""
+    f = fn("f", minInstances=1)
+    d = decide(0.0, {"f": f}, [InstanceView("d", "f", "m", S.DRAINING, 0.0)])
+    assert d.stop == () and d.drain == () and dict(d.start) == {"f": 1}

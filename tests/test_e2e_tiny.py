@@ -304,7 +304,9 @@ def test_function_lifecycle_through_the_cli(cluster: Cluster, tmp_path: Path) ->
     assert "cold start" in out.stderr and "TTFT" in out.stderr
     js = sllm("fn", "invoke", "tiny-cli", "--prompt", "hi", "--no-stream", "--json")
     assert json.loads(js.stdout)["usage"]["completion_tokens"] == 4
-    assert json.loads(sllm("fn", "get", "tiny-cli").stdout)["manifest"]["spec"]["model"] == MODEL
+    assert json.loads(sllm("fn", "get", "tiny-cli", "--json").stdout)["manifest"]["spec"]["model"] == MODEL
+    shown = sllm("fn", "get", "tiny-cli").stdout  # the placement decision, with each candidate
+    assert "placement (ours): invoker-0" in shown and "queue s" in shown, shown
     path.write_text(path.read_text().replace("maxTokens: 4", "maxTokens: 3"))
     assert sllm("fn", "update", "-f", str(path)).returncode == 0
     js = sllm("fn", "invoke", "tiny-cli", "--prompt", "hi", "--no-stream", "--json")

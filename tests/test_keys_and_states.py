@@ -38,15 +38,20 @@ def test_names_with_slash_cannot_make_keys() -> None:
 
 
 def test_legal_lifecycle() -> None:
-    path = [InstanceState.COLD, InstanceState.LOADING, InstanceState.IDLE, InstanceState.WARM,
-            InstanceState.IDLE, InstanceState.STOPPED]
-    for a, b in itertools.pairwise(path):
-        check_transition(a, b)
+    S = InstanceState
+    for path in ([S.PENDING, S.LOADING, S.IDLE, S.ACTIVE, S.IDLE, S.STOPPED],
+                 [S.PENDING, S.LOADING, S.IDLE, S.ACTIVE, S.MIGRATING, S.ACTIVE, S.DRAINING, S.STOPPED],
+                 [S.PENDING, S.LOST], [S.LOADING, S.LOST], [S.ACTIVE, S.LOST], [S.DRAINING, S.LOST]):
+        for a, b in itertools.pairwise(path):
+            check_transition(a, b)
 
 
 @pytest.mark.parametrize(("a", "b"), [(InstanceState.STOPPED, InstanceState.IDLE),
-                                      (InstanceState.COLD, InstanceState.WARM),
-                                      (InstanceState.IDLE, InstanceState.LOADING)])
+                                      (InstanceState.LOST, InstanceState.IDLE),
+                                      (InstanceState.PENDING, InstanceState.ACTIVE),
+                                      (InstanceState.IDLE, InstanceState.LOADING),
+                                      (InstanceState.DRAINING, InstanceState.ACTIVE),
+                                      (InstanceState.IDLE, InstanceState.MIGRATING)])
 def test_illegal_transition_raises(a: InstanceState, b: InstanceState) -> None:
     with pytest.raises(InternalError):
         check_transition(a, b)

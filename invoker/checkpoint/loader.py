@@ -370,6 +370,35 @@ def _device_copier(dest: torch.Tensor, stream: torch.cuda.Stream | None) -> Call
     return copy
 
 
+def verify_data_file(folder: Path, file: DataFile) -> None:
+    """Check ``<folder>/<file.name>`` against its index entry ``file``: its size, then every
+    chunk's xxh3-64 checksum, read with plain buffered I/O one checksum chunk at a time (memory:
+    one chunk, ``file.chunk_bytes`` bytes). For files fetched from elsewhere before they are used.
+
+    Raises:
+        CheckpointError: the file is missing, unreadable, of another size than the index says, or
+            a checksum differs (the message names the file, chunk and byte range).
+    """
+    path = Path(folder) / file.name
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, 2)  # the end: the file's size
+            f.seek(0)
+            if size != file.size:
+                raise CheckpointError(f"{path}: {size} bytes, the index says {file.size}")
+            buf = memoryview(bytearray(min(file.chunk_bytes, file.size)))
+            for i, lo in enumerate(range(0, file.size, file.chunk_bytes)):
+                c = _Chunk(file, i, lo, min(file.size, lo + file.chunk_bytes), lo)
+                n = f.readinto(buf[: c.hi - c.lo])
+                if n != c.hi - c.lo:
+                    raise CheckpointError(f"{path}: truncated while reading chunk {c.index}")
+                _check(Path(folder), c, buf[:n])
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing data file") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read data file: {e}") from e
+
+
 def _check(folder: Path, c: _Chunk, data: memoryview) -> None:
     if xxhash.xxh3_64_hexdigest(data) != c.file.checksums[c.index]:
         raise CheckpointError(

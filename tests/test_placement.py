@@ -1,0 +1,127 @@
+"""Placement (controller.placement): the policies against hand-built cluster views."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from controller.estimator import Bandwidths, MigrationCost
+from controller.placement import ClusterView, InvokerState, PlacementRequest, Slot, place
+
+GB = 10**9
+BW = Bandwidths(dram_bps=10 * GB, ssd_bps=2 * GB, network_bps=1 * GB)
+MIG = MigrationCost(per_token_s=0.001, fixed_s=0.1)
+
+
+def cluster(*specs: tuple[str, int], tiers: dict[str, str] | None = None) -> ClusterView:
+    """Invokers ``(id, memory bytes)``; ``tiers``: invoker -> tier of model ``m``."""
+    view = ClusterView()
+    for inv_id, mem in specs:
+        view.invokers[inv_id] = InvokerState(id=inv_id, url=f"http://{inv_id}", memory_bytes=mem,
+                                             bandwidths=BW)
+    for inv_id, tier in (tiers or {}).items():
+        view.set_tier("m", inv_id, tier)  # type: ignore[arg-type]
+    return view
+
+
+REQ = PlacementRequest(model="m", nbytes=GB, memory_bytes=GB)
+
+
+def test_worked_example() -> None:
+    """The module docstring's example."""
+    view = cluster(("a", GB), ("b", 2 * GB), ("c", 2 * GB), tiers={"a": "dram", "b": "ssd"})
+    view.invokers["a"].put("busy-1", Slot(GB, "busy", tokens=500))
+    p = place(view, REQ, policy="ours", migration=MIG, now=0.0)
+    assert p is not None and p.invoker.id == "b" and p.chosen.tier == "ssd"
+    assert [(e.invoker_id, round(e.total_s, 6)) for e in p.candidates] == [
+        ("b", 0.5), ("a", 0.7), ("c", 1.5)]
+    a = next(e for e in p.candidates if e.invoker_id == "a")
+    assert a.migrates and a.migration_s == pytest.approx(0.6) and a.load_s == pytest.approx(0.1)
+    assert p.migrate == () and p.considered == 3
+    loc = place(view, REQ, policy="locality", migration=MIG, now=0.0)
+    assert loc is not None and loc.invoker.id == "b"
+
+
+def test_prefers_dram_then_ssd_then_remote() -> None:
+    view = cluster(("a", 4 * GB), ("b", 4 * GB), ("c", 4 * GB), tiers={"b": "ssd", "c": "dram"})
+    for policy in ("ours", "locality"):
+        p = place(view, REQ, policy=policy, now=0.0)  # type: ignore[arg-type]
+        assert p is not None and (p.invoker.id, p.chosen.tier) == ("c", "dram"), policy
+    view.set_tier("m", "c", None)
+    p = place(view, REQ, now=0.0)
+    assert p is not None and (p.invoker.id, p.chosen.tier) == ("b", "ssd")
+    view.set_tier("m", "b", None)
+    p = place(view, REQ, now=0.0)
+    assert p is not None and p.chosen.tier == "remote"
+    assert p.chosen.load_s == pytest.approx(1.0 + 0.5)  # copy at 1 GB/s, then the SSD load
+
+
+def test_queued_loads_make_ours_look_elsewhere_but_not_locality() -> None:
+    """a holds the checkpoint in DRAM but has 2 s of loads queued: ours takes b's SSD copy
+    (0.5 s), locality still goes to a."""
+    view = cluster(("a", 4 * GB), ("b", 4 * GB), tiers={"a": "dram", "b": "ssd"})
+    view.invokers["a"].put("loading-1", Slot(GB, "starting", ready_by=12.0))
+    p = place(view, REQ, policy="ours", now=10.0)
+    assert p is not None and p.invoker.id == "b"
+    a = next(e for e in p.candidates if e.invoker_id == "a")
+    assert a.queue_s == pytest.approx(2.0) and a.total_s == pytest.approx(2.1)
+    loc = place(view, REQ, policy="locality", now=10.0)
+    assert loc is not None and loc.invoker.id == "a"
+    # once the queued load is due, a wins again
+    p = place(view, REQ, policy="ours", now=13.0)
+    assert p is not None and p.invoker.id == "a"
+
+
+def test_idle_instances_are_evicted_least_recently_used_first() -> None:
+    view = cluster(("a", 3 * GB), tiers={"a": "ssd"})
+    inv = view.invokers["a"]
+    inv.put("old", Slot(GB, "idle", last_used=1.0))
+    inv.put("new", Slot(GB, "idle", last_used=5.0))
+    inv.put("busy", Slot(GB, "busy", tokens=10))
+    p = place(view, REQ, now=0.0)
+    assert p is not None and p.evict == ("old",) and p.chosen.evicts and not p.chosen.migrates
+    p = place(view, PlacementRequest("m", GB, 2 * GB), now=0.0)
+    assert p is not None and p.evict == ("old", "new")
+
+
+def test_migration_only_when_allowed_and_only_ours() -> None:
+    view = cluster(("a", GB), tiers={"a": "dram"})
+    view.invokers["a"].put("busy", Slot(GB, "busy", tokens=100))
+    assert place(view, REQ, now=0.0) is None  # no migration cost given: not a candidate
+    for policy in ("locality", "least-loaded", "random"):
+        assert place(view, REQ, policy=policy, migration=MIG, now=0.0) is None  # type: ignore[arg-type]
+    p = place(view, REQ, migration=MIG, now=0.0)
+    assert p is not None and p.migrate == ("busy",)
+    assert p.chosen.migration_s == pytest.approx(0.001 * 100 + 0.1)
+
+
+def test_least_loaded_and_random() -> None:
+    view = cluster(("a", 4 * GB), ("b", 4 * GB), ("c", GB // 2), tiers={"a": "dram"})
+    view.invokers["a"].in_flight = 3
+    p = place(view, REQ, policy="least-loaded", now=0.0)
+    assert p is not None and p.invoker.id == "b"  # c cannot hold it
+    seen = {place(view, REQ, policy="random", rng=random.Random(s), now=0.0).invoker.id  # type: ignore[union-attr]
+            for s in range(40)}
+    assert seen == {"a", "b"}
+
+
+def test_slot_bookkeeping() -> None:
+    inv = InvokerState(id="a", url="", memory_bytes=10 * GB, bandwidths=BW)
+    inv.put("s", Slot(GB, "starting", ready_by=7.0))
+    inv.put("i", Slot(2 * GB, "idle"))
+    inv.put("b", Slot(3 * GB, "busy", tokens=9))
+    assert (inv.used_bytes, inv.idle_bytes, inv.busy_bytes, inv.busy_tokens, inv.ready_by) == (
+        6 * GB, 2 * GB, 3 * GB, 9, 7.0)
+    inv.put("i", Slot(2 * GB, "busy", tokens=1))  # replacing a slot moves its bytes
+    assert (inv.idle_bytes, inv.busy_bytes, inv.busy_tokens) == (0, 5 * GB, 10)
+    inv.drop("s")
+    inv.drop("missing")
+    assert (inv.used_bytes, inv.starting, inv.ready_by) == (5 * GB, 0, 0.0)
+
+
+def test_unknown_policy_and_full_cluster() -> None:
+    view = cluster(("a", GB // 2))
+    assert place(view, REQ, now=0.0) is None
+    with pytest.raises(ValueError, match="unknown placement policy"):
+        place(view, REQ, policy="best", now=0.0)  # type: ignore[arg-type]
