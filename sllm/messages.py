@@ -118,6 +118,7 @@ class InstanceRecord(Wire):
     placement: PlacementRecord | None = None  # the decision that put it there
     ready_by: float | None = None  # unix seconds its load is estimated to end (while starting)
     transfer_seconds: float | None = None  # fetching the checkpoint first (no local copy)
+    fetched_from: str | None = None  # where it was fetched from: a peer invoker's URL or the root
     lost_at: float | None = None  # unix seconds it was marked lost
 
 

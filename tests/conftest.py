@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -58,15 +59,18 @@ class Cluster:
 
 
 def start_cluster(
-    home: Path, *, invokers: int = 1, tick_s: float = 0.2, memory: str = "8Gi", dram_pool: str = "64Mi"
+    home: Path, *, invokers: int = 1, tick_s: float = 0.2, memory: str = "8Gi", dram_pool: str = "64Mi",
+    controllers: int = 1, **options: Any,
 ) -> Cluster:
-    """Start a runtime on free ports with its model store under ``home/models``."""
+    """Start a runtime on free ports with its store root under ``home/models``; ``options`` go
+    to :func:`sllm.runtime.start` (lease TTLs, placement policy)."""
     store = home / "models"
     state = runtime.start(
-        home, invokers=invokers, gateway_port=runtime.free_port(), controller_port=runtime.free_port(),
+        home, invokers=invokers, gateway_port=runtime.free_port(),
+        controller_ports=[runtime.free_port() for _ in range(controllers)], controllers=controllers,
         etcd_port=runtime.free_port(), etcd_peer_port=runtime.free_port(),
         invoker_ports=[runtime.free_port() for _ in range(invokers)], store=store, tick_s=tick_s,
-        invoker_memory=memory, dram_pool=dram_pool, stop_at_exit=True,
+        invoker_memory=memory, dram_pool=dram_pool, stop_at_exit=True, **options,
     )
     return Cluster(state=state, home=home, store=store)
 

@@ -54,7 +54,8 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def make_tiny_llama(
-    *, seed: int = 0, dtype: torch.dtype = torch.float32, tie_word_embeddings: bool = True
+    *, seed: int = 0, dtype: torch.dtype = torch.float32, tie_word_embeddings: bool = True,
+    hidden_size: int = 64, num_hidden_layers: int = 2,
 ) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
     """A 2-layer llama (hidden 64) with random weights and its tokenizer.
 
@@ -62,13 +63,15 @@ def make_tiny_llama(
         seed: seeds torch before the weights are drawn, so equal seeds give equal models.
         dtype: the parameters' dtype.
         tie_word_embeddings: share the input embedding with the LM head, as SmolLM2 does.
+        hidden_size, num_hidden_layers: larger values make a slower model (its MLP is twice
+            the hidden size), for tests that need a generation to last.
     """
     tokenizer = make_tokenizer()
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_hidden_layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=256,
