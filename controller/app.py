@@ -172,16 +172,16 @@ class Controller:
                 log.warning("unloading orphan %s failed: %s", iid, e.message)
 
     async def sweep_orphans(self, invokers: list[InvokerRecord]) -> None:
-        """Unload instances an invoker has loaded that this controller does not know."""
-        known = {r.id for r in self.pool.records()}
+        """Unload instances an invoker has loaded that are not live in the pool: unknown ones,
+        and lost ones on an invoker that turned out to be alive after all."""
         orphans: list[tuple[str, str, str]] = []
         for inv in invokers:
             try:
                 ids = await self.invoker_client.list_instances(inv.url)
             except SllmError:
                 continue  # a dead invoker is the lease's business
-            orphans += [(inv.id, iid, "not known to the controller") for iid in ids
-                        if iid not in known and iid not in self.pool.instances]
+            orphans += [(inv.id, iid, "not a live instance of the controller") for iid in ids
+                        if iid not in self.pool.instances]
         await self._unload_orphans(orphans, invokers)
 
     async def reconcile(self) -> None:

@@ -234,10 +234,10 @@ class InstancePool:
                             retry_after=5,
                         ) from None
                     live.in_flight -= 1
-                    if live.state == S.LOST:  # its invoker died while loading: place it again
-                        continue
                     if live.error is not None:
                         raise live.error
+                    if live.state not in LOADED:  # its invoker died while loading: place again
+                        continue
                     self._take(live)
                     return self._assignment(
                         manifest, live, cold=True, queue_s=queue_s, load_s=time.monotonic() - t_load
@@ -444,6 +444,12 @@ class InstancePool:
 
     async def _load(self, live: LiveInstance) -> None:
         rec = live.record
+        if live.state not in STARTING:  # stopped or lost before its load was sent
+            if live.state != S.LOST and live.error is None:
+                live.error = Unavailable(f"instance {rec.id} was stopped before it loaded",
+                                         retry_after=1)
+            live.loaded.set()
+            return
         if live.state == S.PENDING:
             self._set_state(live, S.LOADING)
         req = LoadRequest(instance_id=rec.id, function=rec.function, model=rec.model,
@@ -505,7 +511,7 @@ class InstancePool:
         live = self.instances.get(instance_id)
         if live is None or live.state in FINAL:
             return
-        if live.in_flight == 0 and live.state not in STARTING:
+        if live.state == S.PENDING or (live.in_flight == 0 and live.state != S.LOADING):
             await self.stop(instance_id, reason=reason)
         elif live.state != S.DRAINING:
             self._set_state(live, S.DRAINING, reason=reason)

@@ -5,6 +5,7 @@ Every body that crosses a process boundary is one of these pydantic models (``ex
 - etcd records: :class:`FunctionRecord`, :class:`InvokerRecord`, :class:`InstanceRecord`;
 - gateway -> controller: :class:`AcquireRequest` -> :class:`Assignment`, :class:`ReleaseRequest`;
 - controller -> invoker: :class:`LoadRequest` -> :class:`LoadResponse`;
+- invoker -> invoker: :class:`CheckpointListing` (the files of a checkpoint to fetch);
 - gateway -> invoker: :class:`GenerateRequest`, answered by a stream of newline-delimited JSON
   :class:`TokenMessage` ... then one :class:`DoneMessage` or :class:`ErrorMessage`.
 """
@@ -170,6 +171,30 @@ class LoadResponse(Wire):
     transfer_seconds: float = 0.0  # fetching the checkpoint into the local store first
     transferred_bytes: int = 0  # bytes fetched (less than nbytes when a transfer resumed)
     source: str | None = None  # where it was fetched from (a peer URL or the store root)
+
+
+# --- invoker <-> invoker (checkpoint distribution) ---------------------------------------------
+
+
+class CheckpointFile(Wire):
+    """One file of a checkpoint: its path relative to the checkpoint folder (posix separators)
+    and its size in bytes."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    size: int = Field(ge=0)
+
+
+class CheckpointListing(Wire):
+    """The body of ``GET /v1/checkpoints/{model}``: every regular file of the checkpoint folder,
+    sorted by name, and the sha256 hex digest of its ``index.json`` (the checkpoint's version)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str
+    index_sha256: str
+    files: list[CheckpointFile]
 
 
 # --- gateway <-> invoker ------------------------------------------------------------------------

@@ -18,9 +18,9 @@ import uvicorn
 from starlette.applications import Starlette
 
 from invoker.checkpoint import load_checkpoint, write_config, write_tensors
-from invoker.files_api import checkpoint_file_routes
+from invoker.files_api import checkpoint_file_routes, index_sha256
 from invoker.store import ModelStore
-from invoker.transfer import fetch_checkpoint, index_sha256
+from invoker.transfer import fetch_checkpoint
 from sllm.errors import CheckpointError, ModelNotFound, Unavailable
 from sllm.http import EXCEPTION_HANDLERS
 from sllm.runtime import free_port
