@@ -49,7 +49,12 @@ from controller.placement import (
     place,
 )
 from sllm import keys
-from sllm.config import LOST_RETENTION_S, MIGRATION_FIXED_S, MIGRATION_PER_TOKEN_S
+from sllm.config import (
+    INVOKER_LEASE_TTL_S,
+    LOST_RETENTION_S,
+    MIGRATION_FIXED_S,
+    MIGRATION_PER_TOKEN_S,
+)
 from sllm.errors import InstanceNotFound, SllmError, TooManyRequests, Unavailable
 from sllm.etcd import Etcd
 from sllm.manifest import FunctionManifest
@@ -67,6 +72,11 @@ from sllm.states import FINAL, LOADED, STARTING, InstanceState, check_transition
 log = logging.getLogger(__name__)
 
 S = InstanceState
+
+SUSPECT_S = 2.0 * INVOKER_LEASE_TTL_S
+"""Seconds an invoker found unreachable is left out of placement although its record is still
+in etcd (its lease expires meanwhile if it is dead; one still renewing after that is alive and
+placed again: a false alarm costs its instances, which the orphan sweep unloads)."""
 
 
 @dataclass
@@ -324,10 +334,12 @@ class InstancePool:
     def view(self, invokers: Iterable[InvokerRecord]) -> ClusterView:
         """The scheduler's view of the live ``invokers`` and this pool's instances."""
         view = ClusterView(tiers=self.tiers)
+        now = self._clock()
         self._urls = {}
         for rec in invokers:
-            if self._dead.get(rec.id, -1.0) >= rec.started:
-                continue  # found dead; its lease has not expired yet (a restart registers anew)
+            dead_at = self._dead.get(rec.id)
+            if dead_at is not None and dead_at >= rec.started and now - dead_at < SUSPECT_S:
+                continue  # found unreachable, and its lease has not expired yet
             self._urls[rec.id] = rec.url
             view.invokers[rec.id] = InvokerState(
                 id=rec.id, url=rec.url, memory_bytes=rec.memory_bytes,
