@@ -2,21 +2,31 @@
 
 from __future__ import annotations
 
+import logging
+
 import httpx
 
 from sllm.errors import InvokerError
 from sllm.http import raise_for_error
 from sllm.messages import LoadRequest, LoadResponse
 
+log = logging.getLogger(__name__)
+
 LOAD_TIMEOUT_S = 600.0
 """Seconds a load may take before the controller gives up on it."""
+
+KEEPALIVE_S = 2.0
+"""Seconds an idle connection to an invoker is kept for reuse (below the server's 5 s)."""
 
 
 class InvokerClient:
     """Calls invokers' management API. One shared connection pool for all invokers."""
 
     def __init__(self) -> None:
-        self._http = httpx.AsyncClient(timeout=httpx.Timeout(10.0, read=LOAD_TIMEOUT_S))
+        # idle connections are dropped before the invokers' servers drop them (uvicorn: 5 s),
+        # so a request never goes out on a connection the server is closing
+        self._http = httpx.AsyncClient(timeout=httpx.Timeout(10.0, read=LOAD_TIMEOUT_S),
+                                       limits=httpx.Limits(keepalive_expiry=KEEPALIVE_S))
 
     async def close(self) -> None:
         await self._http.aclose()
@@ -28,8 +38,15 @@ class InvokerClient:
             sllm.errors.SllmError: what the invoker raised (ModelNotFound, CheckpointError, ...).
             InvokerError: the invoker is unreachable or answered nonsense.
         """
+        body = request.model_dump()
         try:
-            r = await self._http.post(f"{invoker_url}/v1/instances", json=request.model_dump())
+            try:
+                r = await self._http.post(f"{invoker_url}/v1/instances", json=body)
+            except (httpx.NetworkError, httpx.RemoteProtocolError) as e:
+                # a connection that broke under the request: loads are idempotent per instance
+                # id (the invoker joins one in progress), so sending it again is safe
+                log.info("load of %s on %s: %r; sending it again", request.instance_id, invoker_url, e)
+                r = await self._http.post(f"{invoker_url}/v1/instances", json=body)
         except httpx.HTTPError as e:
             raise InvokerError(f"invoker at {invoker_url} failed to load: {e!r}") from e
         raise_for_error(r)

@@ -228,12 +228,15 @@ class InstancePool:
                     self._take(live)
                     return self._assignment(manifest, live, cold=False, queue_s=queue_s, load_s=0.0)
                 loading = [i for i in cands if i.state in STARTING and i.in_flight < target]
-                if not loading and len(cands) < scaling.maxInstances:
-                    started = await self.start_instance(manifest)
-                    loading = [started] if started is not None else []
-                if loading:
-                    live = min(loading, key=lambda i: i.in_flight)
-                    live.in_flight += 1
+                live = min(loading, key=lambda i: i.in_flight) if loading else None
+                if live is not None:
+                    live.in_flight += 1  # before any await: the slot is this call's
+                elif len(cands) < scaling.maxInstances:
+                    # reserves a slot on the new instance before its first await
+                    live = await self.start_instance(manifest, reserve=True)
+                    if live is None and len(self._candidates(manifest)) > len(cands):
+                        continue  # another call started one meanwhile: look again
+                if live is not None:
                     t_load = time.monotonic()
                     try:
                         await asyncio.wait_for(live.loaded.wait(), max(0.0, deadline - t_load))
@@ -404,9 +407,12 @@ class InstancePool:
                 decision = None
         return decision
 
-    async def start_instance(self, manifest: FunctionManifest) -> LiveInstance | None:
+    async def start_instance(self, manifest: FunctionManifest, *, reserve: bool = False
+                             ) -> LiveInstance | None:
         """Place a new instance of the function and start loading it in the background; None
-        when every invoker is full of busy instances (the caller waits for a release).
+        when every invoker is full of busy instances (the caller waits for a release) or the
+        function reached ``maxInstances`` meanwhile. With ``reserve`` the new instance counts
+        one invocation in flight from the moment it exists (the caller's).
 
         Raises:
             Unavailable: no invoker runs, or none could ever hold the instance.
@@ -415,6 +421,8 @@ class InstancePool:
         invokers = await self._list_invokers()
         if not invokers:
             raise Unavailable("no invoker is running", retry_after=5)
+        if len(self._candidates(manifest)) >= manifest.spec.scaling.maxInstances:
+            return None  # another call started one while this one listed the invokers
         t0 = time.perf_counter()
         decision = self.decide(manifest, invokers)
         decision_s = time.perf_counter() - t0
@@ -434,7 +442,7 @@ class InstancePool:
             placement=placement_record(decision, list(decision.evict), now, decision_s),
             ready_by=now + decision.chosen.total_s,
         )
-        live = LiveInstance(record, max_tokens=manifest.spec.generation.maxTokens)
+        live = LiveInstance(record, in_flight=int(reserve), max_tokens=manifest.spec.generation.maxTokens)
         self.instances[record.id] = live
         log.info("cold start: instance %s of %s on invoker %s (%s tier, estimated %.3f s, %d "
                  "candidates, decided in %.2f ms)", record.id, manifest.name, inv.id,

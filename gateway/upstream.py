@@ -52,7 +52,9 @@ class Upstream:
         self._current = 0
         self._http = httpx.AsyncClient(
             timeout=httpx.Timeout(10.0, read=COLD_START_DEADLINE_S + 30.0),
-            limits=httpx.Limits(max_connections=1000, max_keepalive_connections=100),
+            # idle connections go before the servers' (uvicorn: 5 s) close them under a request
+            limits=httpx.Limits(max_connections=1000, max_keepalive_connections=100,
+                                keepalive_expiry=2.0),
         )
         self._background: set[asyncio.Task[None]] = set()
 
