@@ -84,6 +84,19 @@ class InvokerState:
     starting: int = 0
     ready_by: float = 0.0  # latest ready_by among its starting slots (unix seconds)
 
+    def __post_init__(self) -> None:
+        self.set_bandwidths(self.bandwidths)
+
+    def set_bandwidths(self, bw: Bandwidths) -> None:
+        """Change the invoker's bandwidths (keeps the per-tier seconds per byte in step).
+
+        Raises:
+            ValueError: a bandwidth is not positive.
+        """
+        self.bandwidths = bw
+        # seconds per byte from each tier, by _TIER_ORDER (one multiply per candidate)
+        self.seconds_per_byte = tuple(load_seconds(1, t, bw) for t in ("dram", "ssd", "remote"))
+
     def put(self, instance_id: str, slot: Slot) -> None:
         """Add or replace an instance's slot."""
         self.drop(instance_id)
@@ -207,7 +220,8 @@ def place(
     nbytes = req.nbytes
     held = view.tiers.get(req.model, {})
     may_migrate = policy == "ours" and migration is not None
-    rows: list[tuple[float, int, str, float, float, float, bool, bool]] = []
+    order = _TIER_ORDER
+    rows: list[_Row] = []
     for inv in view.invokers.values():
         free = inv.memory_bytes - inv.used_bytes
         evict = migrate = False
@@ -219,25 +233,24 @@ def place(
                 migrate = True
             else:
                 continue
-        tier = held.get(inv.id, "remote")
+        t = order[held.get(inv.id, "remote")]
         queue_s = inv.ready_by - now if inv.ready_by > now else 0.0
-        load_s = load_seconds(nbytes, tier, inv.bandwidths)
+        load_s = nbytes * inv.seconds_per_byte[t]
         mig_s = migration.seconds(inv.busy_tokens) if migrate and migration is not None else 0.0
-        rows.append((queue_s + load_s + mig_s, _TIER_ORDER[tier], inv.id, queue_s, load_s, mig_s,
-                     evict, migrate))
+        rows.append((queue_s + load_s + mig_s, t, inv.id, queue_s, load_s, mig_s, evict, migrate,
+                     inv))
     if not rows:
         return None
-    best = heapq.nsmallest(keep, rows)
+    best = heapq.nsmallest(keep, rows)  # ids are unique: comparison never reaches the invoker
     if policy == "ours":
         pick = best[0]
     elif policy == "locality":
-        pick = min(rows, key=lambda r: (r[1], r[7], -view.invokers[r[2]].free_bytes, r[2]))
+        pick = min(rows, key=lambda r: (r[1], r[7], -r[8].free_bytes, r[2]))
     elif policy == "least-loaded":
-        pick = min(rows, key=lambda r: (view.invokers[r[2]].in_flight + view.invokers[r[2]].starting,
-                                        -view.invokers[r[2]].free_bytes, r[2]))
+        pick = min(rows, key=lambda r: (r[8].in_flight + r[8].starting, -r[8].free_bytes, r[2]))
     else:
         pick = (rng or random).choice([r for r in rows if not r[7]] or rows)
-    inv = view.invokers[pick[2]]
+    inv = pick[8]
     evict_ids, migrate_ids = _make_room(inv, need, migrate=pick[7])
     return Placement(
         policy=policy, invoker=inv, chosen=_estimate(pick), evict=evict_ids, migrate=migrate_ids,
@@ -245,8 +258,13 @@ def place(
     )
 
 
-def _estimate(row: tuple[float, int, str, float, float, float, bool, bool]) -> Estimate:
-    _, order, inv_id, queue_s, load_s, mig_s, evicts, migrates = row
+_Row = tuple[float, int, str, float, float, float, bool, bool, InvokerState]
+"""A candidate: (total s, tier order, invoker id, queue s, load s, migration s, evicts,
+migrates, the invoker)."""
+
+
+def _estimate(row: _Row) -> Estimate:
+    _, order, inv_id, queue_s, load_s, mig_s, evicts, migrates, _inv = row
     tier: Tier = ("dram", "ssd", "remote")[order]  # type: ignore[assignment]
     return Estimate(inv_id, tier, queue_s, load_s, mig_s, evicts, migrates)
 
