@@ -115,7 +115,15 @@ class Controller:
         """Become the leader: rebuild state from etcd, then run the reconcile loop and the
         instance-record flusher."""
         self.pool = self._new_pool()
-        await self.recover()
+        while True:  # cancelled by the election if the lead is lost meanwhile
+            try:
+                await self.recover()
+                break
+            except Unavailable as e:
+                log.warning("recovery waits for etcd: %s", e.message)
+            except Exception:
+                log.exception("recovery failed; trying again")
+            await asyncio.sleep(1.0)
         self._leading = [asyncio.create_task(self.run_reconciler()),
                          asyncio.create_task(self.pool.run_flusher())]
         log.info("controller %s leads", self.config.controller_id)

@@ -55,7 +55,7 @@ from sllm.config import (
     MIGRATION_FIXED_S,
     MIGRATION_PER_TOKEN_S,
 )
-from sllm.errors import InstanceNotFound, SllmError, TooManyRequests, Unavailable
+from sllm.errors import InstanceNotFound, NotLeader, SllmError, TooManyRequests, Unavailable
 from sllm.etcd import Etcd
 from sllm.manifest import FunctionManifest
 from sllm.messages import (
@@ -133,6 +133,7 @@ class InstancePool:
         self._dirty: set[str] = set()
         self._flush_wakeup = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
 
     # --- state changes --------------------------------------------------------------------------
 
@@ -221,6 +222,9 @@ class InstancePool:
         queued = False
         try:
             while True:
+                if self._closed:
+                    raise NotLeader("this controller stopped leading; ask the new leader",
+                                    retry_after=1)
                 cands = self._candidates(manifest)
                 loaded = [i for i in cands if i.state in LOADED and i.in_flight < target]
                 if loaded:
@@ -637,8 +641,16 @@ class InstancePool:
         return [i.record for i in self.instances.values()] + list(self.lost.values())
 
     async def close(self) -> None:
+        """Stop: cancel background work and send every waiting acquire away with NotLeader
+        (the pool is dropped when its controller stops leading; nothing is unloaded)."""
+        self._closed = True
         for t in list(self._tasks):
             t.cancel()
+        for live in self.instances.values():
+            if not live.loaded.is_set():
+                live.error = NotLeader("this controller stopped leading", retry_after=1)
+                live.loaded.set()
+        await self._notify()
 
 
 def placement_record(p: Placement, evicted: list[str], now: float, seconds: float) -> PlacementRecord:
