@@ -208,7 +208,8 @@ class Controller:
         functions = {r.manifest.name: r.manifest for r in await self.registry.list()}
         decision = decide(time.time(), functions, self.pool.views())
         for iid in decision.stop:
-            await self.pool.stop(iid, reason="scaled down (keep-alive expired or function changed)")
+            await self.pool.stop(iid, reason="scaled down (keep-alive expired or function changed)",
+                                 if_idle=True)
         for iid in decision.drain:
             await self.pool.drain(iid, reason="function deleted or changed")
         for name, count in decision.start.items():

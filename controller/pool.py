@@ -433,10 +433,11 @@ class InstancePool:
         if decision is None:
             log.info("no room for %s on any invoker: waiting for an instance to free up", manifest.name)
             return None
-        for iid in decision.evict:
-            victim = self.instances.get(iid)
-            if victim is not None and victim.state == S.IDLE and victim.in_flight == 0:
-                self._spawn(self.stop(iid, reason=f"evicted (least recently used idle) for {manifest.name}"))
+        for iid in decision.evict:  # retired before any await: no invocation can take them now
+            retired = self._retire(iid, f"evicted (least recently used idle) for {manifest.name}",
+                                   if_idle=True)
+            if retired is not None:
+                self._spawn(self._unload(retired[0]))
         now = self._clock()
         inv = decision.invoker
         record = InstanceRecord(
@@ -517,15 +518,29 @@ class InstancePool:
 
     # --- stopping -------------------------------------------------------------------------------
 
-    async def stop(self, instance_id: str, *, reason: str, unload: bool = True) -> None:
-        """Stop an instance: forget it, delete its record, and (``unload``) have its invoker
-        unload it. Unload failures are logged: the invoker may be gone."""
-        live = self.instances.pop(instance_id, None)
-        if live is None:
-            return
+    def _retire(self, instance_id: str, reason: str, *, if_idle: bool = False
+                ) -> tuple[LiveInstance, bool] | None:
+        """Forget an instance and mark it stopped, at once (no await): returns it and whether it
+        was still starting, or None when it is unknown (or, with ``if_idle``, no longer idle)."""
+        live = self.instances.get(instance_id)
+        if live is None or (if_idle and (live.state != S.IDLE or live.in_flight)):
+            return None
+        del self.instances[instance_id]
         starting = live.state in STARTING
         self._set_state(live, S.STOPPED, reason=reason)
         log.info("instance %s stopped: %s", instance_id, reason)
+        return live, starting
+
+    async def stop(self, instance_id: str, *, reason: str, unload: bool = True,
+                   if_idle: bool = False) -> None:
+        """Stop an instance: forget it, delete its record, and (``unload``) have its invoker
+        unload it. With ``if_idle`` only an instance still idle with nothing in flight is
+        stopped (a decision taken earlier may be stale by now). Unload failures are logged: the
+        invoker may be gone."""
+        retired = self._retire(instance_id, reason, if_idle=if_idle)
+        if retired is None:
+            return
+        live, starting = retired
         if unload and not starting:  # a load in flight is undone when it answers (see _load)
             await self._unload(live)
         await self._notify()
@@ -657,7 +672,8 @@ def placement_record(p: Placement, evicted: list[str], now: float, seconds: floa
     """The durable form of a placement decision (``seconds``: how long deciding took)."""
     def est(e: Estimate) -> EstimateRecord:
         return EstimateRecord(invoker_id=e.invoker_id, tier=e.tier, queue_s=e.queue_s,
-                              load_s=e.load_s, migration_s=e.migration_s, total_s=e.total_s,
+                              load_s=e.load_s, migration_s=e.migration_s,
+                              eviction_s=e.eviction_s, total_s=e.total_s,
                               evicts=e.evicts, migrates=e.migrates)
 
     return PlacementRecord(policy=p.policy, chosen=est(p.chosen),
