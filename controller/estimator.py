@@ -34,12 +34,11 @@ Tier = Literal["dram", "ssd", "remote"]
 
 @dataclass(frozen=True)
 class Bandwidths:
-    """One invoker's measured bandwidths, bytes per second, and its instance build time."""
+    """One invoker's measured bandwidths, bytes per second."""
 
     dram_bps: float  # DRAM tier to usable weights
     ssd_bps: float  # local SSD to memory
     network_bps: float  # a checkpoint copy from another invoker or the store root
-    build_s: float = 0.0  # seconds to build an instance from loaded weights (every cold start)
 
 
 @dataclass(frozen=True)
@@ -87,11 +86,10 @@ class Estimate:
     migration_s: float
     evicts: bool = False  # idle instances must be unloaded there first
     migrates: bool = False  # running instances must be migrated away first
-    eviction_s: float = 0.0  # the cold start an evicted instance's next invocation pays
 
     @property
     def total_s(self) -> float:
-        return self.queue_s + self.load_s + self.migration_s + self.eviction_s
+        return self.queue_s + self.load_s + self.migration_s
 
 
 def load_seconds(nbytes: int, tier: Tier, bw: Bandwidths) -> float:

@@ -11,11 +11,7 @@ Policies (``policy`` argument):
   (:mod:`controller.estimator`): the time its queued loads still need, checkpoint size /
   bandwidth of the fastest tier holding the checkpoint there (DRAM, SSD, or a copy from
   elsewhere: ``remote``), and the token-based migration cost when running inferences must move
-  away first. Pick the minimum. Our addition to the paper's estimate: a candidate that must
-  unload idle instances first is charged one instance build time (``Bandwidths.build_s``, the
-  invoker's measured fixed cost of a cold start), the cold start the evicted function's next
-  invocation will pay; without it the estimate evicts warm instances to gain milliseconds of
-  bandwidth between otherwise equal invokers.
+  away first. Pick the minimum.
 - ``locality``: the fastest tier holding the checkpoint (DRAM, then SSD, then none), ties to the
   invoker with the most free memory; never migrates and ignores queued loads.
 - ``least-loaded``: the invoker with the fewest invocations in flight and loads starting, ties
@@ -224,7 +220,6 @@ def place(
     nbytes = req.nbytes
     held = view.tiers.get(req.model, {})
     may_migrate = policy == "ours" and migration is not None
-    charge_evictions = policy == "ours"
     order = _TIER_ORDER
     rows: list[_Row] = []
     for inv in view.invokers.values():
@@ -242,9 +237,8 @@ def place(
         queue_s = inv.ready_by - now if inv.ready_by > now else 0.0
         load_s = nbytes * inv.seconds_per_byte[t]
         mig_s = migration.seconds(inv.busy_tokens) if migrate and migration is not None else 0.0
-        evict_s = inv.bandwidths.build_s if evict and charge_evictions else 0.0
-        rows.append((queue_s + load_s + mig_s + evict_s, t, inv.id, queue_s, load_s, mig_s,
-                     evict, migrate, inv, evict_s))
+        rows.append((queue_s + load_s + mig_s, t, inv.id, queue_s, load_s, mig_s, evict, migrate,
+                     inv))
     if not rows:
         return None
     best = heapq.nsmallest(keep, rows)  # ids are unique: comparison never reaches the invoker
@@ -264,15 +258,15 @@ def place(
     )
 
 
-_Row = tuple[float, int, str, float, float, float, bool, bool, InvokerState, float]
+_Row = tuple[float, int, str, float, float, float, bool, bool, InvokerState]
 """A candidate: (total s, tier order, invoker id, queue s, load s, migration s, evicts,
-migrates, the invoker, eviction s)."""
+migrates, the invoker)."""
 
 
 def _estimate(row: _Row) -> Estimate:
-    _, order, inv_id, queue_s, load_s, mig_s, evicts, migrates, _inv, evict_s = row
+    _, order, inv_id, queue_s, load_s, mig_s, evicts, migrates, _inv = row
     tier: Tier = ("dram", "ssd", "remote")[order]  # type: ignore[assignment]
-    return Estimate(inv_id, tier, queue_s, load_s, mig_s, evicts, migrates, evict_s)
+    return Estimate(inv_id, tier, queue_s, load_s, mig_s, evicts, migrates)
 
 
 def _make_room(inv: InvokerState, need: int, *, migrate: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -306,4 +300,4 @@ def bandwidths_of(record: BandwidthRecord | None) -> Bandwidths:
     if record is None:
         return Bandwidths(dram_bps=1e9, ssd_bps=1e9, network_bps=1e9)
     return Bandwidths(dram_bps=record.dram_bps, ssd_bps=record.ssd_bps,
-                      network_bps=record.network_bps, build_s=record.build_s)
+                      network_bps=record.network_bps)

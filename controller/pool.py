@@ -672,8 +672,7 @@ def placement_record(p: Placement, evicted: list[str], now: float, seconds: floa
     """The durable form of a placement decision (``seconds``: how long deciding took)."""
     def est(e: Estimate) -> EstimateRecord:
         return EstimateRecord(invoker_id=e.invoker_id, tier=e.tier, queue_s=e.queue_s,
-                              load_s=e.load_s, migration_s=e.migration_s,
-                              eviction_s=e.eviction_s, total_s=e.total_s,
+                              load_s=e.load_s, migration_s=e.migration_s, total_s=e.total_s,
                               evicts=e.evicts, migrates=e.migrates)
 
     return PlacementRecord(policy=p.policy, chosen=est(p.chosen),

@@ -106,7 +106,6 @@ class BandwidthMeter:
         self._bps: dict[Kind, float] = {"dram": seed.dram_bps, "ssd": seed.ssd_bps,
                                          "network": seed.write_bps}
         self._samples = 0
-        self._build_s = 0.0
 
     def observe(self, kind: Kind, nbytes: int, seconds: float) -> bool:
         """Fold one measurement in: ``nbytes`` moved in ``seconds`` from tier ``kind``.
@@ -118,17 +117,8 @@ class BandwidthMeter:
             self._samples += 1
         return True
 
-    def observe_build(self, seconds: float) -> None:
-        """Fold in one instance build time (seconds from loaded weights to a ready instance)."""
-        if seconds <= 0:
-            return
-        with self._lock:
-            self._build_s = seconds if self._build_s == 0.0 else (
-                self._alpha * seconds + (1 - self._alpha) * self._build_s)
-
     def snapshot(self) -> BandwidthRecord:
         """The current figures, as published in the invoker's record."""
         with self._lock:
             return BandwidthRecord(dram_bps=self._bps["dram"], ssd_bps=self._bps["ssd"],
-                                   network_bps=self._bps["network"], build_s=self._build_s,
-                                   samples=self._samples)
+                                   network_bps=self._bps["network"], samples=self._samples)

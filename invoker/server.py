@@ -285,9 +285,9 @@ class Invoker:
         log.info("loaded instance %s (%s, %s tier, %d bytes read) in %.3f s%s", iid, req.model,
                  tier, ckpt.nbytes, seconds,
                  f" after a {transfer_s:.3f} s transfer from {transfer.source}" if transfer else "")
-        if self.meter is not None:
-            self.meter.observe_build(seconds - ckpt.seconds)
-            self.meter.observe("dram" if ckpt.tier == "dram" else "ssd", ckpt.nbytes, ckpt.seconds)
+        if self.meter is not None and self.meter.observe(
+            "dram" if ckpt.tier == "dram" else "ssd", ckpt.nbytes, ckpt.seconds
+        ):
             await self.publish_record()
         await self.publish_tiers()
         return resp

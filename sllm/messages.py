@@ -44,8 +44,6 @@ class BandwidthRecord(Wire):
     dram_bps: float  # DRAM tier -> usable weights
     ssd_bps: float  # local SSD -> memory
     network_bps: float  # a checkpoint copy from another invoker or the store root
-    build_s: float = 0.0  # seconds to build an instance once its weights are loaded (model
-    # construction, tokenizer): the fixed part of every cold start, from its own loads
     samples: int = 0  # loads and transfers measured since the probe
 
 
@@ -85,7 +83,6 @@ class EstimateRecord(Wire):
     queue_s: float  # waiting behind loads already queued there
     load_s: float  # checkpoint size / that tier's bandwidth (remote: copy, then SSD load)
     migration_s: float  # moving running inferences away first (0 when not needed)
-    eviction_s: float = 0.0  # the cold start an evicted idle instance's function will pay
     total_s: float
     evicts: bool = False  # idle instances must be unloaded first
     migrates: bool = False  # running instances must be migrated away first

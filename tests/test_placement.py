@@ -125,25 +125,3 @@ def test_unknown_policy_and_full_cluster() -> None:
     assert place(view, REQ, now=0.0) is None
     with pytest.raises(ValueError, match="unknown placement policy"):
         place(view, REQ, policy="best", now=0.0)  # type: ignore[arg-type]
-
-
-def test_ours_charges_an_eviction_one_instance_build() -> None:
-    """a holds the checkpoint in a faster DRAM tier but must unload an idle instance first; b
-    holds it in DRAM with room. Charging the evicted function's next cold start (build 0.1 s)
-    sends it to b; without that charge the faster tier's milliseconds win."""
-    view = ClusterView()
-    fast = Bandwidths(dram_bps=20 * GB, ssd_bps=2 * GB, network_bps=GB, build_s=0.1)
-    for inv_id, bw in (("a", fast), ("b", BW)):
-        view.invokers[inv_id] = InvokerState(id=inv_id, url="", memory_bytes=2 * GB, bandwidths=bw)
-        view.set_tier("m", inv_id, "dram")
-    view.invokers["a"].put("idle", Slot(2 * GB, "idle"))
-    p = place(view, REQ, now=0.0)
-    assert p is not None and p.invoker.id == "b" and p.evict == ()
-    a = next(e for e in p.candidates if e.invoker_id == "a")
-    assert a.evicts and a.eviction_s == pytest.approx(0.1) and a.total_s == pytest.approx(0.05 + 0.1)
-    view.invokers["a"].set_bandwidths(Bandwidths(20 * GB, 2 * GB, GB, build_s=0.0))
-    p = place(view, REQ, now=0.0)
-    assert p is not None and p.invoker.id == "a" and p.evict == ("idle",)
-    # locality charges nothing but prefers, within a tier, the most free memory: b
-    loc = place(view, REQ, policy="locality", now=0.0)
-    assert loc is not None and loc.invoker.id == "b"
