@@ -11,7 +11,8 @@ Policies (``policy`` argument):
   (:mod:`controller.estimator`): the time its queued loads still need, checkpoint size /
   bandwidth of the fastest tier holding the checkpoint there (DRAM, SSD, or a copy from
   elsewhere: ``remote``), and the token-based migration cost when running inferences must move
-  away first. Pick the minimum.
+  away first. Pick the minimum; estimates within :data:`TIE_FRACTION` + :data:`TIE_SECONDS`
+  of it are ties, settled by no eviction first, then the most free memory.
 - ``locality``: the fastest tier holding the checkpoint (DRAM, then SSD, then none), ties to the
   invoker with the most free memory; never migrates and ignores queued loads.
 - ``least-loaded``: the invoker with the fewest invocations in flight and loads starting, ties
@@ -47,6 +48,12 @@ PLACEMENT_KEEP = 16
 """Candidate estimates a decision keeps (best first); the decision records how many there were."""
 
 _TIER_ORDER = {"dram": 0, "ssd": 1, "remote": 2}
+
+TIE_FRACTION = 0.10
+TIE_SECONDS = 0.01
+"""``ours`` takes estimates within 10% + 10 ms of the best as equal: bandwidths are measured,
+and invokers that share hardware differ only by measurement noise, which must not decide
+whether a warm idle instance is evicted."""
 
 
 @dataclass
@@ -243,7 +250,11 @@ def place(
         return None
     best = heapq.nsmallest(keep, rows)  # ids are unique: comparison never reaches the invoker
     if policy == "ours":
-        pick = best[0]
+        # estimates within the measurement noise of the best are a tie: among those, prefer
+        # no eviction, then the most free memory (keep warm instances warm)
+        near = best[0][0] * (1 + TIE_FRACTION) + TIE_SECONDS
+        pick = min((r for r in best if r[0] <= near),
+                   key=lambda r: (r[6] or r[7], -r[8].free_bytes, r[0], r[2]))
     elif policy == "locality":
         pick = min(rows, key=lambda r: (r[1], r[7], -r[8].free_bytes, r[2]))
     elif policy == "least-loaded":

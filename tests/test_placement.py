@@ -125,3 +125,20 @@ def test_unknown_policy_and_full_cluster() -> None:
     assert place(view, REQ, now=0.0) is None
     with pytest.raises(ValueError, match="unknown placement policy"):
         place(view, REQ, policy="best", now=0.0)  # type: ignore[arg-type]
+
+
+def test_ours_takes_near_equal_estimates_as_a_tie_and_keeps_idle_instances() -> None:
+    """a's DRAM tier measured 5% faster, but placing there means unloading an idle instance; b
+    (DRAM, room) is within the tie margin, so ours goes to b. A clear gap still decides."""
+    view = ClusterView()
+    for inv_id, dram in (("a", 10.5 * GB), ("b", 10 * GB)):
+        view.invokers[inv_id] = InvokerState(id=inv_id, url="", memory_bytes=2 * GB,
+                                             bandwidths=Bandwidths(dram, 2 * GB, GB))
+        view.set_tier("m", inv_id, "dram")
+    view.invokers["a"].put("idle", Slot(2 * GB, "idle"))
+    p = place(view, REQ, now=0.0)
+    assert p is not None and p.invoker.id == "b" and p.evict == ()
+    assert p.candidates[0].invoker_id == "a"  # the estimates themselves are unchanged
+    view.set_tier("m", "b", None)  # b must now copy the checkpoint: 1.5 s against 0.095 s
+    p = place(view, REQ, now=0.0)
+    assert p is not None and p.invoker.id == "a" and p.evict == ("idle",)
