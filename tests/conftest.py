@@ -6,7 +6,8 @@ etcd or a service behind.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,17 @@ def start_cluster(
         invoker_memory=memory, dram_pool=dram_pool, stop_at_exit=True, **options,
     )
     return Cluster(state=state, home=home, store=store)
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 30.0) -> Any:
+    """Poll ``predicate`` every 0.1 s until it returns something truthy, and return that.
+    Raises AssertionError after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if got := predicate():
+            return got
+        time.sleep(0.1)
+    raise AssertionError(f"condition not met within {timeout} s")
 
 
 def manifest(name: str, model: str, **spec: object) -> dict[str, object]:

@@ -10,7 +10,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -19,7 +19,7 @@ import pytest
 from invoker.importer import import_model
 from invoker.store import ModelStore
 from sllm import runtime
-from tests.conftest import Cluster, manifest, start_cluster
+from tests.conftest import Cluster, manifest, start_cluster, wait_for
 from tests.tiny_model import save_tiny_llama
 
 
@@ -38,15 +38,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         yield c
     finally:
         runtime.stop(c.state)
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if got := predicate():
-            return got
-        time.sleep(0.1)
-    raise AssertionError(f"condition not met within {timeout} s")
 
 
 def instances(c: httpx.Client, function: str, *, live: bool = True) -> list[dict[str, Any]]:

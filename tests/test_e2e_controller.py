@@ -10,7 +10,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,19 +22,10 @@ from invoker.store import ModelStore
 from sllm import config, keys, runtime
 from sllm.etcd import Etcd
 from sllm.messages import InstanceRecord
-from tests.conftest import Cluster, manifest, start_cluster
+from tests.conftest import Cluster, manifest, start_cluster, wait_for
 from tests.tiny_model import save_tiny_llama
 
 TTL = 3  # the controllers' lease: a standby takes over this long after the leader dies
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if got := predicate():
-            return got
-        time.sleep(0.1)
-    raise AssertionError(f"condition not met within {timeout} s")
 
 
 def import_models(home: Path, tmp: pytest.TempPathFactory) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import pytest
 from invoker.importer import import_model
 from invoker.store import ModelStore
 from sllm import runtime
-from tests.conftest import Cluster, manifest, start_cluster
+from tests.conftest import Cluster, manifest, start_cluster, wait_for
 from tests.tiny_model import save_tiny_llama
 
 
@@ -29,15 +28,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         yield c
     finally:
         runtime.stop(c.state)
-
-
-def wait_for(predicate, timeout: float = 30.0) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def test_first_cold_start_fetches_the_checkpoint_then_it_is_on_the_dram_tier(cluster: Cluster) -> None:

@@ -87,6 +87,15 @@ def _biggest_data_file(folder: Path) -> str:
     return max((p for p in folder.glob("data-*.bin")), key=lambda p: p.stat().st_size).name
 
 
+def _interrupted(src: Path, dest: ModelStore, file: str, prefix: bytes) -> None:
+    """Leave in ``dest`` what a fetch of ``src`` (model "m") interrupted in ``file`` leaves: the
+    partial folder with the index and ``prefix`` as the file's first bytes."""
+    partial = dest.partial_dir("m")
+    partial.mkdir()
+    shutil.copy(src / "index.json", partial / "index.json")
+    (partial / file).write_bytes(prefix)
+
+
 def _corrupt_copy(src: Path, store: ModelStore, file: str) -> None:
     """Copy the checkpoint ``src`` into ``store`` under the same name with one byte of ``file``
     flipped (same size, same index: only a checksum can tell)."""
@@ -143,10 +152,7 @@ def test_a_partial_fetch_resumes_where_it_stopped(
 ) -> None:
     src = source.path("m")
     big = _biggest_data_file(src)
-    partial = dest.partial_dir("m")
-    partial.mkdir()
-    shutil.copy(src / "index.json", partial / "index.json")
-    (partial / big).write_bytes((src / big).read_bytes()[:40000])
+    _interrupted(src, dest, big, (src / big).read_bytes()[:40000])
 
     result = fetch_checkpoint("m", dest, [serve(source)], chunk_bytes=16 << 10)
 
@@ -160,11 +166,8 @@ def test_a_corrupt_partial_prefix_fails_its_checksum_and_is_fetched_again(
 ) -> None:
     src = source.path("m")
     big = _biggest_data_file(src)
-    partial = dest.partial_dir("m")
-    partial.mkdir()
-    shutil.copy(src / "index.json", partial / "index.json")
     garbage = torch.randint(0, 256, (40000,), dtype=torch.uint8, generator=torch.Generator())
-    (partial / big).write_bytes(garbage.numpy().tobytes())
+    _interrupted(src, dest, big, garbage.numpy().tobytes())
 
     result = fetch_checkpoint("m", dest, [serve(source)])
 
