@@ -181,7 +181,12 @@ class Invoker:
         self.instances: dict[str, LoadedInstance] = {}
         self._loading: dict[str, asyncio.Task[LoadResponse]] = {}
         self._fetching: dict[str, asyncio.Task[TransferResult]] = {}
-        self._origin_index: dict[str, tuple[tuple[int, int], bytes]] = {}
+        # the store root, unless it is this invoker's own store (then nothing is ever fetched)
+        origin = config.origin
+        self._origin = (None if origin is None or origin.resolve() == self.store.root.resolve()
+                        else origin)
+        self._stale_cache: dict[str, tuple[tuple[int, int, int, int], bool]] = {}
+        self._background: set[asyncio.Task[None]] = set()
         self.meter: BandwidthMeter | None = None  # once the start-up probe ran
         self.lease_id: int | None = None
         self.tiers = TierPublisher(self.etcd, config.invoker_id, self.store)
@@ -234,6 +239,13 @@ class Invoker:
                                 lease=self.lease_id)
         except SllmError as e:
             log.warning("publishing the invoker record failed: %s", e.message)
+
+    def publish_record_soon(self) -> None:
+        """:meth:`publish_record` in a task of its own, off the load's path (the scheduler
+        reads bandwidths for later decisions, not for the one being answered)."""
+        task = asyncio.create_task(self.publish_record())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def load(self, req: LoadRequest) -> LoadResponse:
         """Load an instance (fetching its checkpoint first when there is no local copy) and
@@ -288,27 +300,27 @@ class Invoker:
         if self.meter is not None and self.meter.observe(
             "dram" if ckpt.tier == "dram" else "ssd", ckpt.nbytes, ckpt.seconds
         ):
-            await self.publish_record()
+            self.publish_record_soon()
         await self.publish_tiers()
         return resp
 
     def _stale(self, model: str) -> bool:
         """Whether the local copy of ``model`` is missing or differs from the store root's
-        (compared by index.json, cached per version of the root's index)."""
+        (compared by index.json; the answer is cached per version of both indexes, so a load
+        of an unchanged model costs two stat calls)."""
         if not self.store.exists(model):
             return True
-        origin = self.config.origin
-        if origin is None or origin.resolve() == self.store.root.resolve():
+        if self._origin is None:
             return False
-        index = origin / model / INDEX_NAME
+        origin, local = self._origin / model / INDEX_NAME, self.store.root / model / INDEX_NAME
         try:
-            st = index.stat()
-            version = (st.st_mtime_ns, st.st_size)
-            cached = self._origin_index.get(model)
-            if cached is None or cached[0] != version:
-                cached = (version, index.read_bytes())
-                self._origin_index[model] = cached
-            return cached[1] != (self.store.root / model / INDEX_NAME).read_bytes()
+            o, lo = origin.stat(), local.stat()
+            versions = (o.st_mtime_ns, o.st_size, lo.st_mtime_ns, lo.st_size)
+            cached = self._stale_cache.get(model)
+            if cached is None or cached[0] != versions:
+                cached = (versions, origin.read_bytes() != local.read_bytes())
+                self._stale_cache[model] = cached
+            return cached[1]
         except OSError:
             return False  # not in the root (any more): the local copy is all there is
 
@@ -325,15 +337,15 @@ class Invoker:
         task = self._fetching.get(model)
         if task is None:
             sources: list[str | Path] = [*peers]
-            if self.config.origin is not None:
-                sources.append(self.config.origin)
+            if self._origin is not None:
+                sources.append(self._origin)
             task = asyncio.create_task(
                 asyncio.to_thread(fetch_checkpoint, model, self.store, sources))
             self._fetching[model] = task
             task.add_done_callback(lambda _: self._fetching.pop(model, None))
         result = await asyncio.shield(task)
         if self.meter is not None and self.meter.observe("network", result.transferred, result.seconds):
-            await self.publish_record()
+            self.publish_record_soon()
         await self.publish_tiers()
         return result
 
