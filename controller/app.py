@@ -201,8 +201,7 @@ class Controller:
         """
         invokers = await self.list_invokers()
         live_ids = {i.id for i in invokers}
-        for inv_id in sorted({r.invoker_id for r in self.pool.records()
-                              if r.id in self.pool.instances} - live_ids):
+        for inv_id in sorted({i.record.invoker_id for i in self.pool.instances.values()} - live_ids):
             self.pool.lose_invoker(inv_id, f"invoker {inv_id} lost (its lease expired)")
         await self.pool.refresh_tiers()
         functions = {r.manifest.name: r.manifest for r in await self.registry.list()}

@@ -74,7 +74,8 @@ class InvokerState:
 
     Attributes:
         memory_bytes: its instance memory budget.
-        bandwidths: its measured bandwidths.
+        bandwidths: its measured bandwidths (fixed once built: a view is rebuilt when they
+            change).
         in_flight: invocations running on it (least-loaded's key).
     """
 
@@ -91,18 +92,14 @@ class InvokerState:
     starting: int = 0
     ready_by: float = 0.0  # latest ready_by among its starting slots (unix seconds)
 
+    seconds_per_byte: tuple[float, ...] = field(init=False)
+    """Seconds per checkpoint byte from each tier, in _TIER_ORDER (one multiply per candidate);
+    from ``bandwidths`` at construction, which is why those are fixed for the state's life."""
+
     def __post_init__(self) -> None:
-        self.set_bandwidths(self.bandwidths)
-
-    def set_bandwidths(self, bw: Bandwidths) -> None:
-        """Change the invoker's bandwidths (keeps the per-tier seconds per byte in step).
-
-        Raises:
-            ValueError: a bandwidth is not positive.
-        """
-        self.bandwidths = bw
-        # seconds per byte from each tier, by _TIER_ORDER (one multiply per candidate)
-        self.seconds_per_byte = tuple(load_seconds(1, t, bw) for t in ("dram", "ssd", "remote"))
+        # raises ValueError for a bandwidth that is not positive
+        self.seconds_per_byte = tuple(load_seconds(1, t, self.bandwidths)
+                                      for t in ("dram", "ssd", "remote"))
 
     def put(self, instance_id: str, slot: Slot) -> None:
         """Add or replace an instance's slot."""
