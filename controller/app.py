@@ -42,20 +42,21 @@ from controller.autoscaler import decide
 from controller.invoker_client import InvokerClient
 from controller.leader import LeaderElection
 from controller.placement import Policy
-from controller.pool import InstancePool
+from controller.pool import InstancePool, MigrationMode
 from controller.registry import FunctionRegistry
 from sllm import keys
 from sllm.config import AUTOSCALER_TICK_S, CONTROLLER_LEASE_TTL_S
 from sllm.errors import InvalidRequest, NotLeader, SllmError, Unavailable
 from sllm.etcd import Etcd
 from sllm.http import EXCEPTION_HANDLERS, model_response, read_json, read_model
-from sllm.manifest import validate_manifest
+from sllm.manifest import FunctionManifest, validate_manifest
 from sllm.messages import (
     AcquireRequest,
     CheckpointRecord,
     FunctionRecord,
     InstanceRecord,
     InvokerRecord,
+    MigrateInstanceRequest,
     ReleaseRequest,
 )
 
@@ -74,6 +75,7 @@ class ControllerConfig:
     url: str = ""  # where this controller's API answers (named by standbys)
     tick_s: float = AUTOSCALER_TICK_S
     policy: Policy = "ours"
+    migration: MigrationMode = "live"
     lease_ttl_s: int = CONTROLLER_LEASE_TTL_S
 
 
@@ -94,7 +96,11 @@ class Controller:
 
     def _new_pool(self) -> InstancePool:
         return InstancePool(self.etcd, self.invoker_client, self.list_invokers,
-                            self.config.model_bytes, policy=self.config.policy)
+                            self.config.model_bytes, policy=self.config.policy,
+                            migration=self.config.migration, manifest_of=self._manifest_of)
+
+    async def _manifest_of(self, function: str) -> FunctionManifest:
+        return (await self.registry.get(function, cached=True)).manifest
 
     @property
     def leading(self) -> bool:
@@ -312,11 +318,20 @@ def create_app(config: ControllerConfig) -> Starlette:
 
     async def release(request: Request) -> Response:
         req = await read_model(request, ReleaseRequest)
-        await ctl.pool.release(req.instance_id, failed=req.failed)
+        await ctl.pool.release(req.instance_id, failed=req.failed, moved_to=req.moved_to)
         return JSONResponse({"released": req.instance_id})
 
     async def list_instances(request: Request) -> Response:
         return JSONResponse({"instances": [r.model_dump(mode="json") for r in ctl.pool.records()]})
+
+    async def migrate_instance(request: Request) -> Response:
+        body = await request.body()
+        req = MigrateInstanceRequest.model_validate_json(body) if body.strip() else (
+            MigrateInstanceRequest())
+        iid = request.path_params["id"]
+        resp, dest = await ctl.pool.migrate(iid, to=req.to, reason="requested by an operator")
+        return JSONResponse({"instance_id": iid, "to_instance": dest.id,
+                             "to_invoker": dest.invoker_id, **resp.model_dump(mode="json")})
 
     async def list_checkpoints(request: Request) -> Response:
         records = await ctl.etcd.list(keys.Kind.CHECKPOINT, CheckpointRecord)
@@ -356,6 +371,7 @@ def create_app(config: ControllerConfig) -> Starlette:
         Route("/v1/acquire", leader_only(acquire), methods=["POST"]),
         Route("/v1/release", leader_only(release), methods=["POST"]),
         Route("/v1/instances", leader_only(list_instances)),
+        Route("/v1/instances/{id}/migrate", leader_only(migrate_instance), methods=["POST"]),
         Route("/v1/invokers", leader_only(list_invokers)),
         Route("/v1/checkpoints", leader_only(list_checkpoints)),
     ]

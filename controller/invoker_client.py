@@ -8,7 +8,7 @@ import httpx
 
 from sllm.errors import InvokerError
 from sllm.http import raise_for_error
-from sllm.messages import LoadRequest, LoadResponse
+from sllm.messages import LoadRequest, LoadResponse, MigrateRequest, MigrateResponse
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,27 @@ class InvokerClient:
             return LoadResponse.model_validate_json(r.content)
         except ValueError as e:
             raise InvokerError(f"invoker at {invoker_url} answered a bad load response") from e
+
+    async def migrate(self, invoker_url: str, instance_id: str, request: MigrateRequest
+                      ) -> MigrateResponse:
+        """Have the source invoker move an instance's generations to another instance; returns
+        once each has handed over or finished (:mod:`invoker.migration`).
+
+        Raises:
+            sllm.errors.SllmError: what the invoker raised (InstanceNotFound, Conflict,
+                MigrationFailed).
+            InvokerError: the invoker is unreachable or answered nonsense.
+        """
+        try:
+            r = await self._http.post(f"{invoker_url}/v1/instances/{instance_id}/migrate",
+                                      json=request.model_dump())
+        except httpx.HTTPError as e:
+            raise InvokerError(f"invoker at {invoker_url} failed to migrate: {e!r}") from e
+        raise_for_error(r)
+        try:
+            return MigrateResponse.model_validate_json(r.content)
+        except ValueError as e:
+            raise InvokerError(f"invoker at {invoker_url} answered a bad migrate response") from e
 
     async def unload(self, invoker_url: str, instance_id: str) -> None:
         """Have the invoker unload an instance. An instance it no longer has is not an error.

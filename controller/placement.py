@@ -61,7 +61,10 @@ class Slot:
     """One instance's hold on an invoker."""
 
     memory_bytes: int
-    kind: Literal["starting", "idle", "busy"]
+    kind: Literal["starting", "idle", "busy", "pinned"]
+    # pinned: held, and neither unloading nor migrating frees it (an instance already
+    # migrating or draining, or a busy one of the model being placed: moving it to make room
+    # for another copy of itself gains nothing)
     last_used: float = 0.0  # unix seconds (idle instances: the LRU key)
     tokens: int = 0  # busy: tokens (prompt + generated) its inferences hold, what migration moves
     ready_by: float = 0.0  # starting: unix seconds its load is estimated to end
@@ -111,7 +114,7 @@ class InvokerState:
         elif slot.kind == "busy":
             self.busy_bytes += slot.memory_bytes
             self.busy_tokens += slot.tokens
-        else:
+        elif slot.kind == "starting":
             self.starting += 1
             self.ready_by = max(self.ready_by, slot.ready_by)
 
@@ -126,7 +129,7 @@ class InvokerState:
         elif slot.kind == "busy":
             self.busy_bytes -= slot.memory_bytes
             self.busy_tokens -= slot.tokens
-        else:
+        elif slot.kind == "starting":
             self.starting -= 1
             self.ready_by = max((s.ready_by for s in self.slots.values() if s.kind == "starting"),
                                 default=0.0)

@@ -17,9 +17,17 @@ How an invocation gets an instance (:meth:`InstancePool.acquire`):
    instance frees up, at most ``queueTimeout`` seconds (then 503 with Retry-After), as Knative's
    activator buffers requests while a revision scales from zero.
 
-When the best candidate must first migrate running inferences away (ServerlessLLM §5-6), the
-pool takes the best candidate that needs no migration, or waits when there is none: live
-migration comes with the next issue; the estimate already weighs it.
+When the best candidate must first move running inferences away (ServerlessLLM §5-6), what
+happens depends on the pool's ``migration`` mode:
+
+- ``live`` (default): each running instance there migrates (:meth:`InstancePool.migrate`): a
+  destination instance of its function is found or started elsewhere, its invoker moves the
+  generations by their tokens, and the new instance loads once they have moved;
+- ``preempt`` (the baseline of ``bench/replay.py``): the running instances are unloaded at once;
+  their invocations resume wherever the gateway finds room, recomputing from their tokens;
+- ``off``: the best candidate that needs neither is taken, or the call waits.
+
+:meth:`InstancePool.migrate` is also what an operator's ``sllm instance migrate`` calls.
 
 Every acquired slot is given back with :meth:`InstancePool.release`.
 """
@@ -33,6 +41,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Literal
 
 from controller.autoscaler import InstanceView
 from controller.estimator import MigrationCost, Tier
@@ -55,7 +64,15 @@ from sllm.config import (
     MIGRATION_FIXED_S,
     MIGRATION_PER_TOKEN_S,
 )
-from sllm.errors import InstanceNotFound, NotLeader, SllmError, TooManyRequests, Unavailable
+from sllm.errors import (
+    Conflict,
+    InstanceNotFound,
+    MigrationFailed,
+    NotLeader,
+    SllmError,
+    TooManyRequests,
+    Unavailable,
+)
 from sllm.etcd import Etcd
 from sllm.manifest import FunctionManifest
 from sllm.messages import (
@@ -65,6 +82,8 @@ from sllm.messages import (
     InstanceRecord,
     InvokerRecord,
     LoadRequest,
+    MigrateRequest,
+    MigrateResponse,
     PlacementRecord,
 )
 from sllm.states import FINAL, LOADED, STARTING, InstanceState, check_transition
@@ -78,6 +97,16 @@ SUSPECT_S = 2.0 * INVOKER_LEASE_TTL_S
 in etcd (its lease expires meanwhile if it is dead; one still renewing after that is alive and
 placed again: a false alarm costs its instances, which the orphan sweep unloads)."""
 
+MigrationMode = Literal["live", "preempt", "off"]
+MIGRATION_MODES: tuple[MigrationMode, ...] = ("live", "preempt", "off")
+
+MIGRATION_BACKOFF_S = 5.0
+"""Seconds placement leaves migration out after a migration meant to make room failed (so a
+cluster with no room anywhere does not retry the same doomed migration in a loop)."""
+
+RECENTLY_STOPPED = 1024
+"""Ids of stopped instances remembered, so that a late release of one is not an error."""
+
 
 @dataclass
 class LiveInstance:
@@ -88,6 +117,9 @@ class LiveInstance:
     max_tokens: int = 0  # the function's maxTokens: the migration estimate's bound per inference
     loaded: asyncio.Event = field(default_factory=asyncio.Event)
     error: SllmError | None = None  # why the load failed, once ``loaded`` is set
+    after: list[asyncio.Task[tuple[MigrateResponse, InstanceRecord]]] = field(
+        default_factory=list)  # migrations
+    # that make room for it: its load is sent once they are done
 
     @property
     def state(self) -> InstanceState:
@@ -103,6 +135,10 @@ class InstancePool:
         list_invokers: returns the live invokers (from etcd, or the last known list).
         model_bytes: checkpoint size of a model in the store root (bytes); raises ModelNotFound.
         policy: the placement policy (``ours`` unless comparing, see controller.placement).
+        migration: what to do when room must be made from running instances (module
+            docstring).
+        manifest_of: a function's current manifest by name (to start a migration's
+            destination); without it nothing can migrate.
         clock: unix seconds; a parameter so tests can drive time.
     """
 
@@ -114,6 +150,8 @@ class InstancePool:
         model_bytes: Callable[[str], int],
         *,
         policy: Policy = "ours",
+        migration: MigrationMode = "live",
+        manifest_of: Callable[[str], Awaitable[FunctionManifest]] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._etcd = etcd
@@ -121,7 +159,11 @@ class InstancePool:
         self._list_invokers = list_invokers
         self._model_bytes = model_bytes
         self.policy: Policy = policy
+        self.mode: MigrationMode = migration if manifest_of is not None else "off"
         self.migration = MigrationCost(MIGRATION_PER_TOKEN_S, MIGRATION_FIXED_S)
+        self._manifest_of = manifest_of
+        self._no_migration_until = 0.0  # monotonic seconds (MIGRATION_BACKOFF_S)
+        self._stopped: dict[str, None] = {}  # recently stopped ids, oldest first
         self._clock = clock
         self.instances: dict[str, LiveInstance] = {}
         self.lost: dict[str, InstanceRecord] = {}  # final records kept for LOST_RETENTION_S
@@ -303,16 +345,20 @@ class InstancePool:
             load_seconds=load_s, tier=live.record.tier, defaults=manifest.spec.generation.model_dump(),
         )
 
-    async def release(self, instance_id: str, *, failed: str | None = None) -> None:
+    async def release(self, instance_id: str, *, failed: str | None = None,
+                      moved_to: str | None = None) -> None:
         """Give back a slot taken by :meth:`acquire`. ``failed`` says the invoker could not be
         reached: the pool checks it at once and marks its instances lost if it is down.
+        ``moved_to`` says the invocation's generation migrated to that instance, whose slot
+        :meth:`migrate` reserved already (the slot is released there when the stream ends).
 
         Raises:
-            InstanceNotFound: an unknown id (a lost instance's id is not an error).
+            InstanceNotFound: an unknown id (a lost or recently stopped instance's id is not an
+                error).
         """
         live = self.instances.get(instance_id)
         if live is None:
-            if instance_id in self.lost:
+            if instance_id in self.lost or instance_id in self._stopped:
                 return
             raise InstanceNotFound(f"no instance {instance_id!r}")
         live.in_flight = max(0, live.in_flight - 1)
@@ -338,8 +384,9 @@ class InstancePool:
 
     # --- placement and loading ------------------------------------------------------------------
 
-    def view(self, invokers: Iterable[InvokerRecord]) -> ClusterView:
-        """The scheduler's view of the live ``invokers`` and this pool's instances."""
+    def view(self, invokers: Iterable[InvokerRecord], model: str | None = None) -> ClusterView:
+        """The scheduler's view of the live ``invokers`` and this pool's instances, for placing
+        an instance of ``model`` (its busy instances are pinned: never moved for it)."""
         view = ClusterView(tiers=self.tiers)
         now = self._clock()
         self._urls = {}
@@ -361,6 +408,8 @@ class InstancePool:
                 slot = Slot(live.record.memory_bytes, "starting", ready_by=live.record.ready_by or 0.0)
             elif live.state == S.IDLE and live.in_flight == 0:
                 slot = Slot(live.record.memory_bytes, "idle", last_used=live.record.last_used or 0.0)
+            elif live.state not in LOADED or live.record.model == model:
+                slot = Slot(live.record.memory_bytes, "pinned")
             else:
                 slot = Slot(live.record.memory_bytes, "busy",
                             tokens=max(1, live.in_flight) * live.max_tokens)
@@ -375,10 +424,13 @@ class InstancePool:
                 used[i.record.invoker_id] = used.get(i.record.invoker_id, 0) + i.record.memory_bytes
         return used
 
-    def decide(self, manifest: FunctionManifest, invokers: list[InvokerRecord]) -> Placement | None:
+    def decide(self, manifest: FunctionManifest, invokers: list[InvokerRecord], *,
+               may_migrate: bool = True) -> Placement | None:
         """The placement decision for a new instance of ``manifest``, or None when it must wait
-        for capacity. A decision that needs live migration (the next issue) is replaced by the
-        best one without; with none, the instance waits.
+        for capacity. A decision that needs running instances moved away is kept in ``live``
+        and ``preempt`` modes (unless ``may_migrate`` is false, or a migration failed in the last
+        :data:`MIGRATION_BACKOFF_S`); otherwise it is replaced by the best one without, and with
+        none the instance waits.
 
         Raises:
             Unavailable: no invoker's memory budget could ever hold it.
@@ -391,14 +443,14 @@ class InstancePool:
                 f"function {manifest.name!r} needs {need} bytes of instance memory; the largest "
                 f"invoker has {largest}", retry_after=30,
             )
-        view = self.view(invokers)
+        view = self.view(invokers, manifest.spec.model)
         req = PlacementRequest(model=manifest.spec.model, nbytes=self._model_bytes(manifest.spec.model),
                                memory_bytes=need)
         decision = place(view, req, policy=self.policy, migration=self.migration)
-        if decision is not None and decision.migrate:
-            log.info("best place for %s needs migrating %s away (%.3f s); live migration is not "
-                     "available yet", manifest.name, ", ".join(decision.migrate),
-                     decision.chosen.total_s)
+        if decision is not None and decision.migrate and not (
+                may_migrate and self.mode != "off" and time.monotonic() >= self._no_migration_until):
+            log.info("best place for %s needs migrating %s away (%.3f s); taking the best place "
+                     "without", manifest.name, ", ".join(decision.migrate), decision.chosen.total_s)
             fallback = place(view, req, policy=self.policy, migration=None)
             if fallback is not None:
                 # keep every candidate's estimate, migration ones included
@@ -411,24 +463,31 @@ class InstancePool:
                 decision = None
         return decision
 
-    async def start_instance(self, manifest: FunctionManifest, *, reserve: bool = False
+    async def start_instance(self, manifest: FunctionManifest, *, reserve: bool = False,
+                             exclude: str | None = None, only: str | None = None,
                              ) -> LiveInstance | None:
         """Place a new instance of the function and start loading it in the background; None
         when every invoker is full of busy instances (the caller waits for a release) or the
         function reached ``maxInstances`` meanwhile. With ``reserve`` the new instance counts
-        one invocation in flight from the moment it exists (the caller's).
+        one invocation in flight from the moment it exists (the caller's). A migration's
+        destination is placed with ``exclude`` (its source's invoker id) or ``only`` (the
+        invoker an operator named), never by moving other instances.
 
         Raises:
             Unavailable: no invoker runs, or none could ever hold the instance.
             ModelNotFound: the model left the store root.
         """
         invokers = await self._list_invokers()
+        destination = exclude is not None or only is not None
+        if destination:
+            invokers = [i for i in invokers if i.id != exclude and (only is None or i.id == only)]
         if not invokers:
-            raise Unavailable("no invoker is running", retry_after=5)
-        if len(self._candidates(manifest)) >= manifest.spec.scaling.maxInstances:
+            raise Unavailable("no invoker is running" if not destination else
+                              "no other invoker is running", retry_after=5)
+        if not destination and len(self._candidates(manifest)) >= manifest.spec.scaling.maxInstances:
             return None  # another call started one while this one listed the invokers
         t0 = time.perf_counter()
-        decision = self.decide(manifest, invokers)
+        decision = self.decide(manifest, invokers, may_migrate=not destination)
         decision_s = time.perf_counter() - t0
         if decision is None:
             log.info("no room for %s on any invoker: waiting for an instance to free up", manifest.name)
@@ -438,6 +497,7 @@ class InstancePool:
                                    if_idle=True)
             if retired is not None:
                 self._spawn(self._unload(retired[0]))
+        after = self._make_room(decision.migrate, manifest.name)
         now = self._clock()
         inv = decision.invoker
         record = InstanceRecord(
@@ -447,7 +507,8 @@ class InstancePool:
             placement=placement_record(decision, list(decision.evict), now, decision_s),
             ready_by=now + decision.chosen.total_s,
         )
-        live = LiveInstance(record, in_flight=int(reserve), max_tokens=manifest.spec.generation.maxTokens)
+        live = LiveInstance(record, in_flight=int(reserve), max_tokens=manifest.spec.generation.maxTokens,
+                            after=after)
         self.instances[record.id] = live
         log.info("cold start: instance %s of %s on invoker %s (%s tier, estimated %.3f s, %d "
                  "candidates, decided in %.2f ms)", record.id, manifest.name, inv.id,
@@ -469,6 +530,19 @@ class InstancePool:
 
     async def _load(self, live: LiveInstance) -> None:
         rec = live.record
+        if live.after:  # running instances migrate away first
+            results = await asyncio.gather(*live.after, return_exceptions=True)
+            failures = [r.message if isinstance(r, SllmError) else repr(r)
+                         if isinstance(r, BaseException) else r[0].abandoned
+                         for r in results if isinstance(r, BaseException) or r[0].abandoned]
+            if failures and live.state in STARTING:
+                self._no_migration_until = time.monotonic() + MIGRATION_BACKOFF_S
+                why_s = failures[0]
+                # no error: a waiting acquire places again (migration is left out a while)
+                self._retire(rec.id, f"room could not be made by migration: {why_s}")
+                live.loaded.set()
+                await self._notify()
+                return
         if live.state not in STARTING:  # stopped or lost before its load was sent
             if live.state != S.LOST and live.error is None:
                 live.error = Unavailable(f"instance {rec.id} was stopped before it loaded",
@@ -516,6 +590,119 @@ class InstancePool:
         self.tiers.clear()
         self.tiers.update(tiers)
 
+    # --- migration ------------------------------------------------------------------------------
+
+    def _make_room(self, ids: Iterable[str], function: str
+                   ) -> list[asyncio.Task[tuple[MigrateResponse, InstanceRecord]]]:
+        """Move the running instances ``ids`` away for a new instance of ``function``: migrate
+        them (``live``; returns the migrations, which the new instance's load waits for) or
+        unload them at once (``preempt``: their invocations resume elsewhere)."""
+        reason = f"making room for {function}"
+        tasks = []
+        for iid in ids:
+            if self.mode == "preempt":
+                retired = self._retire(iid, f"preempted: {reason}")
+                if retired is not None:
+                    self._spawn(self._unload(retired[0]))
+            else:
+                tasks.append(asyncio.ensure_future(self.migrate(iid, reason=reason)))
+        return tasks
+
+    def _idle_destination(self, source: LiveInstance, only: str | None) -> LiveInstance | None:
+        """An idle instance of the source's function on another invoker (``only``: that one)."""
+        for live in self.instances.values():
+            rec = live.record
+            if (rec.function == source.record.function and rec.model == source.record.model
+                    and live.state == S.IDLE and live.in_flight == 0
+                    and rec.invoker_id != source.record.invoker_id
+                    and (only is None or rec.invoker_id == only)):
+                return live
+        return None
+
+    async def migrate(self, instance_id: str, *, to: str | None = None, reason: str
+                      ) -> tuple[MigrateResponse, InstanceRecord]:
+        """Live-migrate a loaded instance (ServerlessLLM §5): find or start an instance of its
+        function on another invoker (``to``: that one), reserve it a slot per invocation in
+        flight, wait for it to load, then have the source's invoker move every generation there
+        by its tokens (:mod:`invoker.migration`). The gateways follow each stream and move
+        their slots (:meth:`release` with ``moved_to``). Afterwards the source drains (it stops
+        once the last slot moved); when the migration is abandoned it goes on serving.
+
+        Returns:
+            What the source's invoker reported (generations moved, finished first, rounds,
+            tokens recomputed, seconds), and the destination's record.
+
+        Raises:
+            InstanceNotFound: no such instance.
+            Conflict: it is not loaded (starting, migrating or draining already), or ``to`` is
+                its own invoker.
+            Unavailable: no invoker has room for the destination (or none runs).
+            MigrationFailed: the destination failed to load or to take the generations.
+        """
+        live = self.instances.get(instance_id)
+        if live is None:
+            raise InstanceNotFound(f"no instance {instance_id!r}")
+        if live.state not in LOADED:
+            raise Conflict(f"instance {instance_id} is {live.state.value}; only an idle or active "
+                           "instance can migrate")
+        if self._manifest_of is None:
+            raise Unavailable("this controller cannot migrate instances")
+        if to is not None and to == live.record.invoker_id:
+            raise Conflict(f"instance {instance_id} is on invoker {to} already")
+        source = live.record
+        reserved = live.in_flight
+        self._set_state(live, S.MIGRATING, reason=reason)
+        dest: LiveInstance | None = None
+        try:
+            manifest = await self._manifest_of(source.function)
+            dest = self._idle_destination(live, to)
+            if dest is None:
+                dest = await self.start_instance(manifest, exclude=source.invoker_id, only=to)
+            if dest is None:
+                raise Unavailable(f"no invoker has room for a destination of {instance_id}",
+                                  retry_after=5)
+            self._hold(dest, reserved)
+            await dest.loaded.wait()
+            if dest.error is not None or dest.state not in LOADED:
+                why = dest.error.message if dest.error else f"it is {dest.state.value}"
+                raise MigrationFailed(f"the destination {dest.record.id} did not load: {why}")
+            log.info("migrating %s (%d in flight) from %s to %s on %s: %s", instance_id, reserved,
+                     source.invoker_id, dest.record.id, dest.record.invoker_id, reason)
+            resp = await self._invokers.migrate(
+                source.invoker_url, instance_id,
+                MigrateRequest(to_url=dest.record.invoker_url, to_instance=dest.record.id))
+        except BaseException as e:
+            if dest is not None:
+                self._unhold(dest, reserved)
+            if live.state == S.MIGRATING:
+                self._set_state(live, S.ACTIVE if live.in_flight else S.IDLE, reason=None)
+            await self._notify()
+            if isinstance(e, SllmError):
+                log.warning("migration of %s abandoned: %s", instance_id, e.message)
+            raise
+        self._unhold(dest, reserved - resp.moved)  # the moved ones' gateways release them there
+        if live.state == S.MIGRATING:
+            if resp.abandoned is not None:
+                self._set_state(live, S.ACTIVE if live.in_flight else S.IDLE, reason=None)
+            else:
+                live.record = live.record.model_copy(update={"migrated_to": dest.record.id})
+                await self.drain(instance_id, reason=f"migrated to {dest.record.id} "
+                                 f"on {dest.record.invoker_id}: {reason}")
+        await self._notify()
+        return resp, dest.record
+
+    def _hold(self, live: LiveInstance, slots: int) -> None:
+        """Reserve ``slots`` invocation slots on a migration's destination."""
+        live.in_flight += slots
+        if slots and live.state == S.IDLE:
+            self._set_state(live, S.ACTIVE)
+
+    def _unhold(self, live: LiveInstance, slots: int) -> None:
+        """Give back reserved slots no generation took."""
+        live.in_flight = max(0, live.in_flight - max(0, slots))
+        if live.in_flight == 0 and live.state == S.ACTIVE:
+            self._set_state(live, S.IDLE, last_used=self._clock())
+
     # --- stopping -------------------------------------------------------------------------------
 
     def _retire(self, instance_id: str, reason: str, *, if_idle: bool = False
@@ -526,6 +713,9 @@ class InstancePool:
         if live is None or (if_idle and (live.state != S.IDLE or live.in_flight)):
             return None
         del self.instances[instance_id]
+        self._stopped[instance_id] = None
+        while len(self._stopped) > RECENTLY_STOPPED:
+            del self._stopped[next(iter(self._stopped))]
         starting = live.state in STARTING
         self._set_state(live, S.STOPPED, reason=reason)
         log.info("instance %s stopped: %s", instance_id, reason)

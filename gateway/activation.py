@@ -4,6 +4,16 @@ token stream on its invoker, relay tokens, release the instance, and time every 
 Both the native API and the OpenAI-compatible API run invocations through :func:`start`; they
 differ only in how they format tokens (:mod:`gateway.native`, :mod:`gateway.openai`).
 
+A stream survives its instance moving or dying. The invoker's stream may end with a
+:class:`~sllm.messages.MigratedMessage`: a live migration handed the generation to another
+instance (ServerlessLLM §5; the gateway opens the stream there, with the tokens so far, and moves
+its slot), or the instance was unloaded under it (preemption: the gateway asks the controller
+for any instance and resumes there). When the stream breaks off (the invoker died) the gateway
+resumes elsewhere from the tokens it has relayed. Tokens are relayed by index, so none is lost
+or repeated; every move is listed in the final event (``migrations``). A request with sampling
+and no seed gets one here, so that a resumed continuation is drawn as the first one would have
+been.
+
 Timings (seconds, in :class:`Timings`), measured at the gateway from the request's arrival:
 
 - ``queue``: waiting for a free instance (from the controller's answer);
@@ -17,6 +27,8 @@ Timings (seconds, in :class:`Timings`), measured at the gateway from the request
 from __future__ import annotations
 
 import asyncio
+import logging
+import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -26,7 +38,8 @@ from typing import Any
 import httpx
 
 from gateway.metrics import METRICS
-from gateway.upstream import InvokerUnreachable, Upstream
+from gateway.records import ACTIVATIONS
+from gateway.upstream import InvokerUnreachable, StreamBroken, Upstream
 from sllm.errors import InvokerError, SllmError, from_body
 from sllm.messages import (
     Assignment,
@@ -34,12 +47,20 @@ from sllm.messages import (
     DoneMessage,
     ErrorMessage,
     GenerateRequest,
+    MigratedMessage,
+    ResumeRequest,
     TokenMessage,
 )
+
+log = logging.getLogger(__name__)
 
 UNREACHABLE_RETRIES = 2
 """Times an invocation is tried on another instance when its invoker cannot be reached at all
 (before any token, so nothing is lost or repeated)."""
+
+MAX_MOVES = 8
+"""Moves (migrations, preemptions, resumptions after a failure) one activation may make; past
+it the stream ends with an error event rather than chase instances forever."""
 
 @dataclass
 class Timings:
@@ -71,6 +92,29 @@ class Timings:
 
 
 @dataclass
+class Move:
+    """One move of an activation's generation to another instance."""
+
+    reason: str  # "migrated" (live migration), "preempted" (unloaded), or "failed" (invoker died)
+    from_instance: str
+    to_instance: str | None = None  # None until a stream is open there
+    at_token: int = 0  # tokens the client had received
+    moved_tokens: int = 0  # tokens the new instance starts from
+    cached: bool = False  # the destination had a KV cache prepared (live migration)
+    pause_seconds: float | None = None  # last token before the move -> first token after it
+    error: str | None = None  # why the old stream ended, for failures
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "reason": self.reason, "from_instance": self.from_instance,
+            "to_instance": self.to_instance, "at_token": self.at_token,
+            "moved_tokens": self.moved_tokens, "kv_cache_prepared": self.cached,
+            "pause_seconds": None if self.pause_seconds is None else round(self.pause_seconds, 6),
+            "error": self.error,
+        }
+
+
+@dataclass
 class Activation:
     """A started invocation. Iterate :meth:`tokens`; afterwards ``done`` and ``timings`` are set.
 
@@ -81,52 +125,147 @@ class Activation:
     function: str
     assignment: Assignment
     timings: Timings
+    request: GenerateRequest  # what every (re)opened stream is asked for, ``resume`` aside
     _response: httpx.Response
     _upstream: Upstream
     _t0: float
     done: DoneMessage | None = None
     text: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)  # relayed to the client, in order
+    moves: list[Move] = field(default_factory=list)
+    error: SllmError | None = None  # what ended the stream, when it failed
+    _started: float = field(default_factory=time.time)  # unix seconds
+    _last_release: asyncio.Task[None] | None = None
     _closed: bool = False
 
     async def tokens(self) -> AsyncIterator[TokenMessage]:
-        """The generated tokens, as the invoker produces them.
+        """The generated tokens, as the invoker produces them, across moves.
 
         Raises:
             SllmError: the generation failed after the stream began (the invoker's error, or
-                InvokerError when the stream broke without a final message).
+                InvokerError when the stream broke without a final message and could not be
+                resumed, or Unavailable / TooManyRequests when no instance could take it over).
         """
         first_at: float | None = None
-        count = 0
+        last_at = self._t0
         try:
-            async for msg in self._upstream.messages(self._response):
-                if isinstance(msg, TokenMessage):
-                    now = time.monotonic()
-                    if first_at is None:
-                        first_at = now
-                        self.timings.ttft = now - self._t0
-                        METRICS.ttft.labels(self.function, self.timings.cold_start).observe(self.timings.ttft)
-                    count += 1
-                    self.text.append(msg.text)
-                    yield msg
-                elif isinstance(msg, DoneMessage):
-                    self.done = msg
+            while self.done is None:
+                ending: MigratedMessage | StreamBroken | None = None
+                try:
+                    async for msg in self._upstream.messages(self._response):
+                        if isinstance(msg, TokenMessage):
+                            if msg.index < len(self.token_ids):
+                                continue  # relayed before a move already
+                            if msg.index > len(self.token_ids):
+                                raise InvokerError(f"token {len(self.token_ids)} is missing "
+                                                   f"from the stream (got {msg.index})")
+                            now = time.monotonic()
+                            if first_at is None:
+                                first_at = now
+                                self.timings.ttft = now - self._t0
+                                METRICS.ttft.labels(self.function, self.timings.cold_start).observe(self.timings.ttft)
+                            if self.moves and self.moves[-1].pause_seconds is None:
+                                self.moves[-1].pause_seconds = now - last_at
+                            last_at = now
+                            self.token_ids.append(msg.token_id)
+                            self.text.append(msg.text)
+                            yield msg
+                        elif isinstance(msg, DoneMessage):
+                            self.done = msg
+                            break
+                        elif isinstance(msg, ErrorMessage):
+                            raise from_body(500, {"error": msg.error.model_dump()})
+                        elif isinstance(msg, MigratedMessage):
+                            ending = msg
+                            break
+                except StreamBroken as e:
+                    ending = e
+                if self.done is not None:
                     break
-                elif isinstance(msg, ErrorMessage):
-                    raise from_body(500, {"error": msg.error.model_dump()})
-            if self.done is None:
-                raise InvokerError("the invoker's stream ended without a final message")
+                if ending is None:
+                    ending = StreamBroken("the invoker's stream ended without a final message")
+                await self._move(ending)
             end = time.monotonic()
             self.timings.total = end - self._t0
+            count = len(self.token_ids)
             if first_at is not None and count > 1:
                 self.timings.tpot = (end - first_at) / (count - 1)
             self.timings.prefill = self.done.prefill_seconds
             self.timings.decode = self.done.decode_seconds
             METRICS.activations.labels(self.function, self.timings.cold_start, "success").inc()
-        except SllmError:
+        except SllmError as e:
+            self.error = e
             METRICS.activations.labels(self.function, self.timings.cold_start, "error").inc()
             raise
         finally:
             await self.aclose()
+            ACTIVATIONS.add(self.record())
+
+    async def _move(self, ending: MigratedMessage | StreamBroken) -> None:
+        """Go on with the generation on another instance after the current stream ended with
+        ``ending``. Raises the error that ended it when no instance can take it over."""
+        old = self.assignment
+        if len(self.moves) >= MAX_MOVES:
+            raise InvokerError(f"the generation moved {MAX_MOVES} times; giving up")
+        if isinstance(ending, MigratedMessage):
+            if ending.token_ids[: len(self.token_ids)] != self.token_ids:
+                raise InvokerError("the migrated tokens do not extend the tokens relayed")
+            ids, move = ending.token_ids, Move(ending.reason, old.instance_id)
+        else:
+            ids, move = list(self.token_ids), Move("failed", old.instance_id, error=ending.message)
+        move.at_token, move.moved_tokens = len(self.token_ids), len(ids)
+        self.moves.append(move)
+        log.info("activation %s: %s on %s after %d tokens", self.id, move.reason, old.instance_id,
+                 len(self.token_ids))
+        await self._response.aclose()
+        resume = ResumeRequest(token_ids=ids, emitted=len(self.token_ids))
+        if isinstance(ending, MigratedMessage) and ending.instance_id and ending.invoker_url:
+            # a live migration: the destination is loaded and holds the recomputed KV cache
+            dest = old.model_copy(update={"instance_id": ending.instance_id,
+                                          "invoker_url": ending.invoker_url, "cold": False})
+            self._release(old.instance_id, moved_to=dest.instance_id)
+            try:
+                self._response = await self._upstream.open_stream(dest, self.request.model_copy(
+                    update={"resume": resume.model_copy(update={"session": ending.session})}))
+            except SllmError as e:
+                log.warning("activation %s: the migration's destination %s failed (%s); "
+                            "resuming elsewhere", self.id, dest.instance_id, e.message)
+                self._release(dest.instance_id, failed=e.message)
+                move.error = e.message
+            else:
+                self.assignment = dest
+                move.to_instance, move.cached = dest.instance_id, ending.session is not None
+                return
+        else:
+            failed = ending.message if isinstance(ending, StreamBroken) else None
+            self._release(old.instance_id, failed=failed)
+        await self._resume_anywhere(resume, move)
+
+    async def _resume_anywhere(self, resume: ResumeRequest, move: Move) -> None:
+        """Acquire any instance of the function (through a cold start if needed) and open the
+        stream there from ``resume``."""
+        for attempt in range(UNREACHABLE_RETRIES + 1):
+            assignment = await self._upstream.acquire(self.function)
+            try:
+                self._response = await self._upstream.open_stream(
+                    assignment, self.request.model_copy(update={"resume": resume}))
+            except InvokerUnreachable as e:
+                self._release(assignment.instance_id, failed=e.message)
+                if attempt == UNREACHABLE_RETRIES:
+                    raise
+                await asyncio.sleep(0.2)
+                continue
+            except BaseException:
+                self._release(assignment.instance_id)
+                raise
+            self.assignment = assignment
+            move.to_instance = assignment.instance_id
+            return
+
+    def _release(self, instance_id: str, **kwargs: Any) -> None:
+        """Give a slot back, after this activation's earlier releases (in order)."""
+        self._last_release = self._upstream.release_soon(instance_id, after=self._last_release,
+                                                         **kwargs)
 
     async def aclose(self) -> None:
         """Close the token stream and release the instance (once; later calls do nothing).
@@ -134,7 +273,8 @@ class Activation:
         client left before the first byte) would otherwise never release its slot."""
         if not self._closed:
             self._closed = True
-            self._upstream.release_soon(self.assignment.instance_id, self._response)
+            self._last_release = self._upstream.release_soon(
+                self.assignment.instance_id, self._response, after=self._last_release)
 
     def usage(self) -> dict[str, int]:
         """OpenAI-shaped token usage (valid once the stream is done)."""
@@ -142,8 +282,16 @@ class Activation:
         c = self.done.completion_tokens if self.done else 0
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
+    def record(self) -> dict[str, Any]:
+        """The activation record (:mod:`gateway.records`): the summary, status, and the error
+        that ended it, if any."""
+        status = "success" if self.done is not None else "error" if self.error else "cancelled"
+        return {**self.summary(), "status": status, "started": self._started,
+                "error": None if self.error is None else self.error.to_body()["error"]}
+
     def summary(self) -> dict[str, Any]:
-        """The final event / non-streaming body: text, finish reason, usage and timings."""
+        """The final event / non-streaming body: text, finish reason, usage, timings, and the
+        moves the generation made."""
         return {
             "activation_id": self.id,
             "function": self.function,
@@ -152,6 +300,7 @@ class Activation:
             "finish_reason": self.done.finish_reason if self.done else None,
             "usage": self.usage(),
             "timings": self.timings.as_dict(),
+            "migrations": [m.as_dict() for m in self.moves],
         }
 
 
@@ -169,6 +318,8 @@ async def start(
     """
     t0 = time.monotonic()
     act_id = uuid.uuid4().hex
+    if seed is None:  # drawn here, so a generation resumed elsewhere samples as it would have
+        seed = secrets.randbits(63)
     for attempt in range(UNREACHABLE_RETRIES + 1):
         assignment = await upstream.acquire(function)
         acquire_s = time.monotonic() - t0
@@ -203,4 +354,4 @@ async def start(
         METRICS.cold_starts.labels(function).inc()
         METRICS.cold_start_seconds.labels(function).observe(assignment.load_seconds)
     return Activation(id=act_id, function=function, assignment=assignment, timings=timings,
-                      _response=response, _upstream=upstream, _t0=t0)
+                      request=request, _response=response, _upstream=upstream, _t0=t0)

@@ -8,7 +8,9 @@ Routes:
 - management, forwarded to the controller: ``POST /v1/functions``, ``PUT /v1/functions/{name}``
   (a manifest as JSON, or as YAML with ``Content-Type: application/yaml``),
   ``GET /v1/functions``, ``GET|DELETE /v1/functions/{name}``, ``GET /v1/instances``,
-  ``GET /v1/invokers``, ``GET /v1/checkpoints``;
+  ``GET /v1/invokers``, ``GET /v1/checkpoints``, ``POST /v1/instances/{id}/migrate``;
+- activation records (:mod:`gateway.records`): ``GET /v1/activations``,
+  ``GET /v1/activations/{id}``;
 - ``GET /health``, ``GET /metrics`` (Prometheus).
 
 Auth: when an API key is configured, every ``/v1`` route needs ``Authorization: Bearer <key>``.
@@ -29,6 +31,7 @@ from starlette.routing import Route
 
 from gateway import native, openai
 from gateway.metrics import METRICS
+from gateway.records import ACTIVATIONS
 from gateway.upstream import Upstream
 from sllm.errors import InvalidRequest, Unauthorized
 from sllm.http import EXCEPTION_HANDLERS, MAX_BODY_BYTES, read_json
@@ -87,10 +90,22 @@ def create_app(config: GatewayConfig) -> Starlette:
     async def models(request: Request) -> Response:
         return await openai.models(request, upstream)
 
+    async def activations(request: Request) -> Response:
+        try:
+            limit = int(request.query_params.get("limit", "50"))
+        except ValueError:
+            raise InvalidRequest("limit must be an integer", param="limit") from None
+        return JSONResponse({"activations": ACTIVATIONS.recent(limit)})
+
+    async def activation_record(request: Request) -> Response:
+        return JSONResponse(ACTIVATIONS.get(request.path_params["id"]))
+
     async def forward(request: Request) -> Response:
         """Management calls go to the controller as they are, after local validation."""
         json_body = None
-        if request.method in ("POST", "PUT"):
+        if request.url.path.endswith("/migrate"):
+            json_body = await read_json(request)
+        elif request.method in ("POST", "PUT"):
             json_body = manifest_to_dict(await _manifest_body(request))
         r = await upstream.controller(request.method, request.url.path, json=json_body)
         return Response(r.content, status_code=r.status_code, media_type="application/json")
@@ -113,6 +128,9 @@ def create_app(config: GatewayConfig) -> Starlette:
         Route("/v1/functions", g(forward), methods=["GET", "POST"]),
         Route("/v1/functions/{name}", g(forward), methods=["GET", "PUT", "DELETE"]),
         Route("/v1/instances", g(forward), methods=["GET"]),
+        Route("/v1/instances/{id}/migrate", g(forward), methods=["POST"]),
+        Route("/v1/activations", g(activations), methods=["GET"]),
+        Route("/v1/activations/{id}", g(activation_record), methods=["GET"]),
         Route("/v1/invokers", g(forward), methods=["GET"]),
         Route("/v1/checkpoints", g(forward), methods=["GET"]),
     ]

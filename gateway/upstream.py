@@ -37,6 +37,11 @@ class InvokerUnreachable(InvokerError):
     on another instance, since nothing was generated."""
 
 
+class StreamBroken(InvokerError):
+    """The invoker's token stream broke off (the connection failed mid-stream, e.g. the invoker
+    died): the generation can be resumed elsewhere from the tokens received."""
+
+
 class Upstream:
     """HTTP clients to the controllers and to invokers, sharing one connection pool.
 
@@ -100,16 +105,22 @@ class Upstream:
         return Assignment.model_validate_json(r.content)
 
     def release_soon(self, instance_id: str, stream: httpx.Response | None = None, *,
-                     failed: str | None = None) -> None:
+                     failed: str | None = None, moved_to: str | None = None,
+                     after: asyncio.Task[None] | None = None) -> asyncio.Task[None]:
         """Close the invoker's token ``stream`` (which cancels its generation if still running)
         and give the slot back, in a task of its own: a request cancelled because its client
         went away can no longer await anything itself. ``failed`` tells the controller the
-        invoker could not be reached (it checks and marks its instances lost)."""
+        invoker could not be reached (it checks and marks its instances lost); ``moved_to``
+        that the slot moves to that instance (the generation migrated there). The release is
+        sent once ``after`` (an earlier release of the same activation) is done, so that the
+        controller sees an activation's releases in order. Returns the task."""
         async def release() -> None:
+            if after is not None:
+                await asyncio.gather(after, return_exceptions=True)
             if stream is not None:
                 await stream.aclose()
             try:
-                body = ReleaseRequest(instance_id=instance_id, failed=failed)
+                body = ReleaseRequest(instance_id=instance_id, failed=failed, moved_to=moved_to)
                 await self.controller("POST", "/v1/release", json=body.model_dump())
             except SllmError as e:
                 log.warning("release of %s failed: %s", instance_id, e.message)
@@ -117,6 +128,7 @@ class Upstream:
         task = asyncio.get_running_loop().create_task(release())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return task
 
     async def open_stream(self, assignment: Assignment, request: GenerateRequest) -> httpx.Response:
         """Start a generation on the assigned instance. Returns the open streaming response
@@ -135,16 +147,18 @@ class Upstream:
 
     @staticmethod
     async def messages(response: httpx.Response) -> AsyncIterator[Any]:
-        """The invoker's stream messages (TokenMessage, DoneMessage, ErrorMessage), parsed.
+        """The invoker's stream messages (TokenMessage, DoneMessage, ErrorMessage,
+        MigratedMessage), parsed.
 
         Raises:
-            InvokerError: the connection broke or a line does not parse.
+            StreamBroken: the connection broke.
+            InvokerError: a line does not parse.
         """
         try:
             async for line in response.aiter_lines():
                 if line.strip():
                     yield STREAM_MESSAGE.validate_json(line)
         except httpx.HTTPError as e:
-            raise InvokerError(f"the invoker's stream broke: {e!r}") from e
+            raise StreamBroken(f"the invoker's stream broke: {e!r}") from e
         except ValueError as e:
             raise InvokerError(f"the invoker sent a malformed stream message: {e}") from e

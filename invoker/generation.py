@@ -7,11 +7,22 @@ ids, the generated ids, the KV cache and the ids the cache has not seen yet; a g
 be resumed elsewhere from ``prompt_ids + token_ids`` alone (the first step would then prefill all
 of them).
 
-Stopping, checked in this order:
+Stopping, checked before each step in this order:
 
-- ``cancel`` set before a step -> ``"cancelled"``;
-- an EOS token sampled -> ``"stop"`` (the EOS is neither yielded nor counted);
-- ``max_tokens`` generated, or prompt + generated = ``context_window`` -> ``"length"``.
+- ``max_tokens`` generated, or prompt + generated = ``context_window`` -> ``"length"``;
+- ``cancel`` set -> ``"cancelled"``;
+- ``handoff`` set -> ``"migrated"``: the generation stops at a token boundary so that another
+  instance can go on from its tokens (live migration, ServerlessLLM §5); a token whose text was
+  held back is not yielded (the destination yields it);
+- an EOS token sampled -> ``"stop"`` (the EOS is neither yielded nor counted).
+
+Moving a generation (:class:`Resume`): a generation built with the tokens an earlier one
+generated (and, optionally, a KV cache already computed over a prefix of prompt + tokens, by
+:func:`extend_cache`) first yields the tokens the client has not received yet, without any
+forward pass, then recomputes the KV cache of whatever the cache lacks in one prefill and goes on
+decoding. With greedy decoding the continuation is the one the first generation would have
+produced; with sampling, each token is drawn from a generator seeded by ``(seed, token index)``
+(:func:`token_seed`), so it does not depend on where the earlier tokens were generated either.
 
 Text: each token's ``text`` is what the :class:`~invoker.detokenizer.IncrementalDetokenizer`
 emits for it. A token whose text is still waiting for more bytes (``""`` with a held-back partial
@@ -24,6 +35,7 @@ yielded at once.
 from __future__ import annotations
 
 import math
+import secrets
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -46,8 +58,9 @@ class SamplingParams:
         temperature: >= 0; 0 means greedy (argmax), ignoring ``top_p`` and ``seed``.
         top_p: nucleus sampling, in (0, 1]: sample among the most likely tokens whose
             probabilities add up to at least ``top_p``.
-        seed: seeds this generation's own ``torch.Generator`` (never the global RNG), so equal
-            seeds give equal tokens on the same model and device; None draws a fresh seed.
+        seed: seeds this generation's own ``torch.Generator`` (never the global RNG), per token
+            (:func:`token_seed`), so equal seeds give equal tokens on the same model and device,
+            also across a migration; None draws a fresh seed.
 
     Raises:
         InvalidRequest: a field is out of range (``param`` names it).
@@ -100,6 +113,68 @@ class GeneratedToken:
     index: int
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def token_seed(seed: int, index: int) -> int:
+    """The generator seed for sampling generated token ``index`` (0-based) of a request seeded
+    with ``seed``: splitmix64 of the pair, so neighbouring indexes get unrelated streams.
+
+    Returns:
+        An integer in [0, 2**63).
+    """
+    z = (seed * 0x9E3779B97F4A7C15 + index + 1) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) >> 1
+
+
+@dataclass
+class Resume:
+    """Where a moved generation picks up.
+
+    Attributes:
+        token_ids: the tokens generated before the move (EOS never among them).
+        emitted: how many of them the client has received; the rest are yielded again first.
+        cache: a KV cache computed over the first ``cached`` ids of prompt + ``token_ids``
+            (by :func:`extend_cache` during a live migration), or None to recompute all.
+        cached: positions ``cache`` covers; fewer than prompt + ``token_ids`` (the first step
+            feeds the ids after them).
+    """
+
+    token_ids: Sequence[int]
+    emitted: int
+    cache: DynamicCache | None = None
+    cached: int = 0
+
+
+def extend_cache(instance: ModelInstance, cache: DynamicCache | None, ids: Sequence[int]
+                 ) -> DynamicCache:
+    """Prefill: run the model over ``ids`` after the positions ``cache`` already holds, and
+    return the cache extended by ``len(ids)`` positions (blocking; the caller holds the
+    instance). Used by a migration's destination to recompute the KV cache (ServerlessLLM §5).
+
+    Args:
+        instance: the loaded model.
+        cache: the cache so far (None: empty).
+        ids: token ids, at least one.
+
+    Raises:
+        InvalidRequest: ``ids`` is empty or overflows the context window.
+    """
+    if cache is None:
+        cache = DynamicCache(config=instance.model.config)
+    if not ids:
+        raise InvalidRequest("no tokens to prefill")
+    if cache.get_seq_length() + len(ids) > instance.context_window:
+        raise InvalidRequest("the tokens overflow the context window")
+    input_ids = torch.tensor([list(ids)], dtype=torch.long, device=instance.device)
+    extra = {"logits_to_keep": 1} if instance.accepts_logits_to_keep else {}
+    with torch.inference_mode():
+        out = instance.model(input_ids=input_ids, past_key_values=cache, use_cache=True, **extra)
+    return out.past_key_values
+
+
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
     """Pick the next token from one position's logits.
 
@@ -128,19 +203,24 @@ class Generation:
     """Generates tokens for one prompt. A blocking iterator, meant to run in a thread; iterate
     it once. One instance can serve several generations one after another.
 
-    After exhaustion: ``finish_reason`` ("stop", "length" or "cancelled"), ``prompt_tokens``,
-    ``completion_tokens``, ``prefill_seconds`` (the prefill forward pass and first sample) and
-    ``decode_seconds`` (all later steps). Stopping the iteration early (closing the iterator)
-    counts as "cancelled"; an exception from the model leaves ``finish_reason`` None.
+    After exhaustion: ``finish_reason`` ("stop", "length", "cancelled" or "migrated"),
+    ``prompt_tokens``, ``completion_tokens`` (resumed tokens included), ``prefill_seconds`` (the
+    first forward pass, over every id the cache lacks, and its sample) and ``decode_seconds``
+    (all later steps). Stopping the iteration early (closing the iterator) counts as
+    "cancelled"; an exception from the model leaves ``finish_reason`` None. ``token_ids`` may be
+    read from another thread while it runs (a migration's source does).
 
     Args:
         instance: the loaded model.
         prompt_ids: the prompt's token ids, from :meth:`ModelInstance.encode`.
         params: sampling parameters.
         cancel: checked before each step; once set, the generation ends with "cancelled".
+        handoff: checked before each step; once set, the generation ends with "migrated".
+        resume: go on from a generation moved here (see :class:`Resume`).
 
     Raises:
-        InvalidRequest: empty ``prompt_ids``.
+        InvalidRequest: empty ``prompt_ids``; a ``resume`` whose ``emitted`` or cache does not
+            fit its tokens.
         PromptTooLong: the prompt leaves no room in the context window.
     """
 
@@ -151,6 +231,8 @@ class Generation:
         params: SamplingParams,
         *,
         cancel: threading.Event | None = None,
+        handoff: threading.Event | None = None,
+        resume: Resume | None = None,
     ) -> None:
         if not prompt_ids:
             raise InvalidRequest("the prompt has no tokens", param="prompt")
@@ -163,16 +245,27 @@ class Generation:
         self.instance = instance
         self.params = params
         self.prompt_ids: tuple[int, ...] = tuple(int(t) for t in prompt_ids)
-        self.token_ids: list[int] = []  # generated so far, EOS excluded
         self.limit = min(params.max_tokens, instance.context_window - len(self.prompt_ids))
         self._cancel = cancel or threading.Event()
+        self._handoff = handoff or threading.Event()
+        self.seed = params.seed if params.seed is not None else secrets.randbits(63)
         self._generator = torch.Generator(device=instance.device)
-        if params.seed is None:
-            self._generator.seed()
-        else:
-            self._generator.manual_seed(params.seed)
-        self._cache = DynamicCache(config=instance.model.config)
-        self._uncached: list[int] = list(self.prompt_ids)  # ids the cache has not seen yet
+        resume = resume or Resume(token_ids=(), emitted=0)
+        # generated so far, EOS excluded (a resumed generation starts with the moved tokens)
+        self.token_ids: list[int] = [int(t) for t in resume.token_ids]
+        if not 0 <= resume.emitted <= len(self.token_ids):
+            raise InvalidRequest(f"emitted must be in [0, {len(self.token_ids)}]", param="resume")
+        self._emitted = resume.emitted
+        full = [*self.prompt_ids, *self.token_ids]
+        if len(full) > instance.context_window:
+            raise InvalidRequest("the moved tokens overflow the context window", param="resume")
+        self._cache = resume.cache if resume.cache is not None else DynamicCache(
+            config=instance.model.config)
+        cached = resume.cached if resume.cache is not None else 0
+        # the next step needs an input, so a prepared cache leaves at least the last id out
+        if not 0 <= cached < len(full) or self._cache.get_seq_length() != cached:
+            raise InvalidRequest("the moved KV cache does not fit the tokens", param="resume")
+        self._uncached: list[int] = full[cached:]  # ids the cache has not seen yet
         self._started = False
 
         self.finish_reason: str | None = None
@@ -191,6 +284,8 @@ class Generation:
         model = self.instance.model
         input_ids = torch.tensor([self._uncached], dtype=torch.long, device=self.instance.device)
         extra = {"logits_to_keep": 1} if self.instance.accepts_logits_to_keep else {}
+        if not self.params.greedy:
+            self._generator.manual_seed(token_seed(self.seed, len(self.token_ids)))
         with torch.inference_mode():
             out = model(input_ids=input_ids, past_key_values=self._cache, use_cache=True, **extra)
             token = sample(out.logits[0, -1], self.params, self._generator)
@@ -201,21 +296,40 @@ class Generation:
         if self._started:
             raise RuntimeError("a Generation can be iterated only once")
         self._started = True
-        detokenizer = IncrementalDetokenizer(self.instance.tokenizer)
+        # a resumed generation: context = what the client has; the rest is yielded again
+        detokenizer = IncrementalDetokenizer(self.instance.tokenizer, self.token_ids[: self._emitted])
         held: GeneratedToken | None = None  # a token whose text waits for more bytes
+        steps = 0
         try:
+            for index in range(self._emitted, len(self.token_ids)):
+                token = self.token_ids[index]
+                out = GeneratedToken(token, detokenizer.push(token), index)
+                if held is not None:
+                    yield held
+                    held = None
+                if detokenizer.pending:
+                    held = out
+                else:
+                    yield out
+            self.completion_tokens = len(self.token_ids)
             while True:
+                if len(self.token_ids) >= self.limit:
+                    self.finish_reason = "length"
+                    break
                 if self._cancel.is_set():
                     self.finish_reason = "cancelled"
                     break
-                prefill = not self.token_ids  # every step but an EOS one adds a token
+                if self._handoff.is_set():
+                    self.finish_reason = "migrated"
+                    return  # a held token is the destination's to yield
                 started = time.perf_counter()
                 token = self.step()
                 elapsed = time.perf_counter() - started
-                if prefill:
+                if steps == 0:
                     self.prefill_seconds = elapsed
                 else:
                     self.decode_seconds += elapsed
+                steps += 1
                 if token in self.instance.eos_token_ids:
                     self.finish_reason = "stop"
                     break
@@ -226,10 +340,6 @@ class Generation:
                 self.completion_tokens = len(self.token_ids)
                 self._uncached = [token]
                 generated = GeneratedToken(token, detokenizer.push(token), len(self.token_ids) - 1)
-                if len(self.token_ids) >= self.limit:
-                    self.finish_reason = "length"
-                    held = generated
-                    break
                 if detokenizer.pending:
                     held = generated
                 else:

@@ -14,8 +14,15 @@ HTTP API (JSON; errors in the OpenAI-shaped envelope of :mod:`sllm.errors`):
 - ``POST /v1/instances/{id}/generate`` (:class:`~sllm.messages.GenerateRequest`): a stream of
   newline-delimited JSON, one :class:`~sllm.messages.TokenMessage` per token, then a
   :class:`~sllm.messages.DoneMessage` (or an :class:`~sllm.messages.ErrorMessage` when generation
-  fails after the stream began). Bad input (empty or oversized prompt) is refused with a status
-  before the stream starts. A client that disconnects cancels its generation.
+  fails after the stream began, or a :class:`~sllm.messages.MigratedMessage` when it moved
+  away). Bad input (empty or oversized prompt) is refused with a status before the stream
+  starts. A client that disconnects cancels its generation. With ``resume`` it continues a
+  generation that began elsewhere.
+- live migration (:mod:`invoker.migration`): ``POST /v1/instances/{id}/migrate``
+  (:class:`~sllm.messages.MigrateRequest`, as the source) -> :class:`~sllm.messages.MigrateResponse`;
+  ``POST /v1/instances/{id}/migrations`` (:class:`~sllm.messages.PrefillRequest`, as the
+  destination) and ``DELETE /v1/instances/{id}/migrations/{session}``. Unloading an instance
+  under running generations hands them back to the gateway to resume elsewhere (preemption).
 - ``GET /health``
 
 The invoker registers itself in etcd under a lease it keeps alive, so the controller sees it die;
@@ -40,6 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -51,8 +59,9 @@ from invoker.checkpoint import LoadedCheckpoint, load_checkpoint
 from invoker.checkpoint.format import INDEX_NAME
 from invoker.dram_pool import DramPool
 from invoker.files_api import checkpoint_file_routes
-from invoker.generation import Generation, SamplingParams
+from invoker.generation import Generation, Resume, SamplingParams
 from invoker.instance import ModelInstance
+from invoker.migration import Run, Sessions, Target, migrate_instance
 from invoker.store import ModelStore
 from invoker.tiers import TierPublisher
 from invoker.transfer import TransferResult, fetch_checkpoint
@@ -78,6 +87,11 @@ from sllm.messages import (
     InvokerRecord,
     LoadRequest,
     LoadResponse,
+    MigratedMessage,
+    MigrateRequest,
+    MigrateResponse,
+    PrefillRequest,
+    PrefillResponse,
     TokenMessage,
 )
 
@@ -112,7 +126,8 @@ class LoadedInstance:
     loaded_at: float
     response: LoadResponse  # what the load answered (repeated to a controller asking again)
     lock: threading.Lock = field(default_factory=threading.Lock)  # one generation at a time
-    cancels: set[threading.Event] = field(default_factory=set)  # of running generations
+    runs: dict[str, Run] = field(default_factory=dict)  # generations started and not ended
+    moving: MigrateRequest | None = None  # migrating away: new generations hand over at once
     closed: bool = False  # set under ``lock`` once unloaded: the weights may be reused
 
     def close_when_idle(self) -> None:
@@ -191,6 +206,9 @@ class Invoker:
         self.lease_id: int | None = None
         self.tiers = TierPublisher(self.etcd, config.invoker_id, self.store)
         self.tokenizers = TokenizerCache()
+        self.sessions = Sessions()  # KV caches prepared for generations migrating here
+        self.http = httpx.AsyncClient(timeout=httpx.Timeout(10.0, read=120.0),
+                                      limits=httpx.Limits(keepalive_expiry=2.0))
         self._pool: asyncio.Future[DramPool] | None = None
         self._started = time.time()
 
@@ -373,13 +391,15 @@ class Invoker:
         return instance, ckpt
 
     async def unload(self, instance_id: str) -> None:
-        """Forget an instance, cancel its running generations, and give its weights' memory back
-        to the DRAM pool once they have stopped. Raises InstanceNotFound."""
+        """Forget an instance, hand its running generations back to the gateway to resume
+        elsewhere (preemption), and give its weights' memory back to the DRAM pool once they
+        have stopped. Raises InstanceNotFound."""
         inst = self.instances.pop(instance_id, None)
         if inst is None:
             raise InstanceNotFound(f"no instance {instance_id!r} on this invoker")
-        for ev in list(inst.cancels):
-            ev.set()
+        for run in list(inst.runs.values()):
+            run.hand_over(Target(reason="preempted"))
+        self.sessions.drop_instance(instance_id)
         await asyncio.to_thread(inst.close_when_idle)
         log.info("unloaded instance %s", instance_id)
         await self.publish_tiers()
@@ -390,24 +410,79 @@ class Invoker:
             raise InstanceNotFound(f"no instance {instance_id!r} on this invoker")
         return inst
 
+    async def migrate(self, instance_id: str, req: MigrateRequest) -> MigrateResponse:
+        """Move the instance's generations to another instance (:mod:`invoker.migration`).
+        Generations that start on it from now on hand over at once; after an abandoned
+        migration they run here again.
+
+        Raises:
+            InstanceNotFound: no such instance.
+            Conflict: it is migrating already, or the destination is this very instance.
+            MigrationFailed: the destination failed before anything moved.
+        """
+        inst = self.get(instance_id)
+        if inst.moving is not None:
+            raise Conflict(f"instance {instance_id!r} is migrating already")
+        if req.to_instance == instance_id:
+            raise Conflict("an instance cannot migrate to itself")
+        inst.moving = req
+        try:
+            resp = await migrate_instance(inst.runs, req, self.http)
+        except BaseException:
+            inst.moving = None
+            raise
+        if resp.abandoned is not None:
+            inst.moving = None
+        log.info("instance %s migrated to %s: %d moved, %d finished first, %d rounds, %d tokens "
+                 "in %.3f s%s", instance_id, req.to_instance, resp.moved, resp.finished,
+                 resp.rounds, resp.tokens, resp.seconds,
+                 f" (abandoned: {resp.abandoned})" if resp.abandoned else "")
+        return resp
+
+    async def prefill(self, instance_id: str, req: PrefillRequest) -> PrefillResponse:
+        """As a migration's destination: extend a session's KV cache (in a thread).
+
+        Raises:
+            InstanceNotFound, Conflict, InvalidRequest: see :meth:`Sessions.prefill`.
+        """
+        inst = self.get(instance_id)
+        self.sessions.expire()
+        if inst.closed:
+            raise InstanceNotFound(f"instance {instance_id!r} was unloaded")
+        return await asyncio.to_thread(self.sessions.prefill, instance_id, inst.instance,
+                                       inst.lock, req)
+
 
 def _run_generation(
-    inst: LoadedInstance, prompt_ids: list[int], params: SamplingParams, cancel: threading.Event,
-    loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[str | None],
+    inst: LoadedInstance, run: Run, params: SamplingParams, resume: Resume | None,
+    cancel: threading.Event, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[str | None],
 ) -> None:
     """Worker thread: run one generation and post NDJSON lines to ``queue`` (None at the end)."""
     def post(line: str | None) -> None:
         loop.call_soon_threadsafe(queue.put_nowait, line)
 
+    reason = "error"
     try:
         with inst.lock:
+            if run.handed_over:  # moved before it got the instance: nothing to stop
+                reason = "migrated"
+                moved = list(resume.token_ids) if resume is not None else []
+                post(_migrated(run, moved, 0.0, 0.0).model_dump_json())
+                return
             if inst.closed:
                 raise InstanceNotFound(f"instance {inst.instance_id!r} was unloaded")
-            gen = Generation(inst.instance, prompt_ids, params, cancel=cancel)
+            gen = Generation(inst.instance, run.prompt_ids, params, cancel=cancel,
+                             handoff=run.handoff, resume=resume)
+            run.generation = gen
             for tok in gen:
                 post(TokenMessage(index=tok.index, token_id=tok.token_id, text=tok.text).model_dump_json())
+            reason = gen.finish_reason or "stop"
+            if reason == "migrated":
+                msg = _migrated(run, gen.token_ids, gen.prefill_seconds, gen.decode_seconds)
+                post(msg.model_dump_json())
+                return
             done = DoneMessage(
-                finish_reason=gen.finish_reason or "stop", prompt_tokens=gen.prompt_tokens,
+                finish_reason=reason, prompt_tokens=gen.prompt_tokens,
                 completion_tokens=gen.completion_tokens, prefill_seconds=gen.prefill_seconds,
                 decode_seconds=gen.decode_seconds,
             )
@@ -419,7 +494,17 @@ def _run_generation(
         err = InternalError(f"generation failed: {type(e).__name__}: {e}")
         post(ErrorMessage(error=ErrorBody(**err.to_body()["error"])).model_dump_json())
     finally:
+        run.end(reason)
         post(None)
+
+
+def _migrated(run: Run, token_ids: list[int], prefill_s: float, decode_s: float) -> MigratedMessage:
+    target = run.target or Target(reason="preempted")
+    return MigratedMessage(
+        token_ids=list(token_ids), prompt_tokens=len(run.prompt_ids), prefill_seconds=prefill_s,
+        decode_seconds=decode_s, invoker_url=target.invoker_url, instance_id=target.instance_id,
+        session=target.session, reason=target.reason,
+    )
 
 
 def create_app(config: InvokerConfig) -> Starlette:
@@ -454,11 +539,21 @@ def create_app(config: InvokerConfig) -> Starlette:
         )
         params = SamplingParams(max_tokens=req.max_tokens, temperature=req.temperature,
                                 top_p=req.top_p, seed=req.seed)
+        resume = None
+        if req.resume is not None:
+            cache, cached = (None, 0)
+            if req.resume.session is not None:
+                cache, cached = inv.sessions.take(req.resume.session, inst.instance_id,
+                                                  [*prompt_ids, *req.resume.token_ids])
+            resume = Resume(req.resume.token_ids, req.resume.emitted, cache, cached)
         loop = asyncio.get_running_loop()
+        run = Run(req, prompt_ids, loop)
+        if inst.moving is not None:  # assigned before the migration began: follow the others
+            run.hand_over(Target(inst.moving.to_url, inst.moving.to_instance))
+        inst.runs[run.id] = run
         queue: asyncio.Queue[str | None] = asyncio.Queue()
         cancel = threading.Event()
-        inst.cancels.add(cancel)
-        worker = loop.run_in_executor(None, _run_generation, inst, prompt_ids, params, cancel,
+        worker = loop.run_in_executor(None, _run_generation, inst, run, params, resume, cancel,
                                       loop, queue)
 
         async def lines() -> AsyncIterator[str]:
@@ -467,10 +562,22 @@ def create_app(config: InvokerConfig) -> Starlette:
                     yield line + "\n"
             finally:
                 cancel.set()  # the client went away, or we are done: stop the worker
-                inst.cancels.discard(cancel)
+                inst.runs.pop(run.id, None)
                 worker.add_done_callback(lambda f: f.exception())
 
         return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+    async def migrate(request: Request) -> Response:
+        req = await read_model(request, MigrateRequest)
+        return model_response(await inv.migrate(request.path_params["id"], req))
+
+    async def prefill(request: Request) -> Response:
+        req = await read_model(request, PrefillRequest)
+        return model_response(await inv.prefill(request.path_params["id"], req))
+
+    async def drop_session(request: Request) -> Response:
+        dropped = inv.sessions.drop(request.path_params["session"])
+        return JSONResponse({"dropped": dropped})
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -504,6 +611,7 @@ def create_app(config: InvokerConfig) -> Starlette:
                 if inv.lease_id is not None:
                     await inv.etcd.revoke_lease(inv.lease_id)
             await inv.etcd.close()
+            await inv.http.aclose()
 
     routes = [
         Route("/health", health),
@@ -511,6 +619,9 @@ def create_app(config: InvokerConfig) -> Starlette:
         Route("/v1/instances", list_instances, methods=["GET"]),
         Route("/v1/instances/{id}", unload, methods=["DELETE"]),
         Route("/v1/instances/{id}/generate", generate, methods=["POST"]),
+        Route("/v1/instances/{id}/migrate", migrate, methods=["POST"]),
+        Route("/v1/instances/{id}/migrations", prefill, methods=["POST"]),
+        Route("/v1/instances/{id}/migrations/{session}", drop_session, methods=["DELETE"]),
         *checkpoint_file_routes(inv.store),
     ]
     return Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)

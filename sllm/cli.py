@@ -104,9 +104,13 @@ def _api(ctx: click.Context) -> Api:
 @click.option("--placement", default="ours", show_default=True,
               type=click.Choice(["ours", "locality", "least-loaded", "random"]),
               help="placement policy (the others are baselines to compare against)")
+@click.option("--migration", default="live", show_default=True,
+              type=click.Choice(["live", "preempt", "off"]),
+              help="making room from running instances: live migration (ServerlessLLM), "
+                   "preemption (restart elsewhere), or never (a baseline to compare against)")
 @click.option("--port", default=config.GATEWAY_PORT, show_default=True, help="gateway port")
 def up(detach: bool, invokers: int, invoker_memory: str, dram_pool: str, controllers: int,
-       placement: str, port: int) -> None:
+       placement: str, migration: str, port: int) -> None:
     """Start the embedded runtime: etcd, controllers, gateway and invokers (each invoker with
     its own model store, DRAM tier and memory budget, as if on its own server)."""
     home = config.sllm_home()
@@ -123,7 +127,8 @@ def up(detach: bool, invokers: int, invoker_memory: str, dram_pool: str, control
     t0 = time.monotonic()
     try:
         state = runtime.start(home, invokers=invokers, gateway_port=port, invoker_memory=invoker_memory,
-                              dram_pool=dram_pool, controllers=controllers, placement=placement)
+                              dram_pool=dram_pool, controllers=controllers, placement=placement,
+                              migration=migration)
     except runtime.RuntimeStartError as e:
         raise click.ClickException(str(e)) from None
     click.echo(f"sllm is up in {time.monotonic() - t0:.1f} s: gateway {state.gateway_url}, logs in {home / 'run'}")
@@ -388,6 +393,35 @@ def fn_invoke(ctx: click.Context, name: str, prompt: str | None, messages: str |
         f"total {t.get('total_seconds', 0):.2f} s | activation {result.get('activation_id', '?')}]",
         err=True,
     )
+
+
+@cli.group()
+def instance() -> None:
+    """Manage instances (loaded copies of a function's model)."""
+
+
+@instance.command("list")
+@click.pass_context
+def instance_list(ctx: click.Context) -> None:
+    """List instances: id, function, invoker, state."""
+    for i in _api(ctx).call("GET", "/v1/instances")["instances"]:
+        extra = f" -> {i['migrated_to']}" if i.get("migrated_to") else ""
+        click.echo(f"{i['id']:<32} {i['function']:<24} {i['invoker_id']:<12} {i['state']}{extra}")
+
+
+@instance.command("migrate")
+@click.argument("instance_id")
+@click.option("--to", "to", default=None, help="the destination invoker's id [default: placement picks]")
+@click.pass_context
+def instance_migrate(ctx: click.Context, instance_id: str, to: str | None) -> None:
+    """Live-migrate an instance: its running generations move to an instance on another invoker
+    by their tokens (ServerlessLLM §5); clients' streams go on."""
+    body = {"to": to} if to else {}
+    r = _api(ctx).call("POST", f"/v1/instances/{instance_id}/migrate", json=body)
+    click.echo(f"{instance_id} -> {r['to_instance']} on {r['to_invoker']}: {r['moved']} "
+               f"generation(s) moved, {r['finished']} finished first, {r['tokens']} tokens "
+               f"recomputed in {r['rounds']} round(s), {r['seconds']:.3f} s"
+               + (f" (abandoned: {r['abandoned']})" if r.get("abandoned") else ""))
 
 
 def main() -> None:

@@ -108,6 +108,10 @@ class InstanceNotFound(NotFound):
     pass
 
 
+class ActivationNotFound(NotFound):
+    pass
+
+
 class Conflict(SllmError):
     status = 409
     openai_type = "invalid_request_error"
@@ -140,6 +144,11 @@ class CheckpointError(SllmError):
 class InvokerError(SllmError):
     status = 502
     openai_type = "server_error"
+
+
+class MigrationFailed(InvokerError):
+    """A live migration was abandoned (its destination failed or refused): the inferences it
+    would have moved go on where they were."""
 
 
 class InternalError(SllmError):

@@ -121,6 +121,7 @@ class InstanceRecord(Wire):
     transfer_seconds: float | None = None  # fetching the checkpoint first (no local copy)
     fetched_from: str | None = None  # where it was fetched from: a peer invoker's URL or the root
     lost_at: float | None = None  # unix seconds it was marked lost
+    migrated_to: str | None = None  # the instance its generations moved to (live migration)
 
 
 # --- gateway <-> controller ---------------------------------------------------------------------
@@ -147,6 +148,13 @@ class Assignment(Wire):
 class ReleaseRequest(Wire):
     instance_id: str
     failed: str | None = None  # the invoker could not be reached: why (the controller checks it)
+    moved_to: str | None = None  # the slot moves to this instance (its generation migrated there)
+
+
+class MigrateInstanceRequest(Wire):
+    """Body of ``POST /v1/instances/{id}/migrate`` (an operator's live migration)."""
+
+    to: str | None = None  # the destination invoker's id; default: where placement puts it
 
 
 # --- controller <-> invoker ---------------------------------------------------------------------
@@ -173,7 +181,41 @@ class LoadResponse(Wire):
     source: str | None = None  # where it was fetched from (a peer URL or the store root)
 
 
-# --- invoker <-> invoker (checkpoint distribution) ---------------------------------------------
+class MigrateRequest(Wire):
+    """Controller -> source invoker: move the generations running on an instance to the
+    destination instance (already loaded), ServerlessLLM §5."""
+
+    to_url: str  # the destination invoker
+    to_instance: str  # the destination instance (same model)
+
+
+class MigrateResponse(Wire):
+    """What a migration did, once every generation on the source instance has handed over,
+    finished, or stayed (the destination failed)."""
+
+    moved: int  # generations handed over to the destination
+    finished: int  # generations that finished on the source before their handoff
+    abandoned: str | None = None  # why the rest stayed on the source (the destination failed)
+    rounds: int  # prefill rounds sent, all generations together
+    tokens: int  # tokens (prompt + generated) whose KV cache the destination recomputed
+    seconds: float  # wall time of the whole migration on the source
+
+
+# --- invoker <-> invoker (checkpoint distribution, migration) ----------------------------------
+
+
+class PrefillRequest(Wire):
+    """Source -> destination, one per migration round: extend the session's KV cache by
+    ``ids``, which start at position ``start`` of prompt + generated tokens."""
+
+    session: str
+    start: int = Field(ge=0)
+    ids: list[int] = Field(min_length=1)
+
+
+class PrefillResponse(Wire):
+    cached: int  # positions the session's KV cache covers now
+    seconds: float  # the prefill's compute time
 
 
 class CheckpointFile(Wire):
@@ -205,8 +247,17 @@ class ChatMessage(Wire):
     content: str
 
 
+class ResumeRequest(Wire):
+    """A generation moved from another instance: go on after ``token_ids``."""
+
+    token_ids: list[int]  # generated before the move (no EOS)
+    emitted: int = Field(ge=0)  # of which the client has received the first ``emitted``
+    session: str | None = None  # a live migration whose KV cache this invoker prepared
+
+
 class GenerateRequest(Wire):
-    """One generation. Exactly one of ``prompt`` and ``messages``."""
+    """One generation. Exactly one of ``prompt`` and ``messages``; ``resume`` when it continues
+    a generation that began elsewhere (live migration, or the first invoker died)."""
 
     prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
     messages: list[ChatMessage] | None = None
@@ -215,10 +266,13 @@ class GenerateRequest(Wire):
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: int | None = None
+    resume: ResumeRequest | None = None
 
     @model_validator(mode="after")
     def _one_input(self) -> GenerateRequest:
         check_prompt(self.prompt, self.messages)
+        if self.resume is not None and self.resume.emitted > len(self.resume.token_ids):
+            raise ValueError("resume.emitted exceeds the number of resumed tokens")
         return self
 
 
@@ -252,6 +306,23 @@ class DoneMessage(Wire):
     decode_seconds: float
 
 
+class MigratedMessage(Wire):
+    """The last message of a stream whose generation stopped here to go on elsewhere: at the
+    named instance (a live migration, whose KV cache the destination prepared under
+    ``session``), or, with no destination, wherever the gateway finds room (the instance was
+    unloaded under it: preemption)."""
+
+    type: Literal["migrated"] = "migrated"
+    token_ids: list[int]  # every token generated so far, held-back ones included
+    prompt_tokens: int
+    prefill_seconds: float
+    decode_seconds: float
+    invoker_url: str | None = None
+    instance_id: str | None = None
+    session: str | None = None
+    reason: str  # "migrated" or "preempted"
+
+
 class ErrorBody(Wire):
     message: str
     type: str
@@ -264,8 +335,10 @@ class ErrorMessage(Wire):
     error: ErrorBody
 
 
-StreamMessage = Annotated[TokenMessage | DoneMessage | ErrorMessage, Field(discriminator="type")]
-STREAM_MESSAGE: TypeAdapter[TokenMessage | DoneMessage | ErrorMessage] = TypeAdapter(StreamMessage)
+StreamMessage = Annotated[TokenMessage | DoneMessage | ErrorMessage | MigratedMessage,
+                          Field(discriminator="type")]
+STREAM_MESSAGE: TypeAdapter[TokenMessage | DoneMessage | ErrorMessage | MigratedMessage] = (
+    TypeAdapter(StreamMessage))
 
 
 class InvokeRequest(Wire):

@@ -188,7 +188,7 @@ def start(
     controller_port: int = config.CONTROLLER_PORT, etcd_port: int = config.ETCD_CLIENT_PORT,
     etcd_peer_port: int = config.ETCD_PEER_PORT, invoker_ports: list[int] | None = None,
     store: Path | None = None, invoker_memory: str = "8Gi", dram_pool: str = "4Gi",
-    tick_s: float = config.AUTOSCALER_TICK_S, placement: str = "ours",
+    tick_s: float = config.AUTOSCALER_TICK_S, placement: str = "ours", migration: str = "live",
     controllers: int = 1, controller_ports: list[int] | None = None,
     invoker_lease_ttl: int = config.INVOKER_LEASE_TTL_S,
     controller_lease_ttl: int = config.CONTROLLER_LEASE_TTL_S,
@@ -202,7 +202,8 @@ def start(
     budget (``invoker_memory``); models are imported into the store root (``store``, default
     ``<home>/models``), from which an invoker fetches a checkpoint when no peer has a copy.
     With ``controllers`` > 1, the first leads and the others stand by (the gateway knows them
-    all); ``placement`` picks the controllers' placement policy.
+    all); ``placement`` picks the controllers' placement policy and ``migration`` how they make
+    room from running instances (``live``, ``preempt`` or ``off``).
 
     Returns:
         The runtime's state (also written to ``<home>/run/state.json``).
@@ -233,7 +234,7 @@ def start(
     for i, cport in enumerate(cports):
         specs.append((f"controller-{i}" if i else "controller",
                       controller_argv(i, cport, state.etcd_endpoint, store, tick_s, placement,
-                                      controller_lease_ttl),
+                                      controller_lease_ttl, migration),
                       f"http://{h}:{cport}/health"))
     for i, port in enumerate(ports):
         specs.append((f"invoker-{i}", [py, "-m", "invoker", "--id", f"invoker-{i}", "--port", str(port),
@@ -274,11 +275,11 @@ def invoker_store(home: Path, index: int) -> Path:
 
 
 def controller_argv(index: int, port: int, etcd_endpoint: str, store: Path, tick_s: float,
-                    placement: str, lease_ttl: int) -> list[str]:
+                    placement: str, lease_ttl: int, migration: str = "live") -> list[str]:
     """The command line of controller ``index`` (``controller-<index>`` in the election)."""
     return [sys.executable, "-m", "controller", "--id", f"controller-{index}", "--port", str(port),
             "--etcd", etcd_endpoint, "--store", str(store), "--tick", str(tick_s),
-            "--placement", placement, "--lease-ttl", str(lease_ttl)]
+            "--placement", placement, "--migration", migration, "--lease-ttl", str(lease_ttl)]
 
 
 def stop(state: RuntimeState) -> None:
