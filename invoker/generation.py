@@ -296,8 +296,13 @@ class Generation:
         if self._started:
             raise RuntimeError("a Generation can be iterated only once")
         self._started = True
-        # a resumed generation: context = what the client has; the rest is yielded again
-        detokenizer = IncrementalDetokenizer(self.instance.tokenizer, self.token_ids[: self._emitted])
+        # a resumed generation: the tokens the client has are pushed through a fresh
+        # detokenizer, which leaves it exactly as the first generation's was (a token delivered
+        # with "" because its character was incomplete still waits for its bytes); the rest are
+        # yielded again
+        detokenizer = IncrementalDetokenizer(self.instance.tokenizer)
+        for token in self.token_ids[: self._emitted]:
+            detokenizer.push(token)
         held: GeneratedToken | None = None  # a token whose text waits for more bytes
         steps = 0
         try:

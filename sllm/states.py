@@ -2,7 +2,7 @@
 
 An instance is one copy of a function's model on one invoker::
 
-    pending ──> loading ──> idle <──> active <──> migrating
+    pending ──> loading ──> idle <──> active <──> migrating (from idle too)
        │           │          │          │            │
        │           │          └──────────┴─> draining ┘
        │           │                 │           │
@@ -13,7 +13,9 @@ An instance is one copy of a function's model on one invoker::
 - ``loading``: the invoker is fetching (when it has no copy) and loading the checkpoint;
 - ``idle``: warm, no invocation in flight; the keep-alive clock runs;
 - ``active``: warm, serving one or more invocations;
-- ``migrating``: warm, its inferences are moving to another instance (ServerlessLLM §5);
+- ``migrating``: warm, its inferences are moving to another instance (ServerlessLLM §5); it
+  takes no new invocations, and drains once they have moved (or goes back to idle or active
+  when the migration is abandoned);
 - ``draining``: takes no new invocations and is unloaded when the last one in flight ends
   (the function was deleted or changed);
 - ``stopped`` (final): unloaded after keep-alive, evicted, or failed to load;
@@ -44,7 +46,7 @@ _END = {S.STOPPED, S.LOST}
 TRANSITIONS: dict[InstanceState, frozenset[InstanceState]] = {
     S.PENDING: frozenset({S.LOADING, *_END}),
     S.LOADING: frozenset({S.IDLE, S.DRAINING, *_END}),
-    S.IDLE: frozenset({S.ACTIVE, S.DRAINING, *_END}),
+    S.IDLE: frozenset({S.ACTIVE, S.MIGRATING, S.DRAINING, *_END}),
     S.ACTIVE: frozenset({S.IDLE, S.MIGRATING, S.DRAINING, *_END}),
     S.MIGRATING: frozenset({S.ACTIVE, S.IDLE, S.DRAINING, *_END}),
     S.DRAINING: frozenset(_END),

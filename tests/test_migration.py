@@ -77,9 +77,27 @@ def test_greedy_resume_continues_exactly(instance: ModelInstance, prompt_ids: li
 def test_tokens_the_client_did_not_receive_are_yielded_again(
         instance: ModelInstance, prompt_ids: list[int], reference: tuple[list[int], str]) -> None:
     ids, _ = reference
-    gen, rest, _ = generate(instance, prompt_ids, SamplingParams(max_tokens=N),
-                            Resume(ids[:10], emitted=7))
+    _, rest, _ = generate(instance, prompt_ids, SamplingParams(max_tokens=N),
+                          Resume(ids[:10], emitted=7))
     assert rest == ids[7:]
+
+
+def test_resumed_text_joins_across_incomplete_characters(instance: ModelInstance,
+                                                         prompt_ids: list[int]) -> None:
+    """Sampled tokens of a byte-level vocabulary often split a character, so a token may reach
+    the client with no text yet, or still be held back when the generation moves. Moved after
+    every token, held one back or not, the client's text is that of the whole generation."""
+    params = SamplingParams(max_tokens=N, temperature=1.5, seed=7)
+    gen = Generation(instance, prompt_ids, params)
+    tokens = list(gen)
+    ids, text = gen.token_ids, "".join(t.text for t in tokens)
+    assert any(t.text == "" for t in tokens)  # the case arises
+    for emitted in range(N):
+        for held in (0, 1):
+            sent = "".join(t.text for t in tokens[:emitted])
+            _, _, rest = generate(instance, prompt_ids, params,
+                                  Resume(ids[: emitted + held], emitted=emitted))
+            assert sent + rest == text, (emitted, held)
 
 
 def test_sampling_with_a_seed_resumes_the_same_draws(instance: ModelInstance,
