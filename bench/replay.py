@@ -3,6 +3,8 @@ skewed invocation trace, either simulated at cluster scale or against a real loc
 
     .venv/bin/python bench/replay.py --simulate [--json]     # 1,000 invokers, 10,000 functions
     .venv/bin/python bench/replay.py [--duration 90] [--json] # 3 invokers, 8 functions, real models
+    .venv/bin/python bench/replay.py --policies ours --migrations live,preempt,off \
+        --output-median 96 --output-max 192   # live migration on and off, and preemption
 
 The simulation of 300 s at 100 invocations/s takes about 40 s for the four policies; the real
 cluster about 20 s of start-up and stop plus ``--duration`` per policy (and ~10 s once to build
@@ -77,7 +79,15 @@ asyncio + httpx: each invocation is sent at its trace time, streaming
 client, the gateway, the controller and the three invokers share the cores: TTFTs include that
 contention, and runs of the same policy differ by tens of percent.
 
-Rows (per policy): ``requests`` sent; ``errors`` by HTTP status (``stream``: an error event after
+``--migrations live,preempt,off`` (default ``live``) replays the trace once per policy and
+migration mode (the controller's ``--migration``): ``live`` moves running inferences away by
+live migration when the scheduler frees an invoker for another function, ``preempt`` unloads
+them at once (their invocations resume on another instance from their tokens: kill and restart
+elsewhere), ``off`` never moves them (the scheduler takes another invoker or waits). Migration
+matters when inferences run long next to loads: ``--output-median`` / ``--output-max`` (tokens,
+default 12 / 48) lengthen the answers.
+
+Rows (per policy and migration mode): ``requests`` sent; ``errors`` by HTTP status (``stream``: an error event after
 the first token; ``conn``: no answer); ``TTFT mean/p50/p99`` (seconds, client side: from sending
 the request to the first token event; successful invocations); ``warm p50`` / ``cold p50``;
 ``cold`` = invocations whose final event says ``cold``, by cause: ``first`` (the function's first
@@ -88,7 +98,10 @@ whose load another invocation started), ``other`` (an instance stopped for anoth
 causes come from the controller log's ``instance ... stopped: <reason>`` lines, or, when the
 log does not say, from the gap since the function's last use against ``keepAlive``; and by tier
 (the final event's ``tier``: ``dram``, ``ssd``, ``remote``); ``dec ms``: the controller's
-placement decision times from its log (p50; the JSON has the max too, milliseconds).
+placement decision times from its log (p50; the JSON has the max too, milliseconds);
+``TTLT mean/p99``: time to last token (client side, sending to the end of the stream);
+``moves``: streams moved while running, by reason (``migrated`` / ``preempted`` / ``failed``,
+from the final events' ``migrations``).
 """
 
 from __future__ import annotations
@@ -606,7 +619,7 @@ def manifest(name: str, model: str, args: argparse.Namespace) -> dict[str, Any]:
                      "scaling": {"minInstances": 0, "maxInstances": args.max_instances,
                                  "targetConcurrency": 1, "keepAlive": f"{args.keep_alive:g}s",
                                  "queueTimeout": "120s"},
-                     "generation": {"maxTokens": 64, "temperature": 0.0}}}
+                     "generation": {"maxTokens": max(64, args.output_max), "temperature": 0.0}}}
 
 
 @dataclass
@@ -732,6 +745,8 @@ def classify(results: list[Result], reasons: dict[str, str], keep_alive: float) 
 def summarize(results: list[Result], causes: list[str], decided: list[float]) -> dict[str, Any]:
     ok = [r for r in results if r.ok and r.first is not None]
     ttft = [r.first - r.sent for r in ok]  # type: ignore[operator]
+    ttlt = [r.end - r.sent for r in ok]
+    moves = Counter(m["reason"] for r in ok for m in r.done.get("migrations", []))
     warm = [r.first - r.sent for r in ok if not r.cold]  # type: ignore[operator]
     cold = [r for r in ok if r.cold]
     errors = Counter(str(r.status) for r in results if not r.ok)
@@ -743,6 +758,9 @@ def summarize(results: list[Result], causes: list[str], decided: list[float]) ->
         "ttft_mean_s": float(np.mean(ttft)) if ttft else float("nan"),
         "ttft_p50_s": pct(ttft, 50), "ttft_p99_s": pct(ttft, 99),
         "warm_ttft_p50_s": pct(warm, 50),
+        "ttlt_mean_s": float(np.mean(ttlt)) if ttlt else float("nan"),
+        "ttlt_p99_s": pct(ttlt, 99),
+        "moves": dict(moves),
         "cold_ttft_p50_s": pct([r.first - r.sent for r in cold], 50),  # type: ignore[operator]
         "cold_starts": len(cold),
         "cold_causes": dict(Counter(causes)),
@@ -756,17 +774,19 @@ def summarize(results: list[Result], causes: list[str], decided: list[float]) ->
     }
 
 
-def run_cluster_policy(policy: Policy, args: argparse.Namespace, models: list[tuple[str, int]],
-                       arrivals: list[Arrival]) -> dict[str, Any]:
-    """Start a fresh runtime with ``policy``, deploy the functions, replay, stop."""
-    home = bench_dir() / f"run-{policy}"
+def run_cluster_policy(policy: Policy, migration: str, args: argparse.Namespace,
+                       models: list[tuple[str, int]], arrivals: list[Arrival]) -> dict[str, Any]:
+    """Start a fresh runtime with ``policy`` and ``migration``, deploy the functions, replay,
+    stop."""
+    home = bench_dir() / f"run-{policy}-{migration}"
     shutil.rmtree(home, ignore_errors=True)
     # every policy's first copies come from the disk, not from the page cache the previous left
     evict_from_page_cache((bench_dir() / "models").glob("*/data-*.bin"))
     memory = args.per_invoker * INSTANCE_MEMORY
     t0 = time.perf_counter()
     state = runtime.start(
-        home, invokers=args.invokers, placement=policy, gateway_port=runtime.free_port(),
+        home, invokers=args.invokers, placement=policy, migration=migration,
+        gateway_port=runtime.free_port(),
         controller_port=runtime.free_port(), etcd_port=runtime.free_port(),
         etcd_peer_port=runtime.free_port(),
         invoker_ports=[runtime.free_port() for _ in range(args.invokers)],
@@ -790,22 +810,26 @@ def run_cluster_policy(policy: Policy, args: argparse.Namespace, models: list[tu
             shutil.rmtree(home / bulky, ignore_errors=True)
     reasons, decided = read_controller_log(home / "run" / "controller.log")
     causes = classify(results, reasons, args.keep_alive)
-    return {"mode": "cluster", "policy": policy, **summarize(results, causes, decided),
+    return {"mode": "cluster", "policy": policy, "migration": migration,
+            **summarize(results, causes, decided),
             "startup_s": startup_s, "replay_s": replay_s, "logs": str(home / "run")}
 
 
 def run_cluster(args: argparse.Namespace, policies: list[Policy]) -> list[dict[str, Any]]:
     models = build_models(bench_dir() / "models", args.functions)
-    model = TraceModel(**{**REAL_TRACE.__dict__, "zipf_s": args.zipf_s, "cv": args.cv})
+    model = TraceModel(**{**REAL_TRACE.__dict__, "zipf_s": args.zipf_s, "cv": args.cv,
+                          "output_median_tokens": args.output_median,
+                          "output_max_tokens": args.output_max})
     arrivals = generate(args.functions, args.duration, args.rate, args.seed, model)
     rows = []
     for policy in policies:
-        if not args.json:
-            print(f"  {policy}: starting a runtime, replaying {len(arrivals)} invocations over "
-                  f"{args.duration:g} s", file=sys.stderr)
-        row = run_cluster_policy(policy, args, models, arrivals)
-        row["checkpoint_mb"] = [round(b / 1e6) for _, b in models]
-        rows.append(row)
+        for migration in args.migrations.split(","):
+            if not args.json:
+                print(f"  {policy} (migration {migration}): starting a runtime, replaying "
+                      f"{len(arrivals)} invocations over {args.duration:g} s", file=sys.stderr)
+            row = run_cluster_policy(policy, migration, args, models, arrivals)
+            row["checkpoint_mb"] = [round(b / 1e6) for _, b in models]
+            rows.append(row)
     return rows
 
 
@@ -819,13 +843,17 @@ def print_cluster(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
         r["errs"] = ",".join(f"{k}:{v}" for k, v in sorted(r["errors"].items())) or "0"
         r["causes"] = "/".join(str(r["cold_causes"].get(c, 0)) for c in causes)
         r["tiers"] = "/".join(str(r["cold_by_tier"].get(t, 0)) for t in TIERS)
+        r["moved"] = ",".join(f"{k}:{v}" for k, v in sorted(r["moves"].items())) or "0"
     print(table(rows, [
-        ("policy", "policy", ""), ("requests", "requests", "d"), ("errors", "errs", ""),
+        ("policy", "policy", ""), ("migration", "migration", ""), ("requests", "requests", "d"),
+        ("errors", "errs", ""),
         ("TTFT mean s", "ttft_mean_s", ".3f"), ("p50 s", "ttft_p50_s", ".3f"),
         ("p99 s", "ttft_p99_s", ".3f"), ("warm p50", "warm_ttft_p50_s", ".3f"),
         ("cold p50", "cold_ttft_p50_s", ".3f"), ("cold", "cold_starts", "d"),
         ("first/ka/evict/scale/join/other", "causes", ""), ("dram/ssd/remote", "tiers", ""),
         ("dec ms p50", "controller_decision_ms_p50", ".2f"),
+        ("TTLT mean s", "ttlt_mean_s", ".3f"), ("TTLT p99 s", "ttlt_p99_s", ".3f"),
+        ("moves", "moved", ""),
     ]))
     for r in rows:
         if r["error_samples"]:
@@ -854,6 +882,12 @@ def main() -> None:
     ap.add_argument("--ssd-copies", type=int, default=2, help="simulate: initial copies per model")
     ap.add_argument("--per-invoker", type=int, default=2, help="cluster: instances per invoker")
     ap.add_argument("--dram-pool", default="512Mi", help="cluster: each invoker's DRAM tier")
+    ap.add_argument("--migrations", default="live",
+                    help="cluster: comma-separated controller migration modes (live,preempt,off)")
+    ap.add_argument("--output-median", type=float, default=REAL_TRACE.output_median_tokens,
+                    help="cluster: median max_tokens of an invocation")
+    ap.add_argument("--output-max", type=int, default=REAL_TRACE.output_max_tokens,
+                    help="cluster: largest max_tokens")
     ap.add_argument("--json", action="store_true", help="one JSON line per policy")
     args = ap.parse_args()
     sim = args.simulate
@@ -869,6 +903,9 @@ def main() -> None:
         policies.append(p)  # type: ignore[arg-type]
     if args.functions < 8:
         ap.error("--functions must be at least 8")
+    for m in args.migrations.split(","):
+        if m not in ("live", "preempt", "off"):
+            ap.error(f"unknown migration mode {m!r}; use live, preempt, off")
 
     rows = run_simulation(args, policies) if sim else run_cluster(args, policies)
     params = {k: v for k, v in vars(args).items() if k != "json"}

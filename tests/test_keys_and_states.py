@@ -41,6 +41,7 @@ def test_legal_lifecycle() -> None:
     S = InstanceState
     for path in ([S.PENDING, S.LOADING, S.IDLE, S.ACTIVE, S.IDLE, S.STOPPED],
                  [S.PENDING, S.LOADING, S.IDLE, S.ACTIVE, S.MIGRATING, S.ACTIVE, S.DRAINING, S.STOPPED],
+                 [S.IDLE, S.MIGRATING, S.IDLE], [S.MIGRATING, S.DRAINING],
                  [S.PENDING, S.LOST], [S.LOADING, S.LOST], [S.ACTIVE, S.LOST], [S.DRAINING, S.LOST]):
         for a, b in itertools.pairwise(path):
             check_transition(a, b)
@@ -51,7 +52,8 @@ def test_legal_lifecycle() -> None:
                                       (InstanceState.PENDING, InstanceState.ACTIVE),
                                       (InstanceState.IDLE, InstanceState.LOADING),
                                       (InstanceState.DRAINING, InstanceState.ACTIVE),
-                                      (InstanceState.IDLE, InstanceState.MIGRATING)])
+                                      (InstanceState.MIGRATING, InstanceState.LOADING),
+                                      (InstanceState.PENDING, InstanceState.MIGRATING)])
 def test_illegal_transition_raises(a: InstanceState, b: InstanceState) -> None:
     with pytest.raises(InternalError):
         check_transition(a, b)

@@ -1,0 +1,142 @@
+"""Migration triggered by the scheduler, and a stream with nowhere to go, on real clusters.
+
+The scheduler case (two invokers of 300Mi): invoker X holds the checkpoint of ``other`` in its
+DRAM tier and runs a long generation of ``long`` (128Mi); invoker Y runs a long generation of
+``hog`` (150Mi). ``other`` needs 256Mi: every invoker must first be freed, and the estimate
+prefers X (DRAM tier, fewer tokens to move). The controller migrates ``long`` to a new instance
+on Y (room for 128Mi there), then loads ``other`` on X; the client of ``long`` sees one
+unbroken stream with the text of a run without migration.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from gateway.sse import parse_events
+from invoker.importer import import_model
+from invoker.store import ModelStore
+from sllm import runtime
+from tests.conftest import Cluster, manifest, start_cluster, wait_for
+from tests.tiny_model import save_tiny_llama
+
+
+def stream(cluster: Cluster, function: str, on_token: Any = None) -> dict[str, Any]:
+    """Invoke with streaming; returns ``{"tokens", "done", "error"}``."""
+    out: dict[str, Any] = {"tokens": [], "done": None, "error": None}
+    with httpx.Client(base_url=cluster.gateway, timeout=120) as c, \
+            c.stream("POST", f"/v1/functions/{function}/invoke",
+                     json={"prompt": "The quick brown fox", "stream": True}) as r:
+        assert r.status_code == 200, r.read()
+        for event, data in parse_events(r.iter_lines()):
+            if event == "token":
+                out["tokens"].append(data)
+                if on_token is not None:
+                    on_token(len(out["tokens"]))
+            else:
+                out[event] = data
+    return out
+
+
+def instances(c: httpx.Client, function: str) -> list[dict[str, Any]]:
+    return [i for i in c.get("/v1/instances").json()["instances"]
+            if i["function"] == function and i["state"] in ("idle", "active")]
+
+
+@pytest.fixture
+def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    home = tmp_path_factory.mktemp("home")
+    store = ModelStore(home / "models")
+    import_model(str(save_tiny_llama(tmp_path_factory.mktemp("src") / "t", seed=0)), store,
+                 name="tiny-llama")
+    for name, seed in (("tiny-slow", 2), ("tiny-slow2", 3)):
+        src = save_tiny_llama(tmp_path_factory.mktemp("src") / name, seed=seed, hidden_size=384,
+                              num_hidden_layers=4)
+        import_model(str(src), store, name=name)
+    c = start_cluster(home, invokers=2, memory="300Mi", invoker_lease_ttl=3)
+    try:
+        yield c
+    finally:
+        runtime.stop(c.state)
+
+
+def test_the_scheduler_migrates_a_running_instance_to_make_room(pair: Cluster) -> None:
+    pair.deploy(manifest("other", "tiny-llama", resources={"device": "auto", "memory": "256Mi"},
+                         scaling={"maxInstances": 1, "keepAlive": "1s"}))
+    pair.deploy(manifest("long", "tiny-slow", resources={"device": "auto", "memory": "128Mi"},
+                         generation={"maxTokens": 200, "temperature": 0.0}))
+    pair.deploy(manifest("hog", "tiny-slow2", resources={"device": "auto", "memory": "150Mi"},
+                         generation={"maxTokens": 240, "temperature": 0.0}))
+    with pair.client() as c:
+        # other's checkpoint lands in X's DRAM tier, and other scales to zero
+        assert c.post("/v1/functions/other/invoke", json={"prompt": "hi", "max_tokens": 2}).status_code == 200
+        x = c.get("/v1/instances").json()["instances"][0]["invoker_id"]
+        wait_for(lambda: not instances(c, "other"))
+        y = next(f"invoker-{k}" for k in range(2) if f"invoker-{k}" != x)
+        reference = stream(pair, "long")  # long's instance: moved to X if placed elsewhere
+        assert reference["error"] is None and len(reference["tokens"]) > 100
+        [inst] = instances(c, "long")
+        if inst["invoker_id"] != x:
+            assert c.post(f"/v1/instances/{inst['id']}/migrate", json={"to": x}).status_code == 200
+            wait_for(lambda: [i for i in instances(c, "long") if i["invoker_id"] == x])
+        [source] = instances(c, "long")
+        # both invokers run a long generation; hog goes to Y, which has more room
+        going = threading.Barrier(3)
+        results: dict[str, dict[str, Any]] = {}
+        threads = [threading.Thread(target=lambda f=f: results.__setitem__(f, stream(
+            pair, f, lambda n: going.wait(60) if n == 5 else None))) for f in ("long", "hog")]
+        for t in threads:
+            t.start()
+        going.wait(60)
+        [hog] = instances(c, "hog")
+        assert hog["invoker_id"] == y
+        r = c.post("/v1/functions/other/invoke", json={"prompt": "hi", "max_tokens": 2})
+        assert r.status_code == 200, r.text
+        for t in threads:
+            t.join(120)
+    moved = results["long"]
+    assert moved["error"] is None and moved["done"]["text"] == reference["done"]["text"]
+    [m] = moved["done"]["migrations"]
+    assert m["reason"] == "migrated" and m["from_instance"] == source["id"]
+    assert [t["index"] for t in moved["tokens"]] == list(range(len(moved["tokens"])))
+    assert results["hog"]["error"] is None and results["hog"]["done"]["migrations"] == []
+    with pair.client() as c:
+        [placed] = instances(c, "other")
+        assert placed["invoker_id"] == x and placed["tier"] == "dram"
+        assert placed["placement"]["chosen"]["migrates"] and placed["placement"]["migrate"] == [source["id"]]
+        dest = next(i for i in instances(c, "long"))
+        assert dest["id"] == m["to_instance"] and dest["invoker_id"] == y
+
+
+def test_a_stream_with_nowhere_to_go_ends_with_an_error_event_and_a_record(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The only invoker dies under a stream: the gateway tries to resume it, finds no
+    instance within the function's queueTimeout, and ends the stream with an error event; the
+    activation's record says why."""
+    home = tmp_path_factory.mktemp("home")
+    src = save_tiny_llama(tmp_path_factory.mktemp("src") / "slow", seed=2, hidden_size=384,
+                          num_hidden_layers=4)
+    import_model(str(src), ModelStore(home / "models"), name="tiny-slow")
+    cluster = start_cluster(home, invokers=1, invoker_lease_ttl=3)
+    try:
+        cluster.deploy(manifest("alone", "tiny-slow", scaling={"maxInstances": 1, "queueTimeout": "3s"},
+                               generation={"maxTokens": 200, "temperature": 0.0}))
+        pid = next(p.pid for p in cluster.state.processes if p.name == "invoker-0")
+        out = stream(cluster, "alone", lambda n: os.kill(pid, signal.SIGKILL) if n == 10 else None)
+        assert out["done"] is None and out["error"] is not None
+        assert out["error"]["error"]["code"] in ("unavailable", "invoker_unreachable")
+        assert [t["index"] for t in out["tokens"]] == list(range(len(out["tokens"])))
+        with cluster.client() as c:
+            [record] = c.get("/v1/activations", params={"limit": 1}).json()["activations"]
+            assert record["status"] == "error" and record["function"] == "alone"
+            assert record["error"]["message"] == out["error"]["error"]["message"]
+            [m] = record["migrations"]
+            assert m["reason"] == "failed" and m["to_instance"] is None and m["at_token"] >= 10
+    finally:
+        runtime.stop(cluster.state)
