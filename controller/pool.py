@@ -114,6 +114,7 @@ class LiveInstance:
 
     record: InstanceRecord
     in_flight: int = 0  # invocations holding a slot (including those waiting for the load)
+    reserved: int = 0  # of which slots held for generations migrating here, not yet claimed
     max_tokens: int = 0  # the function's maxTokens: the migration estimate's bound per inference
     loaded: asyncio.Event = field(default_factory=asyncio.Event)
     error: SllmError | None = None  # why the load failed, once ``loaded`` is set
@@ -361,6 +362,8 @@ class InstancePool:
             if instance_id in self.lost or instance_id in self._stopped:
                 return
             raise InstanceNotFound(f"no instance {instance_id!r}")
+        if moved_to is not None:
+            self._claim(moved_to)
         live.in_flight = max(0, live.in_flight - 1)
         if live.in_flight == 0:
             if live.state == S.ACTIVE:
@@ -680,7 +683,7 @@ class InstancePool:
             if isinstance(e, SllmError):
                 log.warning("migration of %s abandoned: %s", instance_id, e.message)
             raise
-        self._unhold(dest, reserved - resp.moved)  # the moved ones' gateways release them there
+        self._unhold(dest, reserved - resp.moved)  # the moved ones' gateways claim theirs
         if live.state == S.MIGRATING:
             if resp.abandoned is not None:
                 self._set_state(live, S.ACTIVE if live.in_flight else S.IDLE, reason=None)
@@ -694,14 +697,30 @@ class InstancePool:
     def _hold(self, live: LiveInstance, slots: int) -> None:
         """Reserve ``slots`` invocation slots on a migration's destination."""
         live.in_flight += slots
+        live.reserved += slots
         if slots and live.state == S.IDLE:
             self._set_state(live, S.ACTIVE)
 
     def _unhold(self, live: LiveInstance, slots: int) -> None:
-        """Give back reserved slots no generation took."""
-        live.in_flight = max(0, live.in_flight - max(0, slots))
+        """Give back up to ``slots`` reserved slots that no generation will claim."""
+        drop = min(live.reserved, max(0, slots))
+        live.reserved -= drop
+        live.in_flight = max(0, live.in_flight - drop)
         if live.in_flight == 0 and live.state == S.ACTIVE:
             self._set_state(live, S.IDLE, last_used=self._clock())
+
+    def _claim(self, instance_id: str) -> None:
+        """A gateway's generation arrived on ``instance_id`` by migration: it takes a slot
+        reserved for it, or a new one when none is left (it followed a migration after the
+        migration's reservations were given back)."""
+        live = self.instances.get(instance_id)
+        if live is None:
+            log.warning("a generation moved to %s, which is gone", instance_id)
+            return
+        if live.reserved > 0:
+            live.reserved -= 1
+        else:
+            self._take(live)
 
     # --- stopping -------------------------------------------------------------------------------
 

@@ -19,8 +19,10 @@ values. The protocol, multi-round so that the source never stops for the whole r
 If the generation ends during the rounds, the source's stream simply finishes and the session is
 dropped. If the destination fails during the rounds, the migration is abandoned and the source
 keeps decoding (it never paused). Several generations on one instance move one after another:
-an instance runs one generation at a time (the others wait for its lock and hand over at once,
-with no tokens to move), so the running one is the only one with a KV cache to rebuild.
+an instance runs one generation at a time, so the running one is the only one with a KV cache to
+rebuild; it moves first, by rounds, and the ones waiting for the instance (which do not start
+while it migrates away) hand over right after it, with no tokens to move, so that the moved
+running generation reaches the destination first and goes on there without waiting behind them.
 
 An instance unloaded under running generations (preemption) hands them over with no destination:
 the gateway resumes each one wherever the controller finds room, from the tokens it has.
@@ -228,7 +230,10 @@ async def migrate_run(run: Run, req: MigrateRequest, http: httpx.AsyncClient) ->
     while not run.ended.done():
         ids = run.ids()
         delta = ids[sent:]
-        if not ids or (rounds and len(delta) <= HANDOFF_TOKENS) or rounds >= MAX_ROUNDS:
+        if not ids:  # still waiting for the instance: it leaves at once, nothing to prefill
+            run.hand_over(Target(req.to_url, req.to_instance))
+            return _Outcome("migrated")
+        if (rounds and len(delta) <= HANDOFF_TOKENS) or rounds >= MAX_ROUNDS:
             break
         try:
             r = await http.post(url, json=PrefillRequest(session=session, start=sent,
@@ -256,8 +261,9 @@ async def migrate_run(run: Run, req: MigrateRequest, http: httpx.AsyncClient) ->
 async def migrate_instance(runs: dict[str, Run], req: MigrateRequest,
                            http: httpx.AsyncClient) -> MigrateResponse:
     """Move every generation in ``runs`` (an instance's, updated as they start and end) to the
-    destination, one after another (module docstring). Runs that start meanwhile are the
-    caller's to hand over at once.
+    destination: the running one by rounds, then those waiting for the instance (module
+    docstring). The caller keeps waiting generations from starting while this runs, and hands
+    over at once the ones that arrive meanwhile.
 
     Raises:
         MigrationFailed: the destination failed before anything was handed over (everything
@@ -269,14 +275,16 @@ async def migrate_instance(runs: dict[str, Run], req: MigrateRequest,
     done: set[str] = set()
     while True:
         left = [r for r in runs.values() if r.id not in done and not r.ended.done()]
-        if not left:
+        running = [r for r in left if r.generation is not None and not r.handed_over]
+        if not running:
+            # the rest wait for the instance (they do not start while it migrates away): they
+            # go now, after the running one, so that it reaches the destination first
+            for run in left:
+                run.hand_over(Target(req.to_url, req.to_instance))
+                moved += 1
             break
-        # a run still waiting for the instance first: it hands over with nothing to prefill
-        run = min(left, key=lambda r: r.generation is not None)
+        run = running[0]
         done.add(run.id)
-        if run.handed_over:
-            moved += 1
-            continue
         outcome = await migrate_run(run, req, http)
         rounds += outcome.rounds
         tokens += outcome.tokens

@@ -97,6 +97,10 @@ from sllm.messages import (
 
 log = logging.getLogger(__name__)
 
+LOCK_POLL_S = 0.05
+"""Seconds between two checks of a generation waiting for its instance: whether it was handed
+over (a migration or an unload) meanwhile."""
+
 
 @dataclass
 class InvokerConfig:
@@ -463,8 +467,20 @@ def _run_generation(
 
     reason = "error"
     try:
-        with inst.lock:
-            if run.handed_over:  # moved before it got the instance: nothing to stop
+        # waiting for the instance (another generation runs on it): one handed over meanwhile
+        # leaves at once, with nothing to stop; none starts while the instance migrates away
+        acquired = False
+        while not run.handed_over:
+            if inst.lock.acquire(timeout=LOCK_POLL_S):
+                if inst.moving is None or run.handed_over:
+                    acquired = True
+                    break
+                inst.lock.release()
+                time.sleep(LOCK_POLL_S)
+        with contextlib.ExitStack() as held:
+            if acquired:
+                held.callback(inst.lock.release)
+            if run.handed_over:
                 reason = "migrated"
                 moved = list(resume.token_ids) if resume is not None else []
                 post(_migrated(run, moved, 0.0, 0.0).model_dump_json())

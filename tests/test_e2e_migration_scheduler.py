@@ -140,3 +140,35 @@ def test_a_stream_with_nowhere_to_go_ends_with_an_error_event_and_a_record(
             assert m["reason"] == "failed" and m["to_instance"] is None and m["at_token"] >= 10
     finally:
         runtime.stop(cluster.state)
+
+
+def test_two_generations_on_one_instance_move_one_by_one(pair: Cluster) -> None:
+    """targetConcurrency 2: one generation runs, the other waits for the instance. Migrated,
+    the running one moves by rounds and the waiting one right after it (nothing to recompute);
+    both streams end with the text of a run without migration."""
+    pair.deploy(manifest("two", "tiny-slow", scaling={
+        "maxInstances": 1, "targetConcurrency": 2, "keepAlive": "600s"},
+        generation={"maxTokens": 220, "temperature": 0.0}))
+    reference = stream(pair, "two")
+    started = threading.Event()
+    results: list[dict[str, Any]] = []
+    threads = [threading.Thread(target=lambda: results.append(stream(
+        pair, "two", lambda n: started.set() if n == 5 else None))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    with pair.client() as c:
+        assert started.wait(60)
+        [source] = instances(c, "two")
+        assert source["state"] == "active"
+        r = c.post(f"/v1/instances/{source['id']}/migrate", json={})
+        assert r.status_code == 200, r.text
+        assert r.json()["moved"] == 2 and r.json()["to_invoker"] != source["invoker_id"], r.json()
+        for t in threads:
+            t.join(120)
+    assert len(results) == 2
+    for out in results:
+        assert out["error"] is None and out["done"]["text"] == reference["done"]["text"]
+        [m] = out["done"]["migrations"]
+        assert m["reason"] == "migrated" and m["to_instance"] == r.json()["to_instance"]
+    # the one that had not started moved with nothing generated and nothing to recompute
+    assert sorted(o["done"]["migrations"][0]["kv_cache_prepared"] for o in results) == [False, True]
