@@ -313,7 +313,7 @@ def create_app(config: ControllerConfig) -> Starlette:
     async def acquire(request: Request) -> Response:
         req = await read_model(request, AcquireRequest)
         record = await ctl.registry.get(req.function, cached=True)
-        assignment = await ctl.pool.acquire(record.manifest)
+        assignment = await ctl.pool.acquire(record.manifest, may_migrate=not req.resume)
         return model_response(assignment)
 
     async def release(request: Request) -> Response:

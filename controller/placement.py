@@ -10,8 +10,9 @@ Policies (``policy`` argument):
   that can host the instance, estimate ``queue + load + migration``
   (:mod:`controller.estimator`): the time its queued loads still need, checkpoint size /
   bandwidth of the fastest tier holding the checkpoint there (DRAM, SSD, or a copy from
-  elsewhere: ``remote``), and the token-based migration cost when running inferences must move
-  away first. Pick the minimum; estimates within :data:`TIE_FRACTION` + :data:`TIE_SECONDS`
+  elsewhere: ``remote``), and the migration cost when running inferences must move away
+  first: token-based recompute ``a * tokens + b`` plus the destinations' loads of the moved
+  instances' models (``Slot.move_s``), as in §6. Pick the minimum; estimates within :data:`TIE_FRACTION` + :data:`TIE_SECONDS`
   of it are ties, settled by no eviction first, then the most free memory.
 - ``locality``: the fastest tier holding the checkpoint (DRAM, then SSD, then none), ties to the
   invoker with the most free memory; never migrates and ignores queued loads.
@@ -67,6 +68,7 @@ class Slot:
     # for another copy of itself gains nothing)
     last_used: float = 0.0  # unix seconds (idle instances: the LRU key)
     tokens: int = 0  # busy: tokens (prompt + generated) its inferences hold, what migration moves
+    move_s: float = 0.0  # busy: seconds its destination needs to load its model first
     ready_by: float = 0.0  # starting: unix seconds its load is estimated to end
 
 
@@ -92,6 +94,7 @@ class InvokerState:
     idle_bytes: int = 0  # held by idle slots (can be unloaded)
     busy_bytes: int = 0  # held by busy slots (can be migrated away)
     busy_tokens: int = 0
+    busy_move_s: float = 0.0  # destinations' load seconds, over its busy slots
     starting: int = 0
     ready_by: float = 0.0  # latest ready_by among its starting slots (unix seconds)
 
@@ -114,6 +117,7 @@ class InvokerState:
         elif slot.kind == "busy":
             self.busy_bytes += slot.memory_bytes
             self.busy_tokens += slot.tokens
+            self.busy_move_s += slot.move_s
         elif slot.kind == "starting":
             self.starting += 1
             self.ready_by = max(self.ready_by, slot.ready_by)
@@ -129,6 +133,7 @@ class InvokerState:
         elif slot.kind == "busy":
             self.busy_bytes -= slot.memory_bytes
             self.busy_tokens -= slot.tokens
+            self.busy_move_s -= slot.move_s
         elif slot.kind == "starting":
             self.starting -= 1
             self.ready_by = max((s.ready_by for s in self.slots.values() if s.kind == "starting"),
@@ -243,7 +248,8 @@ def place(
         t = order[held.get(inv.id, "remote")]
         queue_s = inv.ready_by - now if inv.ready_by > now else 0.0
         load_s = nbytes * inv.seconds_per_byte[t]
-        mig_s = migration.seconds(inv.busy_tokens) if migrate and migration is not None else 0.0
+        mig_s = (migration.seconds(inv.busy_tokens) + inv.busy_move_s
+                 if migrate and migration is not None else 0.0)
         rows.append((queue_s + load_s + mig_s, t, inv.id, queue_s, load_s, mig_s, evict, migrate,
                      inv))
     if not rows:

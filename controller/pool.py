@@ -243,13 +243,16 @@ class InstancePool:
             and (i.state in LOADED or i.state in STARTING)
         ]
 
-    async def acquire(self, manifest: FunctionManifest, deadline_s: float | None = None) -> Assignment:
+    async def acquire(self, manifest: FunctionManifest, deadline_s: float | None = None, *,
+                      may_migrate: bool = True) -> Assignment:
         """A slot on an instance of the function, starting one if needed (see module docstring).
 
         Args:
             manifest: the function's manifest.
             deadline_s: seconds this call may wait for capacity and loading together (default:
                 the function's ``queueTimeout``).
+            may_migrate: whether a new instance may be placed by moving running instances away
+                (false for a generation that was itself moved: moves must not chain).
 
         Raises:
             TooManyRequests: the function's wait queue is full.
@@ -280,7 +283,8 @@ class InstancePool:
                     live.in_flight += 1  # before any await: the slot is this call's
                 elif len(cands) < scaling.maxInstances:
                     # reserves a slot on the new instance before its first await
-                    live = await self.start_instance(manifest, reserve=True)
+                    live = await self.start_instance(manifest, reserve=True,
+                                                     may_migrate=may_migrate)
                     if live is None and len(self._candidates(manifest)) > len(cands):
                         continue  # another call started one meanwhile: look again
                 if live is not None:
@@ -415,9 +419,22 @@ class InstancePool:
                 slot = Slot(live.record.memory_bytes, "pinned")
             else:
                 slot = Slot(live.record.memory_bytes, "busy",
-                            tokens=max(1, live.in_flight) * live.max_tokens)
+                            tokens=max(1, live.in_flight) * live.max_tokens,
+                            move_s=self._move_seconds(live, inv))
             inv.put(live.record.id, slot)
         return view
+
+    def _move_seconds(self, live: LiveInstance, inv: InvokerState) -> float:
+        """Estimated seconds a migration destination needs to load ``live``'s model: from SSD
+        when another invoker holds its checkpoint (a peer copy, then SSD, at worst), else from
+        the store root; at ``inv``'s bandwidths, a stand-in for the destination's."""
+        try:
+            nbytes = self._model_bytes(live.record.model)
+        except SllmError:
+            return 0.0
+        held = self.tiers.get(live.record.model, {})
+        elsewhere = any(i != live.record.invoker_id for i in held)
+        return nbytes * inv.seconds_per_byte[1 if elsewhere else 2]
 
     def used_bytes(self) -> dict[str, int]:
         """Invoker id -> instance memory reserved on it (bytes)."""
@@ -468,7 +485,7 @@ class InstancePool:
 
     async def start_instance(self, manifest: FunctionManifest, *, reserve: bool = False,
                              exclude: str | None = None, only: str | None = None,
-                             ) -> LiveInstance | None:
+                             may_migrate: bool = True) -> LiveInstance | None:
         """Place a new instance of the function and start loading it in the background; None
         when every invoker is full of busy instances (the caller waits for a release) or the
         function reached ``maxInstances`` meanwhile. With ``reserve`` the new instance counts
@@ -490,7 +507,7 @@ class InstancePool:
         if not destination and len(self._candidates(manifest)) >= manifest.spec.scaling.maxInstances:
             return None  # another call started one while this one listed the invokers
         t0 = time.perf_counter()
-        decision = self.decide(manifest, invokers, may_migrate=not destination)
+        decision = self.decide(manifest, invokers, may_migrate=may_migrate and not destination)
         decision_s = time.perf_counter() - t0
         if decision is None:
             log.info("no room for %s on any invoker: waiting for an instance to free up", manifest.name)

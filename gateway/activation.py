@@ -40,7 +40,7 @@ import httpx
 from gateway.metrics import METRICS
 from gateway.records import ACTIVATIONS
 from gateway.upstream import InvokerUnreachable, StreamBroken, Upstream
-from sllm.errors import InvokerError, SllmError, from_body
+from sllm.errors import InstanceNotFound, InvokerError, SllmError, from_body
 from sllm.messages import (
     Assignment,
     ChatMessage,
@@ -245,12 +245,13 @@ class Activation:
         """Acquire any instance of the function (through a cold start if needed) and open the
         stream there from ``resume``."""
         for attempt in range(UNREACHABLE_RETRIES + 1):
-            assignment = await self._upstream.acquire(self.function)
+            assignment = await self._upstream.acquire(self.function, resume=True)
             try:
                 self._response = await self._upstream.open_stream(
                     assignment, self.request.model_copy(update={"resume": resume}))
-            except InvokerUnreachable as e:
-                self._release(assignment.instance_id, failed=e.message)
+            except (InvokerUnreachable, InstanceNotFound) as e:
+                self._release(assignment.instance_id,
+                              failed=e.message if isinstance(e, InvokerUnreachable) else None)
                 if attempt == UNREACHABLE_RETRIES:
                     raise
                 await asyncio.sleep(0.2)
@@ -333,10 +334,12 @@ async def start(
                 seed=seed,
             )
             response = await upstream.open_stream(assignment, request)
-        except InvokerUnreachable as e:
-            # the invoker is gone: the controller checks it and marks its instances lost, so the
-            # next acquire goes elsewhere; nothing was generated yet, so trying again is safe
-            upstream.release_soon(assignment.instance_id, failed=e.message)
+        except (InvokerUnreachable, InstanceNotFound) as e:
+            # the invoker is gone (the controller checks it and marks its instances lost), or
+            # the instance was unloaded under the assignment (preempted): the next acquire goes
+            # elsewhere; nothing was generated yet, so trying again is safe
+            failed = e.message if isinstance(e, InvokerUnreachable) else None
+            upstream.release_soon(assignment.instance_id, failed=failed)
             if attempt == UNREACHABLE_RETRIES:
                 raise
             await asyncio.sleep(0.2)

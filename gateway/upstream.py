@@ -99,9 +99,12 @@ class Upstream:
                 raise Unavailable(f"no controller leads: {failure}", retry_after=2)
             await asyncio.sleep(0.2)
 
-    async def acquire(self, function: str) -> Assignment:
-        """Ask the controller for an instance slot (waits through a cold start)."""
-        r = await self.controller("POST", "/v1/acquire", json=AcquireRequest(function=function).model_dump())
+    async def acquire(self, function: str, *, resume: bool = False) -> Assignment:
+        """Ask the controller for an instance slot (waits through a cold start); ``resume``
+        for a generation that was moved off its instance (the controller moves no other
+        instance to make room for it, so preemptions cannot chain)."""
+        body = AcquireRequest(function=function, resume=resume).model_dump()
+        r = await self.controller("POST", "/v1/acquire", json=body)
         return Assignment.model_validate_json(r.content)
 
     def release_soon(self, instance_id: str, stream: httpx.Response | None = None, *,

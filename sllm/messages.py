@@ -129,6 +129,7 @@ class InstanceRecord(Wire):
 
 class AcquireRequest(Wire):
     function: str
+    resume: bool = False  # for a generation moved off its instance: never moves others for it
 
 
 class Assignment(Wire):

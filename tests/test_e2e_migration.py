@@ -109,11 +109,26 @@ def migrate(c: httpx.Client, instance_id: str, to: str | None = None) -> httpx.R
     return c.post(f"/v1/instances/{instance_id}/migrate", json={"to": to} if to else {})
 
 
-@pytest.mark.parametrize("at", [0, 30])
-def test_migration_mid_stream_keeps_the_greedy_text(cluster: Cluster, reference: dict[str, Any],
-                                                    at: int) -> None:
+SAMPLED = {"temperature": 0.9, "seed": 1234}
+
+
+@pytest.fixture(scope="module")
+def sampled_reference(cluster: Cluster) -> dict[str, Any]:
+    """The answer sampled with a seed, without any migration."""
+    done = Stream(cluster.gateway, {"prompt": PROMPT, **SAMPLED}).result()
+    assert done["migrations"] == [] and done["usage"]["completion_tokens"] > 100
+    return {"text": done["text"], "usage": done["usage"]}
+
+
+@pytest.mark.parametrize(("at", "sampled"), [(0, False), (30, False), (30, True)])
+def test_migration_mid_stream_keeps_the_text(cluster: Cluster, reference: dict[str, Any],
+                                             sampled_reference: dict[str, Any], at: int,
+                                             sampled: bool) -> None:
     """Moved before the first token (the call is made as soon as the stream opens) and in the
-    middle: the client sees one unbroken stream with the text of a run without migration."""
+    middle: the client sees one unbroken stream with the text of a run without migration, greedy
+    or sampled with the same seed."""
+    body = {"prompt": PROMPT, **(SAMPLED if sampled else {})}
+    reference = sampled_reference if sampled else reference
     answers: list[httpx.Response] = []
     go = threading.Event()
 
@@ -121,7 +136,7 @@ def test_migration_mid_stream_keeps_the_greedy_text(cluster: Cluster, reference:
         if n == at:
             go.set()
 
-    stream = Stream(cluster.gateway, {"prompt": PROMPT}, on_token)
+    stream = Stream(cluster.gateway, body, on_token)
     with cluster.client() as c:
         assert stream.opened.wait(30)
         if at:

@@ -43,6 +43,22 @@ def test_worked_example() -> None:
     assert loc is not None and loc.invoker.id == "b"
 
 
+def test_migration_includes_the_destinations_load_and_pinned_slots_never_move() -> None:
+    """Moving a busy instance away costs its recompute (1 ms per token + 0.1 s) plus its
+    destination's load (``move_s``); a pinned slot (one already migrating, or of the model
+    being placed) is never moved, so an invoker full of them is no candidate."""
+    view = cluster(("a", GB), ("b", GB), tiers={"a": "dram"})
+    view.invokers["a"].put("busy-1", Slot(GB, "busy", tokens=500, move_s=0.25))
+    view.invokers["b"].put("pinned-1", Slot(GB, "pinned"))
+    p = place(view, REQ, policy="ours", migration=MIG, now=0.0)
+    assert p is not None and p.invoker.id == "a" and p.migrate == ("busy-1",)
+    assert p.chosen.migration_s == pytest.approx(0.6 + 0.25) and p.considered == 1
+    view.invokers["a"].drop("busy-1")
+    assert view.invokers["a"].busy_move_s == 0 and view.invokers["a"].used_bytes == 0
+    view.invokers["a"].put("pinned-2", Slot(GB, "pinned"))
+    assert place(view, REQ, policy="ours", migration=MIG, now=0.0) is None
+
+
 def test_prefers_dram_then_ssd_then_remote() -> None:
     view = cluster(("a", 4 * GB), ("b", 4 * GB), ("c", 4 * GB), tiers={"b": "ssd", "c": "dram"})
     for policy in ("ours", "locality"):
