@@ -165,7 +165,10 @@ class Activation:
                                 self.timings.ttft = now - self._t0
                                 METRICS.ttft.labels(self.function, self.timings.cold_start).observe(self.timings.ttft)
                             if self.moves and self.moves[-1].pause_seconds is None:
-                                self.moves[-1].pause_seconds = now - last_at
+                                moved = self.moves[-1]
+                                moved.pause_seconds = now - last_at
+                                METRICS.move_pause_seconds.labels(
+                                    self.function, moved.reason).observe(moved.pause_seconds)
                             last_at = now
                             self.token_ids.append(msg.token_id)
                             self.text.append(msg.text)
@@ -215,6 +218,7 @@ class Activation:
             ids, move = list(self.token_ids), Move("failed", old.instance_id, error=ending.message)
         move.at_token, move.moved_tokens = len(self.token_ids), len(ids)
         self.moves.append(move)
+        METRICS.moves.labels(self.function, move.reason).inc()
         log.info("activation %s: %s on %s after %d tokens", self.id, move.reason, old.instance_id,
                  len(self.token_ids))
         await self._response.aclose()

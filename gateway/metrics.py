@@ -1,6 +1,7 @@
 """Prometheus metrics of the gateway, named after vLLM's de-facto standard where one exists.
 
-Served at ``GET /metrics``. Labels: ``function``, ``cold`` (``True``/``False``), ``status``.
+Served at ``GET /metrics``. Labels: ``function``, ``cold`` (``True``/``False``), ``status``,
+``reason`` (why a running stream moved: ``migrated``, ``preempted``, ``failed``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ class GatewayMetrics:
     cold_starts: Counter
     cold_start_seconds: Histogram
     ttft: Histogram
+    moves: Counter
+    move_pause_seconds: Histogram
 
 
 def _build() -> GatewayMetrics:
@@ -35,6 +38,12 @@ def _build() -> GatewayMetrics:
         ttft=Histogram("sllm_time_to_first_token_seconds",
                        "Request arrival at the gateway to the first token",
                        ["function", "cold"], buckets=_LATENCY_BUCKETS, registry=reg),
+        moves=Counter("sllm_stream_moves", "Streams moved to another instance while running, by "
+                      "reason (migrated, preempted, failed)", ["function", "reason"], registry=reg),
+        move_pause_seconds=Histogram("sllm_stream_move_pause_seconds",
+                                     "Gap between tokens a client saw where its stream moved",
+                                     ["function", "reason"], buckets=_LATENCY_BUCKETS,
+                                     registry=reg),
     )
 
 

@@ -159,6 +159,9 @@ def test_migration_mid_stream_keeps_the_text(cluster: Cluster, reference: dict[s
         wait_for(lambda: len(loaded(c)) == 2, timeout=60)  # minInstances starts another
         record = c.get(f"/v1/activations/{done['activation_id']}").json()
         assert record["status"] == "success" and record["migrations"] == done["migrations"]
+        metrics = c.get("/metrics").text
+        assert 'sllm_stream_moves_total{function="mig",reason="migrated"}' in metrics
+        assert 'sllm_stream_move_pause_seconds_count{function="mig",reason="migrated"}' in metrics
 
 
 def test_migration_racing_the_end_of_the_generation(cluster: Cluster,
