@@ -85,7 +85,9 @@ live migration when the scheduler frees an invoker for another function, ``preem
 them at once (their invocations resume on another instance from their tokens: kill and restart
 elsewhere), ``off`` never moves them (the scheduler takes another invoker or waits). Migration
 matters when inferences run long next to loads: ``--output-median`` / ``--output-max`` (tokens,
-default 12 / 48) lengthen the answers.
+default 12 / 48) lengthen the answers, and ``--big N`` gives the N most popular functions big
+models (``--big-layers`` 40: about 1 GB), whose loads take long enough that moving a running
+inference off the invoker holding them in its DRAM tier can pay.
 
 Rows (per policy and migration mode): ``requests`` sent; ``errors`` by HTTP status (``stream``: an error event after
 the first token; ``conn``: no answer); ``TTFT mean/p50/p99`` (seconds, client side: from sending
@@ -576,9 +578,11 @@ def bench_dir() -> Path:
     return config.sllm_home() / "bench-replay"
 
 
-def build_models(root: Path, count: int) -> list[tuple[str, int]]:
+def build_models(root: Path, count: int, big: int = 0, big_layers: int = 40
+                 ) -> list[tuple[str, int]]:
     """``count`` random-weight llamas in the store at ``root`` (kept: built once), as
-    (name, checkpoint bytes). Model ``i`` has 2 + i % 5 layers of hidden size 768."""
+    (name, checkpoint bytes). Model ``i`` has 2 + i % 5 layers of hidden size 768; with
+    ``big``, models 0 .. big-1 have ``big_layers`` layers instead (about 25 MB per layer)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.utils import logging as hf_logging
@@ -591,13 +595,14 @@ def build_models(root: Path, count: int) -> list[tuple[str, int]]:
     store = ModelStore(root)
     out = []
     for i in range(count):
-        name = f"{MODEL_PREFIX}{i}"
+        layers = big_layers if i < big else 2 + i % 5
+        name = f"{MODEL_PREFIX}{i}" if i >= big else f"{MODEL_PREFIX}big{layers}-{i}"
         if not store.exists(name):
             print(f"building model {name} into {root}", file=sys.stderr)
             tok = make_tokenizer()
             cfg = LlamaConfig(
                 vocab_size=len(tok), hidden_size=768, intermediate_size=2048,
-                num_hidden_layers=2 + i % 5, num_attention_heads=12, num_key_value_heads=4,
+                num_hidden_layers=layers, num_attention_heads=12, num_key_value_heads=4,
                 max_position_embeddings=1024, tie_word_embeddings=True,
                 bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                 pad_token_id=tok.pad_token_id,
@@ -816,7 +821,7 @@ def run_cluster_policy(policy: Policy, migration: str, args: argparse.Namespace,
 
 
 def run_cluster(args: argparse.Namespace, policies: list[Policy]) -> list[dict[str, Any]]:
-    models = build_models(bench_dir() / "models", args.functions)
+    models = build_models(bench_dir() / "models", args.functions, args.big, args.big_layers)
     model = TraceModel(**{**REAL_TRACE.__dict__, "zipf_s": args.zipf_s, "cv": args.cv,
                           "output_median_tokens": args.output_median,
                           "output_max_tokens": args.output_max})
@@ -882,6 +887,10 @@ def main() -> None:
     ap.add_argument("--ssd-copies", type=int, default=2, help="simulate: initial copies per model")
     ap.add_argument("--per-invoker", type=int, default=2, help="cluster: instances per invoker")
     ap.add_argument("--dram-pool", default="512Mi", help="cluster: each invoker's DRAM tier")
+    ap.add_argument("--big", type=int, default=0,
+                    help="cluster: the first N functions (the most popular) get big models")
+    ap.add_argument("--big-layers", type=int, default=40,
+                    help="cluster: layers of a big model (about 25 MB each)")
     ap.add_argument("--migrations", default="live",
                     help="cluster: comma-separated controller migration modes (live,preempt,off)")
     ap.add_argument("--output-median", type=float, default=REAL_TRACE.output_median_tokens,

@@ -10,6 +10,7 @@ import uvicorn
 
 from controller.app import ControllerConfig, create_app
 from controller.placement import POLICIES
+from controller.pool import MIGRATION_MODES
 from sllm.config import CONTROLLER_LEASE_TTL_S, CONTROLLER_PORT, ETCD_CLIENT_PORT, HOST, store_root
 
 
@@ -26,7 +27,7 @@ from sllm.config import CONTROLLER_LEASE_TTL_S, CONTROLLER_PORT, ETCD_CLIENT_POR
 @click.option("--placement", "policy", default="ours", show_default=True, type=click.Choice(POLICIES),
               help="placement policy (the others are baselines for bench/replay.py)")
 @click.option("--migration", default="live", show_default=True,
-              type=click.Choice(["live", "preempt", "off"]),
+              type=click.Choice(MIGRATION_MODES),
               help="how room is made from running instances: live migration, preemption "
                    "(restart elsewhere from the tokens), or never")
 @click.option("--lease-ttl", default=CONTROLLER_LEASE_TTL_S, show_default=True, type=click.IntRange(1, 60),

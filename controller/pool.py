@@ -118,9 +118,9 @@ class LiveInstance:
     max_tokens: int = 0  # the function's maxTokens: the migration estimate's bound per inference
     loaded: asyncio.Event = field(default_factory=asyncio.Event)
     error: SllmError | None = None  # why the load failed, once ``loaded`` is set
+    # migrations that make room for it: its load is sent once they are done
     after: list[asyncio.Task[tuple[MigrateResponse, InstanceRecord]]] = field(
-        default_factory=list)  # migrations
-    # that make room for it: its load is sent once they are done
+        default_factory=list)
 
     @property
     def state(self) -> InstanceState:
