@@ -22,7 +22,8 @@ Policies (``policy`` argument):
 
 An invoker can host an instance needing ``need`` bytes when its free memory covers it, or would
 after unloading idle instances (least recently used first), or (``ours`` only) after migrating
-running instances away (fewest tokens first) as well.
+running instances away (fewest tokens first) as well, provided another invoker has that much
+free or idle memory to take them (ServerlessLLM §6 migrates only to a server with room).
 
 Worked example (the test ``test_worked_example``): a 1 GB checkpoint needing 1 GB of memory;
 invoker a holds it in DRAM (10 GB/s) but its memory is full of one running instance with 500
@@ -232,6 +233,9 @@ def place(
     nbytes = req.nbytes
     held = view.tiers.get(req.model, {})
     may_migrate = policy == "ours" and migration is not None
+    # room the moved instances could go to: the two invokers with the most free + idle memory
+    # (the best one may be the candidate itself); computed at the first candidate that needs it
+    room: list[tuple[int, str]] | None = None
     order = _TIER_ORDER
     rows: list[_Row] = []
     for inv in view.invokers.values():
@@ -241,6 +245,12 @@ def place(
             if free + inv.idle_bytes >= need:
                 evict = True
             elif may_migrate and free + inv.idle_bytes + inv.busy_bytes >= need:
+                if room is None:
+                    room = heapq.nlargest(2, ((i.free_bytes + i.idle_bytes, i.id)
+                                              for i in view.invokers.values()))
+                elsewhere = next((r for r, i in room if i != inv.id), 0)
+                if elsewhere < need - free - inv.idle_bytes:
+                    continue  # what would move has nowhere to go
                 evict = inv.idle_bytes > 0
                 migrate = True
             else:

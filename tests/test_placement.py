@@ -45,18 +45,24 @@ def test_worked_example() -> None:
 
 def test_migration_includes_the_destinations_load_and_pinned_slots_never_move() -> None:
     """Moving a busy instance away costs its recompute (1 ms per token + 0.1 s) plus its
-    destination's load (``move_s``); a pinned slot (one already migrating, or of the model
-    being placed) is never moved, so an invoker full of them is no candidate."""
-    view = cluster(("a", GB), ("b", GB), tiers={"a": "dram"})
+    destination's load (``move_s``), and needs another invoker with room for it; a pinned slot
+    (one already migrating, or of the model being placed) is never moved, so an invoker full of
+    them is no candidate."""
+    view = cluster(("a", GB), ("b", GB), ("c", 2 * GB), tiers={"a": "dram"})
     view.invokers["a"].put("busy-1", Slot(GB, "busy", tokens=500, move_s=0.25))
     view.invokers["b"].put("pinned-1", Slot(GB, "pinned"))
+    view.invokers["c"].put("busy-2", Slot(int(1.5 * GB), "busy", tokens=10))  # 0.5 GB free
+    assert place(view, REQ, policy="ours", migration=MIG, now=0.0) is None  # nowhere to move to
+    view.invokers["c"].drop("busy-2")  # c has room for a's instance, and for the new one
     p = place(view, REQ, policy="ours", migration=MIG, now=0.0)
+    # DRAM 0.1 s + migration 0.6 + 0.25 s beats c's copy from the store root (1.5 s)
     assert p is not None and p.invoker.id == "a" and p.migrate == ("busy-1",)
-    assert p.chosen.migration_s == pytest.approx(0.6 + 0.25) and p.considered == 1
+    assert p.chosen.migration_s == pytest.approx(0.6 + 0.25) and p.considered == 2
     view.invokers["a"].drop("busy-1")
     assert view.invokers["a"].busy_move_s == 0 and view.invokers["a"].used_bytes == 0
     view.invokers["a"].put("pinned-2", Slot(GB, "pinned"))
-    assert place(view, REQ, policy="ours", migration=MIG, now=0.0) is None
+    p = place(view, REQ, policy="ours", migration=MIG, now=0.0)
+    assert p is not None and p.invoker.id == "c" and p.considered == 1  # a and b: pinned
 
 
 def test_prefers_dram_then_ssd_then_remote() -> None:
@@ -102,8 +108,9 @@ def test_idle_instances_are_evicted_least_recently_used_first() -> None:
 
 
 def test_migration_only_when_allowed_and_only_ours() -> None:
-    view = cluster(("a", GB), tiers={"a": "dram"})
-    view.invokers["a"].put("busy", Slot(GB, "busy", tokens=100))
+    # b cannot hold the new instance, but can take the one a must move away
+    view = cluster(("a", GB), ("b", int(0.7 * GB)), tiers={"a": "dram"})
+    view.invokers["a"].put("busy", Slot(int(0.6 * GB), "busy", tokens=100))
     assert place(view, REQ, now=0.0) is None  # no migration cost given: not a candidate
     for policy in ("locality", "least-loaded", "random"):
         assert place(view, REQ, policy=policy, migration=MIG, now=0.0) is None  # type: ignore[arg-type]
