@@ -42,8 +42,9 @@ to date with ``put`` / ``drop`` as instances start, serve, idle and go, never re
   therefore exact here: the simulation compares the policies' choices, not the estimator's
   accuracy. When ``place()`` returns None (every invoker full of busy or starting instances) the
   invocation waits and placement is tried again when an instance goes idle or away (first
-  blocked function first). A decision that needs live migration is replaced by the best one
-  without, as ``controller.pool`` does (migration is not implemented yet): two ``place()`` calls.
+  blocked function first). The simulation does not model live migration: a decision that needs
+  it is replaced by the best one without, as ``controller.pool`` does with ``--migration off``
+  (two ``place()`` calls); the real cluster's ``--migrations`` compares the modes.
 - instances serve one invocation at a time (targetConcurrency 1) and are unloaded after
   ``--keep-alive`` (60 s) idle; at most ``--max-instances`` (128) per function. After the trace
   ends the simulation runs on until every invocation has been served.
@@ -87,7 +88,8 @@ elsewhere), ``off`` never moves them (the scheduler takes another invoker or wai
 matters when inferences run long next to loads: ``--output-median`` / ``--output-max`` (tokens,
 default 12 / 48) lengthen the answers, and ``--big N`` gives the N most popular functions big
 models (``--big-layers`` 40: about 1 GB), whose loads take long enough that moving a running
-inference off the invoker holding them in its DRAM tier can pay.
+inference off the invoker holding them in its DRAM tier can pay; ``--network-limit 200M`` caps
+checkpoint fetches (from peers and the store root) as a remote object store would.
 
 Rows (per policy and migration mode): ``requests`` sent; ``errors`` by HTTP status (``stream``: an error event after
 the first token; ``conn``: no answer); ``TTFT mean/p50/p99`` (seconds, client side: from sending
@@ -401,7 +403,7 @@ class Simulation:
 
     def _start(self, fn: _Fn) -> bool:
         d = self._place(fn.req, self.migration)
-        if d is not None and d.migrate:  # as controller.pool.decide: no live migration yet
+        if d is not None and d.migrate:  # as controller.pool.decide with --migration off
             self.fallbacks += 1
             d = self._place(fn.req, None)
         if d is None:
@@ -797,6 +799,7 @@ def run_cluster_policy(policy: Policy, migration: str, args: argparse.Namespace,
         invoker_ports=[runtime.free_port() for _ in range(args.invokers)],
         store=bench_dir() / "models", invoker_memory=f"{memory >> 20}Mi",
         dram_pool=args.dram_pool, tick_s=0.5, stop_at_exit=True,
+        invoker_network_limit=args.network_limit,
     )
     startup_s = time.perf_counter() - t0
     names = [f"replay-{i}" for i in range(len(models))]
@@ -891,6 +894,9 @@ def main() -> None:
                     help="cluster: the first N functions (the most popular) get big models")
     ap.add_argument("--big-layers", type=int, default=40,
                     help="cluster: layers of a big model (about 25 MB each)")
+    ap.add_argument("--network-limit", default=None,
+                    help="cluster: cap each invoker's checkpoint fetches (bytes/s, e.g. 200M): "
+                         "the store root as a remote object store")
     ap.add_argument("--migrations", default="live",
                     help="cluster: comma-separated controller migration modes (live,preempt,off)")
     ap.add_argument("--output-median", type=float, default=REAL_TRACE.output_median_tokens,

@@ -43,10 +43,13 @@ def default_device() -> str:
 @click.option("--no-verify", is_flag=True, help="skip checkpoint checksum verification on load")
 @click.option("--advertise-url", default=None,
               help="URL others reach this invoker at [default: http://HOST:PORT]")
+@click.option("--network-limit", default=None,
+              help="cap checkpoint fetches at this many bytes/s, e.g. 200M (benchmarks: a store "
+                   "root standing for a remote object store) [default: no cap]")
 @click.option("--log-level", default="info", show_default=True)
 def main(invoker_id: str, host: str, port: int, etcd_endpoint: str, store: str | None,
          origin: str | None, lease_ttl: int, device: str | None, memory: str, dram_pool: str, read_threads: int, read_chunk: str,
-         no_verify: bool, advertise_url: str | None,
+         no_verify: bool, advertise_url: str | None, network_limit: str | None,
          log_level: str) -> None:
     """Run an invoker: loads instances from the model store and serves their generations."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -57,6 +60,7 @@ def main(invoker_id: str, host: str, port: int, etcd_endpoint: str, store: str |
         dram_pool_bytes=parse_quantity(dram_pool), read_threads=read_threads,
         read_chunk_bytes=parse_quantity(read_chunk), origin=Path(origin) if origin else None,
         lease_ttl_s=lease_ttl,
+        network_bps=float(parse_quantity(network_limit)) if network_limit else None,
     )
     uvicorn.run(create_app(config), host=host, port=port, log_level="warning", access_log=False)
 

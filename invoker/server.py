@@ -117,6 +117,7 @@ class InvokerConfig:
     tier_sync_s: float = 5.0  # how often checkpoint tiers are re-published (store changes)
     origin: Path | None = None  # the store root: where checkpoints come from with no local copy
     lease_ttl_s: int = INVOKER_LEASE_TTL_S  # the controller sees this invoker dead this long after
+    network_bps: float | None = None  # cap on checkpoint fetches (bytes/s): an emulated link
 
 
 @dataclass
@@ -361,8 +362,8 @@ class Invoker:
             sources: list[str | Path] = [*peers]
             if self._origin is not None:
                 sources.append(self._origin)
-            task = asyncio.create_task(
-                asyncio.to_thread(fetch_checkpoint, model, self.store, sources))
+            task = asyncio.create_task(asyncio.to_thread(
+                fetch_checkpoint, model, self.store, sources, rate_bps=self.config.network_bps))
             self._fetching[model] = task
             task.add_done_callback(lambda _: self._fetching.pop(model, None))
         result = await asyncio.shield(task)

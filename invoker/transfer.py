@@ -113,6 +113,7 @@ def fetch_checkpoint(
     client: httpx.Client | None = None,
     chunk_bytes: int = 8 << 20,
     cancel: threading.Event | None = None,
+    rate_bps: float | None = None,
 ) -> TransferResult:
     """Bring the checkpoint of ``model`` into ``store`` from the first source that has a good
     copy (see the module docstring). Blocking: the invoker runs it in a thread.
@@ -125,6 +126,9 @@ def fetch_checkpoint(
         client: the HTTP client for peers (a new one with :data:`HTTP_TIMEOUT` when None).
         chunk_bytes: bytes per write (and per read from a folder).
         cancel: when set, the fetch stops at the next piece, keeps its partial data and raises.
+        rate_bps: at most this many bytes per second are written (an emulated network link,
+            for benchmarks on one machine: a store root that stands for a remote object store);
+            None: as fast as the source and the disk go.
 
     Returns:
         Where the checkpoint came from and how many bytes moved.
@@ -147,7 +151,9 @@ def fetch_checkpoint(
                                  param="sources")
     start = time.perf_counter()
     http = client if client is not None else httpx.Client(timeout=HTTP_TIMEOUT)
-    job = _Fetch(model, store, store.partial_dir(model), chunk_bytes, cancel)
+    if rate_bps is not None and rate_bps <= 0:
+        raise ValueError(f"rate_bps must be positive, not {rate_bps}")
+    job = _Fetch(model, store, store.partial_dir(model), chunk_bytes, cancel, rate_bps)
     try:
         with _exclusive(job.partial, cancel):
             failures: list[tuple[str, SllmError]] = []
@@ -303,6 +309,7 @@ class _Fetch:
     partial: Path
     chunk_bytes: int
     cancel: threading.Event | None
+    rate_bps: float | None = None
 
     def run(self, origin: _Origin) -> tuple[int, int, bool]:
         """Fill the partial folder from ``origin``. Returns the checkpoint's bytes, the bytes
@@ -381,7 +388,8 @@ class _Fetch:
                 logger.debug("fetching %s of model %s from %s at byte %d", name, self.model,
                              origin.label, have)
                 with open(path, "ab", buffering=self.chunk_bytes) as out:
-                    moved += origin.copy(name, out, have, self.cancel)
+                    sink = out if self.rate_bps is None else _Paced(out, self.rate_bps)
+                    moved += origin.copy(name, sink, have, self.cancel)  # type: ignore[arg-type]
                     out.flush()
                     os.fsync(out.fileno())
             try:
@@ -411,6 +419,23 @@ class _Fetch:
                 path = Path(dirpath) / filename
                 if path.relative_to(self.partial).as_posix() not in files:
                     path.unlink()
+
+
+class _Paced:
+    """Writes to ``out`` at most ``bps`` bytes per second on average (sleeping after a write
+    that got ahead): an emulated network link."""
+
+    def __init__(self, out: BinaryIO, bps: float) -> None:
+        self._out, self._bps = out, bps
+        self._t0, self._written = time.monotonic(), 0
+
+    def write(self, data: bytes | memoryview) -> int:
+        n = self._out.write(data)
+        self._written += len(data)
+        ahead = self._written / self._bps - (time.monotonic() - self._t0)
+        if ahead > 0:
+            time.sleep(ahead)
+        return n
 
 
 @contextlib.contextmanager

@@ -192,6 +192,7 @@ def start(
     controllers: int = 1, controller_ports: list[int] | None = None,
     invoker_lease_ttl: int = config.INVOKER_LEASE_TTL_S,
     controller_lease_ttl: int = config.CONTROLLER_LEASE_TTL_S,
+    invoker_network_limit: str | None = None,
     extra_env: dict[str, str] | None = None, stop_at_exit: bool = False,
 ) -> RuntimeState:
     """Start etcd, the controllers, the invokers and the gateway, each in its own process, and
@@ -203,7 +204,8 @@ def start(
     ``<home>/models``), from which an invoker fetches a checkpoint when no peer has a copy.
     With ``controllers`` > 1, the first leads and the others stand by (the gateway knows them
     all); ``placement`` picks the controllers' placement policy and ``migration`` how they make
-    room from running instances (``live``, ``preempt`` or ``off``).
+    room from running instances (``live``, ``preempt`` or ``off``). ``invoker_network_limit``
+    (e.g. ``"200M"``, bytes/s) caps every invoker's checkpoint fetches, for benchmarks.
 
     Returns:
         The runtime's state (also written to ``<home>/run/state.json``).
@@ -241,7 +243,9 @@ def start(
                                        "--etcd", state.etcd_endpoint,
                                        "--store", str(invoker_store(home, i)), "--origin", str(store),
                                        "--memory", invoker_memory, "--dram-pool", dram_pool,
-                                       "--lease-ttl", str(invoker_lease_ttl)],
+                                       "--lease-ttl", str(invoker_lease_ttl),
+                                       *(["--network-limit", invoker_network_limit]
+                                         if invoker_network_limit else [])],
                       f"http://{h}:{port}/health"))
     gw = [py, "-m", "gateway", "--port", str(gateway_port)]
     for cport in cports:

@@ -345,3 +345,15 @@ def test_unknown_models_and_files_are_404_with_the_error_body(
     error = r.json()["error"]
     assert error["code"] == "model_not_found" and error["type"] == "not_found_error"
     assert error["message"]
+
+
+def test_a_rate_cap_paces_the_fetch(source: ModelStore, dest: ModelStore) -> None:
+    """``rate_bps`` (an emulated network link for benchmarks) keeps the average rate under the
+    cap: the fetch cannot end before size / rate, and the copy is still whole."""
+    size = _size(source.path("m"))
+    rate = size / 0.3  # the checkpoint in no less than 0.3 s
+    result = fetch_checkpoint("m", dest, [source.root], rate_bps=rate)
+    assert result.seconds >= 0.3 * (result.transferred / size) - 0.01
+    assert _files(dest.path("m")) == _files(source.path("m"))
+    with pytest.raises(ValueError):
+        fetch_checkpoint("m", dest, [source.root], rate_bps=0)
