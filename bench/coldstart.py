@@ -215,10 +215,10 @@ def main() -> None:
             local = runtime.invoker_store(home / f"r{round_}", 0) / args.model
             shutil.copytree(model_dir, local)
             data_files = sorted(local.glob("data-*.bin"))
+            gport, cport, eport, pport, iport = runtime.free_ports(5)
             state = runtime.start(
-                home / f"r{round_}", gateway_port=runtime.free_port(),
-                controller_port=runtime.free_port(), etcd_port=runtime.free_port(),
-                etcd_peer_port=runtime.free_port(), invoker_ports=[runtime.free_port()],
+                home / f"r{round_}", gateway_port=gport, controller_port=cport,
+                etcd_port=eport, etcd_peer_port=pport, invoker_ports=[iport],
                 store=config.store_root(), dram_pool=args.dram_pool, stop_at_exit=True,
             )
             try:

@@ -147,11 +147,10 @@ def main() -> None:
         import_model("smollm2", store)
     rows = []
     with tempfile.TemporaryDirectory(prefix="sllm-bench-mig-") as tmp:
+        gport, cport, eport, pport, *iports = runtime.free_ports(6)
         state = runtime.start(
-            Path(tmp), invokers=2, gateway_port=runtime.free_port(),
-            controller_port=runtime.free_port(), etcd_port=runtime.free_port(),
-            etcd_peer_port=runtime.free_port(),
-            invoker_ports=[runtime.free_port(), runtime.free_port()], store=store.root,
+            Path(tmp), invokers=2, gateway_port=gport, controller_port=cport, etcd_port=eport,
+            etcd_peer_port=pport, invoker_ports=iports, store=store.root,
             invoker_memory="1Gi", dram_pool="1Gi", stop_at_exit=True,
         )
         try:

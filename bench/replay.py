@@ -790,13 +790,12 @@ def run_cluster_policy(policy: Policy, migration: str, args: argparse.Namespace,
     # every policy's first copies come from the disk, not from the page cache the previous left
     evict_from_page_cache((bench_dir() / "models").glob("*/data-*.bin"))
     memory = args.per_invoker * INSTANCE_MEMORY
+    ports = runtime.free_ports(4 + args.invokers)
     t0 = time.perf_counter()
     state = runtime.start(
         home, invokers=args.invokers, placement=policy, migration=migration,
-        gateway_port=runtime.free_port(),
-        controller_port=runtime.free_port(), etcd_port=runtime.free_port(),
-        etcd_peer_port=runtime.free_port(),
-        invoker_ports=[runtime.free_port() for _ in range(args.invokers)],
+        gateway_port=ports[0], controller_port=ports[1], etcd_port=ports[2],
+        etcd_peer_port=ports[3], invoker_ports=ports[4:],
         store=bench_dir() / "models", invoker_memory=f"{memory >> 20}Mi",
         dram_pool=args.dram_pool, tick_s=0.5, stop_at_exit=True,
         invoker_network_limit=args.network_limit,

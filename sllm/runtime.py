@@ -45,6 +45,16 @@ def free_port(host: str = config.HOST) -> int:
         return int(s.getsockname()[1])
 
 
+def free_ports(count: int, host: str = config.HOST) -> list[int]:
+    """``count`` distinct ephemeral TCP ports, free right now: all are held at once while they
+    are picked (separate :func:`free_port` calls may return the same port twice)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for s in socks:
+            s.bind((host, 0))
+        return [int(s.getsockname()[1]) for s in socks]
+
+
 def port_in_use(port: int, host: str = config.HOST) -> bool:
     with socket.socket() as s:
         s.settimeout(0.2)
@@ -128,17 +138,21 @@ def _log_tail(path: Path, lines: int = 30) -> str:
         return "(no log)"
 
 
-def wait_healthy(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 120.0) -> None:
-    """Poll ``url`` until it answers 200. Raises RuntimeStartError (with the log's tail) when the
-    process exits or the timeout passes."""
+def wait_healthy(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 120.0,
+                 expect: dict[str, str] | None = None) -> None:
+    """Poll ``url`` until it answers 200 (with a JSON body holding every item of ``expect``, so
+    that another process on the same port does not pass for this one). Raises
+    RuntimeStartError (with the log's tail) when the process exits or the timeout passes."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeStartError(f"{log.stem} exited with {proc.returncode}:\n{_log_tail(log)}")
         try:
-            if httpx.get(url, timeout=1.0).status_code == 200:
+            r = httpx.get(url, timeout=1.0)
+            if r.status_code == 200 and (
+                    expect is None or all(r.json().get(k) == v for k, v in expect.items())):
                 return
-        except httpx.HTTPError:
+        except (httpx.HTTPError, ValueError, AttributeError):
             pass
         time.sleep(0.1)
     raise RuntimeStartError(f"{log.stem} not healthy after {timeout:.0f} s:\n{_log_tail(log)}")
@@ -264,13 +278,22 @@ def start(
                 wait_healthy(health, proc, run / "etcd.log")
                 pending.clear()
         for name, proc, health in pending:  # the Python services start in parallel
-            wait_healthy(health, proc, run / f"{name}.log")
+            wait_healthy(health, proc, run / f"{name}.log", expect=_identity(name))
     except BaseException:
         for proc in reversed(started):
             stop_pid(proc.pid)
         raise
     state.save(state_path(home))
     return state
+
+
+def _identity(name: str) -> dict[str, str]:
+    """What the health check of the service ``name`` (as in :func:`start`) answers."""
+    if name == "gateway":
+        return {"component": "gateway"}
+    if name.startswith("controller"):
+        return {"component": "controller", "id": name if "-" in name else "controller-0"}
+    return {"component": "invoker", "id": name}
 
 
 def invoker_store(home: Path, index: int) -> Path:

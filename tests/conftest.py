@@ -22,7 +22,7 @@ from sllm import runtime
 def etcd_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """``host:port`` of a fresh etcd server for the whole test session."""
     data = tmp_path_factory.mktemp("etcd")
-    client, peer = runtime.free_port(), runtime.free_port()
+    client, peer = runtime.free_ports(2)
     h = "127.0.0.1"
     proc = runtime.spawn("etcd", [str(runtime.etcd_binary()), "--name", "test", "--data-dir", str(data / "data"),
          "--listen-client-urls", f"http://{h}:{client}", "--advertise-client-urls", f"http://{h}:{client}",
@@ -66,11 +66,12 @@ def start_cluster(
     """Start a runtime on free ports with its store root under ``home/models``; ``options`` go
     to :func:`sllm.runtime.start` (lease TTLs, placement policy)."""
     store = home / "models"
+    gateway, etcd, peer, *ports = runtime.free_ports(3 + controllers + invokers)
     state = runtime.start(
-        home, invokers=invokers, gateway_port=runtime.free_port(),
-        controller_ports=[runtime.free_port() for _ in range(controllers)], controllers=controllers,
-        etcd_port=runtime.free_port(), etcd_peer_port=runtime.free_port(),
-        invoker_ports=[runtime.free_port() for _ in range(invokers)], store=store, tick_s=tick_s,
+        home, invokers=invokers, gateway_port=gateway,
+        controller_ports=ports[:controllers], controllers=controllers,
+        etcd_port=etcd, etcd_peer_port=peer,
+        invoker_ports=ports[controllers:], store=store, tick_s=tick_s,
         invoker_memory=memory, dram_pool=dram_pool, stop_at_exit=True, **options,
     )
     return Cluster(state=state, home=home, store=store)
