@@ -1,9 +1,9 @@
 """Migration triggered by the scheduler, and a stream with nowhere to go, on real clusters.
 
 The scheduler case (two invokers of 300Mi): invoker X holds the checkpoint of ``other`` in its
-DRAM tier and runs a long generation of ``long`` (128Mi); invoker Y runs a long generation of
-``hog`` (150Mi). ``other`` needs 256Mi: every invoker must first be freed, and the estimate
-prefers X (DRAM tier, fewer tokens to move). The controller migrates ``long`` to a new instance
+DRAM tier and runs a generation of ``long`` (128Mi, 100 tokens at most); invoker Y runs a
+generation of ``hog`` (150Mi, 240 tokens at most). ``other`` needs 256Mi: an invoker must first
+be freed, and the estimate prefers X (DRAM tier, fewer tokens to recompute). The controller migrates ``long`` to a new instance
 on Y (room for 128Mi there), then loads ``other`` on X; the client of ``long`` sees one
 unbroken stream with the text of a run without migration.
 """
@@ -55,11 +55,12 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     store = ModelStore(home / "models")
     import_model(str(save_tiny_llama(tmp_path_factory.mktemp("src") / "t", seed=0)), store,
                  name="tiny-llama")
-    for name, seed in (("tiny-slow", 2), ("tiny-slow2", 3)):
-        src = save_tiny_llama(tmp_path_factory.mktemp("src") / name, seed=seed, hidden_size=384,
-                              num_hidden_layers=4)
+    for name, seed, hidden, layers in (("tiny-slow", 2, 384, 4), ("tiny-slow2", 3, 384, 4),
+                                       ("tiny-slower", 5, 512, 8)):
+        src = save_tiny_llama(tmp_path_factory.mktemp("src") / name, seed=seed,
+                              hidden_size=hidden, num_hidden_layers=layers)
         import_model(str(src), store, name=name)
-    c = start_cluster(home, invokers=2, memory="300Mi", invoker_lease_ttl=3)
+    c = start_cluster(home, invokers=2, memory="300Mi", dram_pool="512Mi", invoker_lease_ttl=3)
     try:
         yield c
     finally:
@@ -69,8 +70,10 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 def test_the_scheduler_migrates_a_running_instance_to_make_room(pair: Cluster) -> None:
     pair.deploy(manifest("other", "tiny-llama", resources={"device": "auto", "memory": "256Mi"},
                          scaling={"maxInstances": 1, "keepAlive": "1s"}))
-    pair.deploy(manifest("long", "tiny-slow", resources={"device": "auto", "memory": "128Mi"},
-                         generation={"maxTokens": 200, "temperature": 0.0}))
+    # slower still: its generation must outlast the destination's load and the rounds
+    # fewer tokens than hog's: moving it is the cheaper way to make room
+    pair.deploy(manifest("long", "tiny-slower", resources={"device": "auto", "memory": "128Mi"},
+                         generation={"maxTokens": 100, "temperature": 0.0}))
     pair.deploy(manifest("hog", "tiny-slow2", resources={"device": "auto", "memory": "150Mi"},
                          generation={"maxTokens": 240, "temperature": 0.0}))
     with pair.client() as c:
@@ -78,9 +81,11 @@ def test_the_scheduler_migrates_a_running_instance_to_make_room(pair: Cluster) -
         assert c.post("/v1/functions/other/invoke", json={"prompt": "hi", "max_tokens": 2}).status_code == 200
         x = c.get("/v1/instances").json()["instances"][0]["invoker_id"]
         wait_for(lambda: not instances(c, "other"))
+        pair.deploy(manifest("other", "tiny-llama", resources={"device": "auto", "memory": "256Mi"},
+                             scaling={"maxInstances": 1, "keepAlive": "600s"}))  # stays, now
         y = next(f"invoker-{k}" for k in range(2) if f"invoker-{k}" != x)
         reference = stream(pair, "long")  # long's instance: moved to X if placed elsewhere
-        assert reference["error"] is None and len(reference["tokens"]) > 100
+        assert reference["error"] is None and len(reference["tokens"]) == 100
         [inst] = instances(c, "long")
         if inst["invoker_id"] != x:
             assert c.post(f"/v1/instances/{inst['id']}/migrate", json={"to": x}).status_code == 200
@@ -103,18 +108,19 @@ def test_the_scheduler_migrates_a_running_instance_to_make_room(pair: Cluster) -
         assert r.status_code == 200, r.text
         for t in threads:
             t.join(120)
-    moved = results["long"]
-    assert moved["error"] is None and moved["done"]["text"] == reference["done"]["text"]
-    [m] = moved["done"]["migrations"]
-    assert m["reason"] == "migrated" and m["from_instance"] == source["id"]
-    assert [t["index"] for t in moved["tokens"]] == list(range(len(moved["tokens"])))
-    assert results["hog"]["error"] is None and results["hog"]["done"]["migrations"] == []
     with pair.client() as c:
         [placed] = instances(c, "other")
         assert placed["invoker_id"] == x and placed["tier"] == "dram"
         assert placed["placement"]["chosen"]["migrates"] and placed["placement"]["migrate"] == [source["id"]]
-        dest = next(i for i in instances(c, "long"))
-        assert dest["id"] == m["to_instance"] and dest["invoker_id"] == y
+        [dest] = instances(c, "long")
+        assert dest["invoker_id"] == y
+    moved = results["long"]
+    assert moved["error"] is None and moved["done"]["text"] == reference["done"]["text"]
+    assert [t["index"] for t in moved["tokens"]] == list(range(len(moved["tokens"])))
+    [m] = moved["done"]["migrations"]
+    assert m["reason"] == "migrated" and m["from_instance"] == source["id"]
+    assert m["to_instance"] == dest["id"]
+    assert results["hog"]["error"] is None and results["hog"]["done"]["migrations"] == []
 
 
 def test_a_stream_with_nowhere_to_go_ends_with_an_error_event_and_a_record(
