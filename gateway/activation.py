@@ -31,7 +31,7 @@ import logging
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -248,24 +248,10 @@ class Activation:
     async def _resume_anywhere(self, resume: ResumeRequest, move: Move) -> None:
         """Acquire any instance of the function (through a cold start if needed) and open the
         stream there from ``resume``."""
-        for attempt in range(UNREACHABLE_RETRIES + 1):
-            assignment = await self._upstream.acquire(self.function, resume=True)
-            try:
-                self._response = await self._upstream.open_stream(
-                    assignment, self.request.model_copy(update={"resume": resume}))
-            except (InvokerUnreachable, InstanceNotFound) as e:
-                self._release(assignment.instance_id,
-                              failed=e.message if isinstance(e, InvokerUnreachable) else None)
-                if attempt == UNREACHABLE_RETRIES:
-                    raise
-                await asyncio.sleep(0.2)
-                continue
-            except BaseException:
-                self._release(assignment.instance_id)
-                raise
-            self.assignment = assignment
-            move.to_instance = assignment.instance_id
-            return
+        request = self.request.model_copy(update={"resume": resume})
+        self.assignment, _, self._response, _ = await acquire_and_open(
+            self._upstream, self.function, lambda _: request, resume=True, release=self._release)
+        move.to_instance = self.assignment.instance_id
 
     def _release(self, instance_id: str, **kwargs: Any) -> None:
         """Give a slot back, after this activation's earlier releases (in order)."""
@@ -309,6 +295,45 @@ class Activation:
         }
 
 
+async def acquire_and_open(
+    upstream: Upstream, function: str, request_for: Callable[[Assignment], GenerateRequest], *,
+    resume: bool, release: Callable[..., object],
+) -> tuple[Assignment, GenerateRequest, httpx.Response, float]:
+    """Acquire an instance of ``function`` and open its token stream with
+    ``request_for(assignment)``. When the invoker cannot be reached, or the instance was
+    unloaded under the assignment (preempted), the slot is given back (``release(instance id,
+    failed=...)``) and another instance is tried, up to :data:`UNREACHABLE_RETRIES` times:
+    nothing was generated there, so trying again is safe (the controller checks an unreachable
+    invoker and marks its instances lost, so the next acquire goes elsewhere).
+
+    Returns:
+        The assignment, the request sent, the open streaming response, and the monotonic time
+        the acquire that succeeded returned (seconds).
+
+    Raises:
+        SllmError: what the controller or the invoker answered (after the retries, for an
+            unreachable invoker or a vanished instance).
+    """
+    for attempt in range(UNREACHABLE_RETRIES + 1):
+        assignment = await upstream.acquire(function, resume=resume)
+        acquired_at = time.monotonic()
+        try:
+            request = request_for(assignment)
+            response = await upstream.open_stream(assignment, request)
+        except (InvokerUnreachable, InstanceNotFound) as e:
+            release(assignment.instance_id,
+                    failed=e.message if isinstance(e, InvokerUnreachable) else None)
+            if attempt == UNREACHABLE_RETRIES:
+                raise
+            await asyncio.sleep(0.2)
+            continue
+        except BaseException:
+            release(assignment.instance_id)
+            raise
+        return assignment, request, response, acquired_at
+    raise AssertionError("unreachable")
+
+
 async def start(
     upstream: Upstream, function: str, *, prompt: str | None = None,
     messages: list[ChatMessage] | None = None, raw: bool = False, max_tokens: int | None = None,
@@ -325,33 +350,20 @@ async def start(
     act_id = uuid.uuid4().hex
     if seed is None:  # drawn here, so a generation resumed elsewhere samples as it would have
         seed = secrets.randbits(63)
-    for attempt in range(UNREACHABLE_RETRIES + 1):
-        assignment = await upstream.acquire(function)
-        acquire_s = time.monotonic() - t0
+
+    def request_for(assignment: Assignment) -> GenerateRequest:
         d = assignment.defaults
-        try:
-            request = GenerateRequest(
-                prompt=prompt, messages=messages, raw=raw,
-                max_tokens=max_tokens if max_tokens is not None else int(d.get("maxTokens", 128)),
-                temperature=temperature if temperature is not None else float(d.get("temperature", 0.0)),
-                top_p=top_p if top_p is not None else float(d.get("topP", 1.0)),
-                seed=seed,
-            )
-            response = await upstream.open_stream(assignment, request)
-        except (InvokerUnreachable, InstanceNotFound) as e:
-            # the invoker is gone (the controller checks it and marks its instances lost), or
-            # the instance was unloaded under the assignment (preempted): the next acquire goes
-            # elsewhere; nothing was generated yet, so trying again is safe
-            failed = e.message if isinstance(e, InvokerUnreachable) else None
-            upstream.release_soon(assignment.instance_id, failed=failed)
-            if attempt == UNREACHABLE_RETRIES:
-                raise
-            await asyncio.sleep(0.2)
-            continue
-        except BaseException:
-            upstream.release_soon(assignment.instance_id)
-            raise
-        break
+        return GenerateRequest(
+            prompt=prompt, messages=messages, raw=raw,
+            max_tokens=max_tokens if max_tokens is not None else int(d.get("maxTokens", 128)),
+            temperature=temperature if temperature is not None else float(d.get("temperature", 0.0)),
+            top_p=top_p if top_p is not None else float(d.get("topP", 1.0)),
+            seed=seed,
+        )
+
+    assignment, request, response, acquired_at = await acquire_and_open(
+        upstream, function, request_for, resume=False, release=upstream.release_soon)
+    acquire_s = acquired_at - t0
     timings = Timings(
         cold_start=assignment.cold, tier=assignment.tier, queue=assignment.queue_seconds,
         load=assignment.load_seconds,
