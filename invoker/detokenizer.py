@@ -44,8 +44,7 @@ class IncrementalDetokenizer:
 
     Args:
         tokenizer: the model's tokenizer.
-        prompt_ids: tokens that precede the stream (a prompt, or the tokens a migrated
-            generation already streamed). Their text is never emitted; the last
+        prompt_ids: tokens that precede the stream (a prompt). Their text is never emitted; the last
             ``CONTEXT_TOKENS`` of them only give the first new tokens their context, so a
             leading space comes out as it would mid-text. Without them the output equals
             ``tokenizer.decode(pushed ids, skip_special_tokens=True)``.

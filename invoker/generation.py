@@ -40,6 +40,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import DynamicCache
@@ -168,11 +169,17 @@ def extend_cache(instance: ModelInstance, cache: DynamicCache | None, ids: Seque
         raise InvalidRequest("no tokens to prefill")
     if cache.get_seq_length() + len(ids) > instance.context_window:
         raise InvalidRequest("the tokens overflow the context window")
+    with torch.inference_mode():
+        return _forward(instance, cache, ids).past_key_values
+
+
+def _forward(instance: ModelInstance, cache: DynamicCache, ids: Sequence[int]) -> Any:
+    """One forward pass over ``ids`` after ``cache``, computing the logits of the last position
+    only where the model allows it; call under ``torch.inference_mode()``. Returns the model's
+    output (``logits`` of shape (1, n, vocab), ``past_key_values``)."""
     input_ids = torch.tensor([list(ids)], dtype=torch.long, device=instance.device)
     extra = {"logits_to_keep": 1} if instance.accepts_logits_to_keep else {}
-    with torch.inference_mode():
-        out = instance.model(input_ids=input_ids, past_key_values=cache, use_cache=True, **extra)
-    return out.past_key_values
+    return instance.model(input_ids=input_ids, past_key_values=cache, use_cache=True, **extra)
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
@@ -281,13 +288,10 @@ class Generation:
             The sampled token id (possibly EOS). It is not yet in the cache: the next step
             feeds it.
         """
-        model = self.instance.model
-        input_ids = torch.tensor([self._uncached], dtype=torch.long, device=self.instance.device)
-        extra = {"logits_to_keep": 1} if self.instance.accepts_logits_to_keep else {}
         if not self.params.greedy:
             self._generator.manual_seed(token_seed(self.seed, len(self.token_ids)))
         with torch.inference_mode():
-            out = model(input_ids=input_ids, past_key_values=self._cache, use_cache=True, **extra)
+            out = _forward(self.instance, self._cache, self._uncached)
             token = sample(out.logits[0, -1], self.params, self._generator)
         self._cache = out.past_key_values
         return token
