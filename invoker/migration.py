@@ -221,18 +221,14 @@ async def _drop_session(http: httpx.AsyncClient, req: MigrateRequest, session: s
 
 
 async def migrate_run(run: Run, req: MigrateRequest, http: httpx.AsyncClient) -> _Outcome:
-    """Move one generation to ``req``'s destination by the multi-round protocol (module
-    docstring). Returns how it went; never raises for a failing destination (the run then
-    keeps going here)."""
+    """Move one running generation (one that holds its instance: ``run.generation`` is set) to
+    ``req``'s destination by the multi-round protocol (module docstring). Returns how it went;
+    never raises for a failing destination (the run then keeps going here)."""
     session = uuid.uuid4().hex
     sent = rounds = 0
     url = f"{req.to_url}/v1/instances/{req.to_instance}/migrations"
     while not run.ended.done():
-        ids = run.ids()
-        delta = ids[sent:]
-        if not ids:  # still waiting for the instance: it leaves at once, nothing to prefill
-            run.hand_over(Target(req.to_url, req.to_instance))
-            return _Outcome("migrated")
+        delta = run.ids()[sent:]
         if (rounds and len(delta) <= HANDOFF_TOKENS) or rounds >= MAX_ROUNDS:
             break
         try:
