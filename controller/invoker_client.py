@@ -1,16 +1,20 @@
-"""The controller's HTTP client for invokers: load and unload instances."""
+"""The controller's HTTP client for invokers: load, migrate and unload instances."""
 
 from __future__ import annotations
 
 import logging
+from typing import TypeVar
 
 import httpx
+from pydantic import BaseModel
 
 from sllm.errors import InvokerError
 from sllm.http import raise_for_error
 from sllm.messages import LoadRequest, LoadResponse, MigrateRequest, MigrateResponse
 
 log = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=BaseModel)
 
 LOAD_TIMEOUT_S = 600.0
 """Seconds a load may take before the controller gives up on it."""
@@ -49,11 +53,7 @@ class InvokerClient:
                 r = await self._http.post(f"{invoker_url}/v1/instances", json=body)
         except httpx.HTTPError as e:
             raise InvokerError(f"invoker at {invoker_url} failed to load: {e!r}") from e
-        raise_for_error(r)
-        try:
-            return LoadResponse.model_validate_json(r.content)
-        except ValueError as e:
-            raise InvokerError(f"invoker at {invoker_url} answered a bad load response") from e
+        return _answer(r, LoadResponse, invoker_url, "load")
 
     async def migrate(self, invoker_url: str, instance_id: str, request: MigrateRequest
                       ) -> MigrateResponse:
@@ -70,11 +70,7 @@ class InvokerClient:
                                       json=request.model_dump())
         except httpx.HTTPError as e:
             raise InvokerError(f"invoker at {invoker_url} failed to migrate: {e!r}") from e
-        raise_for_error(r)
-        try:
-            return MigrateResponse.model_validate_json(r.content)
-        except ValueError as e:
-            raise InvokerError(f"invoker at {invoker_url} answered a bad migrate response") from e
+        return _answer(r, MigrateResponse, invoker_url, "migrate")
 
     async def unload(self, invoker_url: str, instance_id: str) -> None:
         """Have the invoker unload an instance. An instance it no longer has is not an error.
@@ -109,3 +105,12 @@ class InvokerClient:
         except (ValueError, KeyError, TypeError) as e:
             raise InvokerError(f"invoker at {invoker_url} answered a bad instance list") from e
 
+
+def _answer(r: httpx.Response, model: type[M], invoker_url: str, what: str) -> M:
+    """An invoker's answer as ``model``: its error raised (raise_for_error), or InvokerError
+    when the body does not parse."""
+    raise_for_error(r)
+    try:
+        return model.model_validate_json(r.content)
+    except ValueError as e:
+        raise InvokerError(f"invoker at {invoker_url} answered a bad {what} response") from e
