@@ -78,17 +78,7 @@ class Etcd:
                      lease: int | None = None) -> bool:
         """Write ``record`` only if the key does not exist yet (attached to ``lease`` when given).
         Returns whether it was written."""
-        k = keys.key(kind, name).encode()
-        v = record.model_dump_json().encode()
-        tx = self._client.transactions
-
-        async def op() -> bool:
-            ok, _ = await self._client.transaction(
-                compare=[tx.version(k) == 0], success=[tx.put(k, v, lease=lease)], failure=[]
-            )
-            return bool(ok)
-
-        return bool(await self._call(op))
+        return await self._put_if(kind, name, record, lambda tx, k: tx.version(k) == 0, lease)
 
     async def replace(self, kind: keys.Kind, name: str, record: BaseModel, *, mod_revision: int,
                       lease: int | None = None) -> bool:
@@ -96,15 +86,19 @@ class Etcd:
         detaches it from its old lease) only if its last write is still ``mod_revision`` (from
         :meth:`get_versioned`). Returns whether it was written; False when the key changed or was
         deleted since it was read."""
+        return await self._put_if(kind, name, record, lambda tx, k: tx.mod(k) == mod_revision,
+                                  lease)
+
+    async def _put_if(self, kind: keys.Kind, name: str, record: BaseModel,
+                      condition: Callable[[Any, bytes], Any], lease: int | None) -> bool:
+        """Write ``record`` in one transaction if ``condition(transactions, key)`` holds."""
         k = keys.key(kind, name).encode()
         v = record.model_dump_json().encode()
         tx = self._client.transactions
 
         async def op() -> bool:
             ok, _ = await self._client.transaction(
-                compare=[tx.mod(k) == mod_revision], success=[tx.put(k, v, lease=lease)],
-                failure=[],
-            )
+                compare=[condition(tx, k)], success=[tx.put(k, v, lease=lease)], failure=[])
             return bool(ok)
 
         return bool(await self._call(op))
