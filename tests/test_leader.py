@@ -81,6 +81,21 @@ async def running(*contenders: Contender) -> AsyncIterator[None]:
             await c.stop()
 
 
+@contextlib.asynccontextmanager
+async def a_leads_b_waits(etcd_endpoint: str
+                          ) -> AsyncIterator[tuple[Etcd, str, Contender, Contender]]:
+    """Contender a leads a fresh role and b has been waiting behind it for a few polls; yields
+    (a's etcd client, the role, a, b)."""
+    name = role()
+    async with Etcd(etcd_endpoint) as ea, Etcd(etcd_endpoint) as eb:
+        a = contender(ea, name, "a").start()
+        await eventually(lambda: a.election.is_leader, within=TTL_S)
+        b = contender(eb, name, "b")
+        async with running(b):
+            await asyncio.sleep(3 * POLL_S)
+            yield ea, name, a, b
+
+
 class Proxy:
     """A TCP proxy on loopback to etcd; :meth:`cut` drops every connection and refuses new ones,
     so whoever talks through it finds etcd unreachable."""
@@ -146,39 +161,27 @@ async def test_one_of_two_contenders_leads_and_leader_reports_it(etcd_endpoint: 
 async def test_other_contender_is_elected_at_once_when_the_leader_resigns(
     etcd_endpoint: str,
 ) -> None:
-    name = role()
-    async with Etcd(etcd_endpoint) as ea, Etcd(etcd_endpoint) as eb:
-        a = contender(ea, name, "a").start()
-        await eventually(lambda: a.election.is_leader, within=TTL_S)
-        b = contender(eb, name, "b")
-        async with running(b):
-            await asyncio.sleep(3 * POLL_S)
-            assert not b.elected_at
-            await a.election.resign()
-            assert len(a.deposed_at) == 1 and not a.election.is_leader
-            assert a.task is not None and a.task.done()  # run() returned
-            took = await eventually(lambda: b.election.is_leader,
-                                    within=TTL_S)
-            assert took < TTL_S / 2  # no waiting for the lease to expire
-            assert await leader_of(ea, name) == "b"
+    async with a_leads_b_waits(etcd_endpoint) as (ea, name, a, b):
+        assert not b.elected_at
+        await a.election.resign()
+        assert len(a.deposed_at) == 1 and not a.election.is_leader
+        assert a.task is not None and a.task.done()  # run() returned
+        took = await eventually(lambda: b.election.is_leader,
+                                within=TTL_S)
+        assert took < TTL_S / 2  # no waiting for the lease to expire
+        assert await leader_of(ea, name) == "b"
 
 
 async def test_other_contender_is_elected_when_the_leaders_task_is_cancelled(
     etcd_endpoint: str,
 ) -> None:
-    name = role()
-    async with Etcd(etcd_endpoint) as ea, Etcd(etcd_endpoint) as eb:
-        a = contender(ea, name, "a").start()
-        await eventually(lambda: a.election.is_leader, within=TTL_S)
-        b = contender(eb, name, "b")
-        async with running(b):
-            await asyncio.sleep(3 * POLL_S)
-            await a.stop()
-            assert not a.election.is_leader
-            took = await eventually(lambda: b.election.is_leader,
-                                    within=TTL_S)
-            assert took < TTL_S / 2  # the lease was revoked on cancel, not left to expire
-            assert await leader_of(ea, name) == "b"
+    async with a_leads_b_waits(etcd_endpoint) as (ea, name, a, b):
+        await a.stop()
+        assert not a.election.is_leader
+        took = await eventually(lambda: b.election.is_leader,
+                                within=TTL_S)
+        assert took < TTL_S / 2  # the lease was revoked on cancel, not left to expire
+        assert await leader_of(ea, name) == "b"
 
 
 async def test_leader_whose_lease_is_revoked_is_deposed_and_the_other_leads(
