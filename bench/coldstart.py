@@ -179,6 +179,17 @@ def median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
+def store_with(model: str) -> ModelStore:
+    """The store root of ``$SLLM_HOME``, with ``model`` in it: SmolLM2 is imported when missing;
+    another missing model ends the benchmark."""
+    store = ModelStore(config.store_root())
+    if not store.exists(model):
+        if model != "smollm2-135m-instruct":
+            sys.exit(f"model {model!r} is not in {config.store_root()}")
+        import_model("smollm2", store)
+    return store
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct")
@@ -193,11 +204,7 @@ def main() -> None:
     ap.add_argument("--json", action="store_true", help="one JSON line per row")
     args = ap.parse_args()
 
-    store = ModelStore(config.store_root())
-    if not store.exists(args.model):
-        if args.model != "smollm2-135m-instruct":
-            sys.exit(f"model {args.model!r} is not in {config.store_root()}")
-        import_model("smollm2", store)
+    store = store_with(args.model)
     model_dir = store.path(args.model)
     dropped = drop_caches() if args.drop_caches else False
 

@@ -44,10 +44,10 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from coldstart import store_with
+
 from gateway.sse import parse_events
-from invoker.importer import import_model
-from invoker.store import ModelStore
-from sllm import config, runtime
+from sllm import runtime
 
 FILLER = ("Serverless functions start on demand and scale to zero when idle; cold starts load "
           "the checkpoint from the fastest tier that holds it. ")
@@ -140,11 +140,7 @@ def main() -> None:
     ap.add_argument("--json", action="store_true", help="one JSON line per prompt size")
     args = ap.parse_args()
 
-    store = ModelStore(config.store_root())
-    if not store.exists(args.model):
-        if args.model != "smollm2-135m-instruct":
-            sys.exit(f"model {args.model!r} is not in {config.store_root()}")
-        import_model("smollm2", store)
+    store = store_with(args.model)
     rows = []
     with tempfile.TemporaryDirectory(prefix="sllm-bench-mig-") as tmp:
         gport, cport, eport, pport, *iports = runtime.free_ports(6)
