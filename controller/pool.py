@@ -116,6 +116,7 @@ class LiveInstance:
     in_flight: int = 0  # invocations holding a slot (including those waiting for the load)
     reserved: int = 0  # of which slots held for generations migrating here, not yet claimed
     max_tokens: int = 0  # the function's maxTokens: the migration estimate's bound per inference
+    nbytes: int = 0  # its checkpoint's bytes (from its load's answer; 0 until known)
     loaded: asyncio.Event = field(default_factory=asyncio.Event)
     error: SllmError | None = None  # why the load failed, once ``loaded`` is set
     # migrations that make room for it: its load is sent once they are done
@@ -427,14 +428,17 @@ class InstancePool:
     def _move_seconds(self, live: LiveInstance, inv: InvokerState) -> float:
         """Estimated seconds a migration destination needs to load ``live``'s model: from SSD
         when another invoker holds its checkpoint (a peer copy, then SSD, at worst), else from
-        the store root; at ``inv``'s bandwidths, a stand-in for the destination's."""
-        try:
-            nbytes = self._model_bytes(live.record.model)
-        except SllmError:
-            return 0.0
+        the store root; at ``inv``'s bandwidths, a stand-in for the destination's. The
+        checkpoint's size comes from the instance's load, so a decision does no I/O per busy
+        instance."""
+        if not live.nbytes:  # adopted from an earlier controller: ask the store root, once
+            try:
+                live.nbytes = self._model_bytes(live.record.model)
+            except SllmError:
+                return 0.0
         held = self.tiers.get(live.record.model, {})
         elsewhere = any(i != live.record.invoker_id for i in held)
-        return nbytes * inv.seconds_per_byte[1 if elsewhere else 2]
+        return live.nbytes * inv.seconds_per_byte[1 if elsewhere else 2]
 
     def used_bytes(self) -> dict[str, int]:
         """Invoker id -> instance memory reserved on it (bytes)."""
@@ -590,6 +594,7 @@ class InstancePool:
                     await self._unload(live)
             else:
                 now = self._clock()
+                live.nbytes = resp.nbytes
                 self._set_state(live, S.IDLE, loaded_at=now, last_used=now, ready_by=None,
                                 load_seconds=resp.load_seconds, read_seconds=resp.read_seconds,
                                 tier=resp.tier, transfer_seconds=resp.transfer_seconds or None,
