@@ -325,9 +325,7 @@ def create_app(config: ControllerConfig) -> Starlette:
         return JSONResponse({"instances": [r.model_dump(mode="json") for r in ctl.pool.records()]})
 
     async def migrate_instance(request: Request) -> Response:
-        body = await request.body()
-        req = MigrateInstanceRequest.model_validate_json(body) if body.strip() else (
-            MigrateInstanceRequest())
+        req = await read_model(request, MigrateInstanceRequest)  # {} lets placement choose
         iid = request.path_params["id"]
         resp, dest = await ctl.pool.migrate(iid, to=req.to, reason="requested by an operator")
         return JSONResponse({"instance_id": iid, "to_instance": dest.id,

@@ -213,6 +213,11 @@ def test_operator_migration_to_a_named_invoker_and_bad_requests(cluster: Cluster
         r = migrate(c, idle["id"], to=idle["invoker_id"])
         assert r.status_code == 409  # to its own invoker
         assert migrate(c, "no-such-instance").status_code == 404
+        for bad in (b"{not json", b'{"to": 3}'):  # refused with 400 by the gateway and the controller
+            assert c.post(f"/v1/instances/{idle['id']}/migrate", content=bad).status_code == 400
+            r = httpx.post(f"{cluster.state.controller_url}/v1/instances/{idle['id']}/migrate",
+                           content=bad)
+            assert r.status_code == 400, r.text
         r = migrate(c, idle["id"], to=free)  # an idle instance: moved with nothing running
         assert r.status_code == 200, r.text
         assert r.json()["to_invoker"] == free and r.json()["moved"] == 0
