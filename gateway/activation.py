@@ -338,9 +338,11 @@ async def start(
     upstream: Upstream, function: str, *, prompt: str | None = None,
     messages: list[ChatMessage] | None = None, raw: bool = False, max_tokens: int | None = None,
     temperature: float | None = None, top_p: float | None = None, seed: int | None = None,
+    ignore_eos: bool = False,
 ) -> Activation:
     """Start an invocation of ``function``: acquire an instance (through a cold start if needed)
-    and open the token stream. Unset generation parameters take the function's defaults.
+    and open the token stream. Unset generation parameters take the function's defaults;
+    ``ignore_eos`` asks for exactly ``max_tokens`` tokens (EOS or not).
 
     Raises:
         SllmError: before any token, with its HTTP status (FunctionNotFound, TooManyRequests,
@@ -358,7 +360,7 @@ async def start(
             max_tokens=max_tokens if max_tokens is not None else int(d.get("maxTokens", 128)),
             temperature=temperature if temperature is not None else float(d.get("temperature", 0.0)),
             top_p=top_p if top_p is not None else float(d.get("topP", 1.0)),
-            seed=seed,
+            seed=seed, ignore_eos=ignore_eos,
         )
 
     assignment, request, response, acquired_at = await acquire_and_open(

@@ -1,8 +1,8 @@
 """``POST /v1/functions/{name}/invoke``: sllm's own invocation API.
 
 Body: :class:`~sllm.messages.InvokeRequest` (``prompt`` or chat ``messages``, ``max_tokens``,
-``temperature``, ``top_p``, ``seed``, ``stream``). The response carries the activation id in the
-``X-Activation-Id`` header.
+``temperature``, ``top_p``, ``seed``, ``ignore_eos``, ``stream``). The response carries the
+activation id in the ``X-Activation-Id`` header.
 
 - ``stream: false``: one JSON body ``{activation_id, function, instance_id, text, finish_reason,
   usage, timings}``.
@@ -33,6 +33,7 @@ async def invoke(request: Request, upstream: Upstream) -> Response:
     act = await activation.start(
         upstream, name, prompt=req.prompt, messages=req.messages, raw=req.raw,
         max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
+        ignore_eos=req.ignore_eos,
     )
     headers = {"X-Activation-Id": act.id}
     if not req.stream:

@@ -37,6 +37,7 @@ class _OpenAIRequest(BaseModel):
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     seed: int | None = None
+    ignore_eos: bool = False  # vLLM's extension: generate max_tokens tokens, EOS or not
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     n: int = 1
@@ -147,7 +148,7 @@ async def chat_completions(request: Request, upstream: Upstream) -> Response:
     act = await activation.start(
         upstream, req.model, messages=[m.to_message() for m in req.messages],
         max_tokens=req.max_completion_tokens or req.max_tokens, temperature=req.temperature,
-        top_p=req.top_p, seed=req.seed,
+        top_p=req.top_p, seed=req.seed, ignore_eos=req.ignore_eos,
     )
     cid, created = f"chatcmpl-{act.id}", int(time.time())
 
@@ -179,7 +180,7 @@ async def completions(request: Request, upstream: Upstream) -> Response:
     prompt = req.text()
     act = await activation.start(
         upstream, req.model, prompt=prompt, raw=True, max_tokens=req.max_tokens,
-        temperature=req.temperature, top_p=req.top_p, seed=req.seed,
+        temperature=req.temperature, top_p=req.top_p, seed=req.seed, ignore_eos=req.ignore_eos,
     )
     cid, created = f"cmpl-{act.id}", int(time.time())
 

@@ -62,6 +62,10 @@ class SamplingParams:
         seed: seeds this generation's own ``torch.Generator`` (never the global RNG), per token
             (:func:`token_seed`), so equal seeds give equal tokens on the same model and device,
             also across a migration; None draws a fresh seed.
+        ignore_eos: keep generating past an EOS token (it is then an ordinary token), so the
+            generation has exactly ``max_tokens`` tokens unless the context window ends it
+            first; for benchmarks and tests that need a fixed output length (vLLM's
+            ``ignore_eos``).
 
     Raises:
         InvalidRequest: a field is out of range (``param`` names it).
@@ -71,6 +75,7 @@ class SamplingParams:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
+    ignore_eos: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int):
@@ -89,6 +94,8 @@ class SamplingParams:
             isinstance(self.seed, bool) or not isinstance(self.seed, int)
         ):
             raise InvalidRequest("seed must be an integer", param="seed")
+        if not isinstance(self.ignore_eos, bool):
+            raise InvalidRequest("ignore_eos must be a boolean", param="ignore_eos")
 
     @property
     def greedy(self) -> bool:
@@ -339,7 +346,7 @@ class Generation:
                 else:
                     self.decode_seconds += elapsed
                 steps += 1
-                if token in self.instance.eos_token_ids:
+                if token in self.instance.eos_token_ids and not self.params.ignore_eos:
                     self.finish_reason = "stop"
                     break
                 if held is not None:

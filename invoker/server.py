@@ -555,7 +555,7 @@ def create_app(config: InvokerConfig) -> Starlette:
             inst.instance.encode, prompt=req.prompt, messages=messages, raw=req.raw
         )
         params = SamplingParams(max_tokens=req.max_tokens, temperature=req.temperature,
-                                top_p=req.top_p, seed=req.seed)
+                                top_p=req.top_p, seed=req.seed, ignore_eos=req.ignore_eos)
         resume = None
         if req.resume is not None:
             cache, cached = (None, 0)

@@ -267,6 +267,7 @@ class GenerateRequest(Wire):
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: int | None = None
+    ignore_eos: bool = False  # generate max_tokens tokens, EOS or not (vLLM's ignore_eos)
     resume: ResumeRequest | None = None
 
     @model_validator(mode="after")
@@ -353,6 +354,7 @@ class InvokeRequest(Wire):
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     seed: int | None = None
+    ignore_eos: bool = False
     stream: bool = False
 
     @model_validator(mode="after")

@@ -1,11 +1,16 @@
 """Migration triggered by the scheduler, and a stream with nowhere to go, on real clusters.
 
 The scheduler case (two invokers of 300Mi): invoker X holds the checkpoint of ``other`` in its
-DRAM tier and runs a generation of ``long`` (128Mi, 100 tokens at most); invoker Y runs a
-generation of ``hog`` (150Mi, 240 tokens at most). ``other`` needs 256Mi: an invoker must first
-be freed, and the estimate prefers X (DRAM tier, fewer tokens to recompute). The controller migrates ``long`` to a new instance
-on Y (room for 128Mi there), then loads ``other`` on X; the client of ``long`` sees one
-unbroken stream with the text of a run without migration.
+DRAM tier and runs a generation of ``long`` (128Mi, 300 tokens); invoker Y runs a generation of
+``hog`` (150Mi, 800 tokens). ``other`` needs 256Mi: an invoker must first be freed, and the
+estimate prefers X (DRAM tier, fewer tokens to recompute). The controller migrates ``long`` to a
+new instance on Y (room for 128Mi there), then loads ``other`` on X; the client of ``long`` sees
+one unbroken stream with the text of a run without migration.
+
+Both generations ignore EOS, so they last a known number of tokens: several seconds, several
+times what the decision, the destination's load and the migration's rounds take on a loaded
+2-core machine (they finished within ~1 s in ten local runs; a 100-token generation that could
+stop at its EOS was once over before the handoff in CI).
 """
 
 from __future__ import annotations
@@ -27,12 +32,13 @@ from tests.conftest import Cluster, manifest, start_cluster, wait_for
 from tests.tiny_model import save_tiny_llama
 
 
-def stream(cluster: Cluster, function: str, on_token: Any = None) -> dict[str, Any]:
-    """Invoke with streaming; returns ``{"tokens", "done", "error"}``."""
+def stream(cluster: Cluster, function: str, on_token: Any = None, **body: Any) -> dict[str, Any]:
+    """Invoke with streaming (``body``: more request fields); returns ``{"tokens", "done",
+    "error"}``."""
     out: dict[str, Any] = {"tokens": [], "done": None, "error": None}
     with httpx.Client(base_url=cluster.gateway, timeout=120) as c, \
             c.stream("POST", f"/v1/functions/{function}/invoke",
-                     json={"prompt": "The quick brown fox", "stream": True}) as r:
+                     json={"prompt": "The quick brown fox", "stream": True, **body}) as r:
         assert r.status_code == 200, r.read()
         for event, data in parse_events(r.iter_lines()):
             if event == "token":
@@ -58,7 +64,8 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     for name, seed, hidden, layers in (("tiny-slow", 2, 384, 4), ("tiny-slow2", 3, 384, 4),
                                        ("tiny-slower", 5, 512, 8)):
         src = save_tiny_llama(tmp_path_factory.mktemp("src") / name, seed=seed,
-                              hidden_size=hidden, num_hidden_layers=layers)
+                              hidden_size=hidden, num_hidden_layers=layers,
+                              max_position_embeddings=1024)
         import_model(str(src), store, name=name)
     c = start_cluster(home, invokers=2, memory="300Mi", dram_pool="512Mi", invoker_lease_ttl=3)
     try:
@@ -73,9 +80,9 @@ def test_the_scheduler_migrates_a_running_instance_to_make_room(pair: Cluster) -
     # slower still: its generation must outlast the destination's load and the rounds
     # fewer tokens than hog's: moving it is the cheaper way to make room
     pair.deploy(manifest("long", "tiny-slower", resources={"device": "auto", "memory": "128Mi"},
-                         generation={"maxTokens": 100, "temperature": 0.0}))
+                         generation={"maxTokens": 300, "temperature": 0.0}))
     pair.deploy(manifest("hog", "tiny-slow2", resources={"device": "auto", "memory": "150Mi"},
-                         generation={"maxTokens": 240, "temperature": 0.0}))
+                         generation={"maxTokens": 800, "temperature": 0.0}))
     with pair.client() as c:
         # other's checkpoint lands in X's DRAM tier, and other scales to zero
         assert c.post("/v1/functions/other/invoke", json={"prompt": "hi", "max_tokens": 2}).status_code == 200
@@ -84,14 +91,16 @@ def test_the_scheduler_migrates_a_running_instance_to_make_room(pair: Cluster) -
         pair.deploy(manifest("other", "tiny-llama", resources={"device": "auto", "memory": "256Mi"},
                              scaling={"maxInstances": 1, "keepAlive": "600s"}))  # stays, now
         y = next(f"invoker-{k}" for k in range(2) if f"invoker-{k}" != x)
-        reference = stream(pair, "long")  # long's instance: moved to X if placed elsewhere
-        assert reference["error"] is None and len(reference["tokens"]) == 100
+        # long's instance: moved to X if placed elsewhere
+        reference = stream(pair, "long", ignore_eos=True)
+        assert reference["error"] is None and len(reference["tokens"]) == 300
         [inst] = instances(c, "long")
         if inst["invoker_id"] != x:
             assert c.post(f"/v1/instances/{inst['id']}/migrate", json={"to": x}).status_code == 200
             wait_for(lambda: [i for i in instances(c, "long") if i["invoker_id"] == x])
         [source] = instances(c, "long")
-        assert stream(pair, "hog")["error"] is None  # hog's instance: moved to Y if not there
+        # hog's instance: moved to Y if not there
+        assert stream(pair, "hog", max_tokens=2)["error"] is None
         [hog] = instances(c, "hog")
         if hog["invoker_id"] != y:
             assert c.post(f"/v1/instances/{hog['id']}/migrate", json={"to": y}).status_code == 200
@@ -100,7 +109,8 @@ def test_the_scheduler_migrates_a_running_instance_to_make_room(pair: Cluster) -
         going = threading.Barrier(3)
         results: dict[str, dict[str, Any]] = {}
         threads = [threading.Thread(target=lambda f=f: results.__setitem__(f, stream(
-            pair, f, lambda n: going.wait(60) if n == 5 else None))) for f in ("long", "hog")]
+            pair, f, lambda n: going.wait(60) if n == 5 else None, ignore_eos=True)))
+            for f in ("long", "hog")]
         for t in threads:
             t.start()
         going.wait(60)
@@ -116,11 +126,12 @@ def test_the_scheduler_migrates_a_running_instance_to_make_room(pair: Cluster) -
         assert dest["invoker_id"] == y
     moved = results["long"]
     assert moved["error"] is None and moved["done"]["text"] == reference["done"]["text"]
-    assert [t["index"] for t in moved["tokens"]] == list(range(len(moved["tokens"])))
+    assert [t["index"] for t in moved["tokens"]] == list(range(300))
     [m] = moved["done"]["migrations"]
     assert m["reason"] == "migrated" and m["from_instance"] == source["id"]
     assert m["to_instance"] == dest["id"]
     assert results["hog"]["error"] is None and results["hog"]["done"]["migrations"] == []
+    assert len(results["hog"]["tokens"]) == 800
 
 
 def test_a_stream_with_nowhere_to_go_ends_with_an_error_event_and_a_record(

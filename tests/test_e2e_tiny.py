@@ -37,7 +37,8 @@ PROMPT = "What is the capital of France?"
 
 @pytest.fixture(scope="module")
 def src(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny llama as a Hugging Face folder (seed 1 emits EOS within ~22 tokens)."""
+    """The tiny llama as a Hugging Face folder (seed 0: no EOS within 150 tokens of greedy
+    output on the prompts used here)."""
     return save_tiny_llama(tmp_path_factory.mktemp("src") / "tiny", seed=0)
 
 
@@ -45,9 +46,13 @@ def src(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def cluster(tmp_path_factory: pytest.TempPathFactory, src: Path) -> Iterator[Cluster]:
     home = tmp_path_factory.mktemp("home")
     import_model(str(src), ModelStore(home / "models"), name=MODEL)
+    # seed 1 answers PROMPT with an EOS before 100 tokens
+    import_model(str(save_tiny_llama(tmp_path_factory.mktemp("src") / "eos", seed=1)),
+                 ModelStore(home / "models"), name="tiny-eos")
     c = start_cluster(home)
     try:
         c.deploy(manifest("tiny", MODEL))
+        c.deploy(manifest("tiny-eos", "tiny-eos"))
         yield c
     finally:
         runtime.stop(c.state)
@@ -160,6 +165,24 @@ def test_openai_client_completions_use_the_raw_prompt(cluster: Cluster, referenc
     text = "".join(ch.choices[0].text for ch in client.completions.create(
         model="tiny", prompt="The quick brown", max_tokens=10, stream=True))
     assert text == want
+
+
+def test_ignore_eos_generates_max_tokens_on_both_apis(cluster: Cluster) -> None:
+    with cluster.client() as c:
+        plain = c.post("/v1/functions/tiny-eos/invoke",
+                       json={"prompt": PROMPT, "max_tokens": 100}).json()
+        assert plain["finish_reason"] == "stop"
+        n = plain["usage"]["completion_tokens"] + 3
+        through = c.post("/v1/functions/tiny-eos/invoke",
+                         json={"prompt": PROMPT, "max_tokens": n, "ignore_eos": True}).json()
+    assert through["finish_reason"] == "length" and through["usage"]["completion_tokens"] == n
+    assert through["text"].startswith(plain["text"])
+    client = openai.OpenAI(base_url=f"{cluster.gateway}/v1", api_key="unused", max_retries=0)
+    resp = client.chat.completions.create(
+        model="tiny-eos", messages=user(PROMPT), max_tokens=n,  # type: ignore[arg-type]
+        extra_body={"ignore_eos": True})
+    assert resp.choices[0].finish_reason == "length" and resp.usage is not None
+    assert resp.usage.completion_tokens == n and resp.choices[0].message.content == through["text"]
 
 
 def test_openai_developer_role_is_a_system_message(cluster: Cluster, reference: Any) -> None:

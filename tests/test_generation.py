@@ -44,9 +44,12 @@ def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
     }
 
 
-def reference_greedy(model: LlamaForCausalLM, prompt_ids: list[int], n: int) -> list[int]:
-    """New tokens of ``model.generate`` (greedy)."""
-    out = model.generate(torch.tensor([prompt_ids]), do_sample=False, max_new_tokens=n)
+def reference_greedy(
+    model: LlamaForCausalLM, prompt_ids: list[int], n: int, *, ignore_eos: bool = False
+) -> list[int]:
+    """New tokens of ``model.generate`` (greedy); through EOS when ``ignore_eos``."""
+    kw = {"eos_token_id": None} if ignore_eos else {}
+    out = model.generate(torch.tensor([prompt_ids]), do_sample=False, max_new_tokens=n, **kw)
     return [int(t) for t in out[0, len(prompt_ids) :]]
 
 
@@ -123,6 +126,25 @@ def test_eos_finishes_with_stop_and_is_neither_yielded_nor_counted(
     assert generation.completion_tokens == len(tokens) < 100
     expected = reference_greedy(model, prompt_ids, 100)
     assert [t.token_id for t in tokens] + [tokenizer.eos_token_id] == expected
+
+
+def test_ignore_eos_generates_through_eos_to_max_tokens(tiny: Tiny, instances: Instances) -> None:
+    model, tokenizer = tiny[1]
+    prompt_ids = instances[1].encode(prompt=QUESTION)
+    stopped, _ = run(instances[1], prompt_ids, SamplingParams(max_tokens=100))
+    n = stopped.completion_tokens + 5  # the plain run stops at its EOS, before n
+    generation, tokens = run(instances[1], prompt_ids, SamplingParams(max_tokens=n, ignore_eos=True))
+    assert generation.finish_reason == "length"
+    ids = [t.token_id for t in tokens]
+    assert len(ids) == generation.completion_tokens == n
+    assert ids[stopped.completion_tokens] == tokenizer.eos_token_id  # yielded as a token now
+    assert ids == reference_greedy(model, prompt_ids, n, ignore_eos=True)
+
+
+def test_ignore_eos_must_be_a_boolean() -> None:
+    with pytest.raises(InvalidRequest) as err:
+        SamplingParams(max_tokens=5, ignore_eos="yes")  # type: ignore[arg-type]
+    assert err.value.param == "ignore_eos"
 
 
 def test_max_tokens_reached_finishes_with_length(instances: Instances) -> None:

@@ -55,7 +55,7 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
 
 def make_tiny_llama(
     *, seed: int = 0, dtype: torch.dtype = torch.float32, tie_word_embeddings: bool = True,
-    hidden_size: int = 64, num_hidden_layers: int = 2,
+    hidden_size: int = 64, num_hidden_layers: int = 2, max_position_embeddings: int = 256,
 ) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
     """A 2-layer llama (hidden 64) with random weights and its tokenizer.
 
@@ -65,6 +65,7 @@ def make_tiny_llama(
         tie_word_embeddings: share the input embedding with the LM head, as SmolLM2 does.
         hidden_size, num_hidden_layers: larger values make a slower model (its MLP is twice
             the hidden size), for tests that need a generation to last.
+        max_position_embeddings: the context window (tokens).
     """
     tokenizer = make_tokenizer()
     config = LlamaConfig(
@@ -74,7 +75,7 @@ def make_tiny_llama(
         num_hidden_layers=num_hidden_layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=256,
+        max_position_embeddings=max_position_embeddings,
         tie_word_embeddings=tie_word_embeddings,
         initializer_range=0.3,  # larger than default so greedy output varies token to token
         bos_token_id=tokenizer.bos_token_id,
