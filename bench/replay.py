@@ -72,8 +72,13 @@ float32 checkpoints), built once into ``$SLLM_HOME/bench-replay/models`` (the st
 invokers fetch from). Function ``i`` serves model ``i``; ``resources.memory`` is 192Mi and each invoker's
 budget holds ``--per-invoker`` (2) instances, so the cluster holds fewer instances than there
 are functions; ``keepAlive`` ``--keep-alive`` (15 s), ``maxInstances`` ``--max-instances`` (2).
-Before each policy the store root's checkpoint files are evicted from the page cache, so no
-policy's first copies profit from the previous one's reads. The trace (``--duration`` 90 s at
+At the start each checkpoint is in the local store (SSD tier) of ``--ssd-copies`` (1) invokers
+drawn from ``--seed``, the same for every policy (a cluster that has served these models before,
+as in the simulation; 0 starts from empty stores, where every function's first load is a copy
+from the store root whatever the policy); the DRAM tiers are empty. Before each policy the store
+root's checkpoint files are evicted from the page cache, so no policy's first copies profit from
+the previous one's reads. Invocations arriving in the first ``--warmup`` (0) seconds are
+replayed but not counted in the figures. The trace (``--duration`` 90 s at
 ``--rate`` 3/s; prompt median 24 words, ``max_tokens`` median 12, at most 48) is replayed with
 asyncio + httpx: each invocation is sent at its trace time, streaming
 (``POST /v1/functions/<f>/invoke``), its SSE stream read to the end. On a 2-core machine the
@@ -105,7 +110,9 @@ log does not say, from the gap since the function's last use against ``keepAlive
 placement decision times from its log (p50; the JSON has the max too, milliseconds);
 ``TTLT mean/p99``: time to last token (client side, sending to the end of the stream);
 ``moves``: streams moved while running, by reason (``migrated`` / ``preempted`` / ``failed``,
-from the final events' ``migrations``).
+from the final events' ``migrations``). The JSON's ``slowest`` lists the five invocations with
+the highest TTFT and where their time went (the gateway's queue, load, controller and prefill
+seconds).
 """
 
 from __future__ import annotations
@@ -778,15 +785,53 @@ def summarize(results: list[Result], causes: list[str], decided: list[float]) ->
         "controller_decision_ms_max": max(decided) if decided else float("nan"),
         "tokens": sum(r.tokens for r in ok),
         "error_samples": sorted({f"{r.status}: {r.error}" for r in results if not r.ok})[:5],
+        "slowest": [_breakdown(r) for r in heapq.nlargest(
+            5, ok, key=lambda r: r.first - r.sent)],  # type: ignore[operator]
     }
+
+
+def _breakdown(r: Result) -> dict[str, Any]:
+    """Where one invocation's TTFT went (seconds; the gateway's timings, client-side TTFT)."""
+    t = r.timings
+    return {"arrival_s": round(r.arrival.t, 3), "function": r.function,
+            "ttft_s": round(r.first - r.sent, 3),  # type: ignore[operator]
+            "start": t.get("start"), "tier": t.get("tier"),
+            **{k: t.get(f"{k}_seconds") for k in ("queue", "load", "controller", "prefill")}}
+
+
+def preplace(home: Path, models: list[tuple[str, int]], invokers: int, copies: int,
+             seed: int) -> dict[str, list[int]]:
+    """Put each model's checkpoint in the local stores (the SSD tier) of ``copies`` invokers of
+    the runtime at ``home``, drawn at random from ``seed``, so every policy starts from the same
+    cluster, one that has served these models before (as the simulation does). The copies are
+    hard links to the store root's files (a plain copy where a link is impossible): the loader
+    reads with O_DIRECT, so a read costs the same either way. Returns model -> invoker indexes.
+    """
+    rng = random.Random(seed)
+    placed: dict[str, list[int]] = {}
+    for name, _ in models:
+        chosen = sorted(rng.sample(range(invokers), min(copies, invokers)))
+        for i in chosen:
+            shutil.copytree(bench_dir() / "models" / name, runtime.invoker_store(home, i) / name,
+                            copy_function=_link_or_copy)
+        placed[name] = chosen
+    return placed
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def run_cluster_policy(policy: Policy, migration: str, args: argparse.Namespace,
                        models: list[tuple[str, int]], arrivals: list[Arrival]) -> dict[str, Any]:
-    """Start a fresh runtime with ``policy`` and ``migration``, deploy the functions, replay,
-    stop."""
+    """Start a fresh runtime with ``policy`` and ``migration`` (the checkpoints pre-placed by
+    :func:`preplace`), deploy the functions, replay, stop."""
     home = bench_dir() / f"run-{policy}-{migration}"
     shutil.rmtree(home, ignore_errors=True)
+    preplace(home, models, args.invokers, args.ssd_copies, args.seed)
     # every policy's first copies come from the disk, not from the page cache the previous left
     evict_from_page_cache((bench_dir() / "models").glob("*/data-*.bin"))
     memory = args.per_invoker * INSTANCE_MEMORY
@@ -816,9 +861,13 @@ def run_cluster_policy(policy: Policy, migration: str, args: argparse.Namespace,
         for bulky in ("invokers", "etcd"):  # checkpoint copies, etcd's preallocated WAL: not logs
             shutil.rmtree(home / bulky, ignore_errors=True)
     reasons, decided = read_controller_log(home / "run" / "controller.log")
-    causes = classify(results, reasons, args.keep_alive)
+    # causes need each function's whole history; the figures count arrivals after the warm-up
+    colds = [r for r in sorted(results, key=lambda r: r.sent) if r.ok and r.cold]
+    causes = [c for r, c in zip(colds, classify(results, reasons, args.keep_alive), strict=True)
+              if r.arrival.t >= args.warmup]
+    measured = [r for r in results if r.arrival.t >= args.warmup]
     return {"mode": "cluster", "policy": policy, "migration": migration,
-            **summarize(results, causes, decided),
+            **summarize(measured, causes, decided),
             "startup_s": startup_s, "replay_s": replay_s, "logs": str(home / "run")}
 
 
@@ -884,9 +933,12 @@ def main() -> None:
     ap.add_argument("--max-instances", type=int, help="per function (simulate 128, cluster 2)")
     ap.add_argument("--zipf-s", type=float, default=1.0, help="popularity exponent")
     ap.add_argument("--cv", type=float, default=3.0, help="inter-arrival coefficient of variation")
-    ap.add_argument("--warmup", type=float, default=60.0, help="simulate: seconds not measured")
+    ap.add_argument("--warmup", type=float,
+                    help="trace seconds whose arrivals are not measured (simulate 60, cluster 0)")
     ap.add_argument("--dram-gb", type=float, default=32.0, help="simulate: DRAM tier per invoker")
-    ap.add_argument("--ssd-copies", type=int, default=2, help="simulate: initial copies per model")
+    ap.add_argument("--ssd-copies", type=int,
+                    help="invokers holding each checkpoint on SSD at the start (simulate 2, "
+                         "cluster 1; 0: empty local stores)")
     ap.add_argument("--per-invoker", type=int, default=2, help="cluster: instances per invoker")
     ap.add_argument("--dram-pool", default="512Mi", help="cluster: each invoker's DRAM tier")
     ap.add_argument("--big", type=int, default=0,
@@ -906,7 +958,8 @@ def main() -> None:
     args = ap.parse_args()
     sim = args.simulate
     defaults = (("duration", 300.0, 90.0), ("rate", 100.0, 3.0), ("functions", 10_000, 8),
-                ("invokers", 1000, 3), ("keep_alive", 60.0, 15.0), ("max_instances", 128, 2))
+                ("invokers", 1000, 3), ("keep_alive", 60.0, 15.0), ("max_instances", 128, 2),
+                ("warmup", 60.0, 0.0), ("ssd_copies", 2, 1))
     for name, s, c in defaults:  # (simulate, cluster)
         if getattr(args, name) is None:
             setattr(args, name, s if sim else c)
