@@ -7,10 +7,10 @@ estimate prefers X (DRAM tier, fewer tokens to recompute). The controller migrat
 new instance on Y (room for 128Mi there), then loads ``other`` on X; the client of ``long`` sees
 one unbroken stream with the text of a run without migration.
 
-Both generations ignore EOS, so they last a known number of tokens: several seconds, several
-times what the decision, the destination's load and the migration's rounds take on a loaded
-2-core machine (they finished within ~1 s in ten local runs; a 100-token generation that could
-stop at its EOS was once over before the handoff in CI).
+Both generations ignore EOS, so they last a known number of tokens: 4-6 s here, several times
+what the decision, the destination's load and the migration's rounds take on a loaded 2-core
+machine (the handoff came 0.1-1.6 s after the other invocation in eight local runs; a 100-token
+generation that could stop at its EOS was once over before the handoff in CI).
 """
 
 from __future__ import annotations
