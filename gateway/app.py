@@ -22,6 +22,7 @@ import contextlib
 import hmac
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
@@ -100,15 +101,21 @@ def create_app(config: GatewayConfig) -> Starlette:
     async def activation_record(request: Request) -> Response:
         return JSONResponse(ACTIVATIONS.get(request.path_params["id"]))
 
-    async def forward(request: Request) -> Response:
-        """Management calls go to the controller as they are, after local validation."""
-        json_body = None
-        if request.url.path.endswith("/migrate"):
-            json_body = await read_json(request)
-        elif request.method in ("POST", "PUT"):
-            json_body = manifest_to_dict(await _manifest_body(request))
+    async def relay(request: Request, json_body: Any) -> Response:
         r = await upstream.controller(request.method, request.url.path, json=json_body)
         return Response(r.content, status_code=r.status_code, media_type="application/json")
+
+    async def forward(request: Request) -> Response:
+        """Function management goes to the controller as it is, after the manifest is
+        validated here."""
+        json_body = None
+        if request.method in ("POST", "PUT"):
+            json_body = manifest_to_dict(await _manifest_body(request))
+        return await relay(request, json_body)
+
+    async def forward_json(request: Request) -> Response:
+        """Operator calls with a JSON body (migrate), which the controller validates."""
+        return await relay(request, await read_json(request))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -128,7 +135,7 @@ def create_app(config: GatewayConfig) -> Starlette:
         Route("/v1/functions", g(forward), methods=["GET", "POST"]),
         Route("/v1/functions/{name}", g(forward), methods=["GET", "PUT", "DELETE"]),
         Route("/v1/instances", g(forward), methods=["GET"]),
-        Route("/v1/instances/{id}/migrate", g(forward), methods=["POST"]),
+        Route("/v1/instances/{id}/migrate", g(forward_json), methods=["POST"]),
         Route("/v1/activations", g(activations), methods=["GET"]),
         Route("/v1/activations/{id}", g(activation_record), methods=["GET"]),
         Route("/v1/invokers", g(forward), methods=["GET"]),
