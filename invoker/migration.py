@@ -45,7 +45,6 @@ from invoker.instance import ModelInstance
 from sllm.errors import Conflict, MigrationFailed, SllmError
 from sllm.http import raise_for_error
 from sllm.messages import (
-    GenerateRequest,
     MigrateRequest,
     MigrateResponse,
     PrefillRequest,
@@ -81,7 +80,6 @@ class Run:
     """One generation on this invoker, as a migration's source sees it.
 
     Attributes:
-        request: what the gateway asked for.
         prompt_ids: the prompt's token ids.
         generation: set by the worker thread once it holds the instance (None while it waits).
         handoff: set to stop the generation at the next token boundary.
@@ -89,10 +87,8 @@ class Run:
         ended: resolves to the generation's finish reason ("migrated" when it handed over).
     """
 
-    def __init__(self, request: GenerateRequest, prompt_ids: list[int],
-                 loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, prompt_ids: list[int], loop: asyncio.AbstractEventLoop) -> None:
         self.id = uuid.uuid4().hex
-        self.request = request
         self.prompt_ids = prompt_ids
         self.generation: Generation | None = None
         self.handoff = threading.Event()

@@ -564,7 +564,7 @@ def create_app(config: InvokerConfig) -> Starlette:
                                                   [*prompt_ids, *req.resume.token_ids])
             resume = Resume(req.resume.token_ids, req.resume.emitted, cache, cached)
         loop = asyncio.get_running_loop()
-        run = Run(req, prompt_ids, loop)
+        run = Run(prompt_ids, loop)
         if inst.moving is not None:  # assigned before the migration began: follow the others
             run.hand_over(Target(inst.moving.to_url, inst.moving.to_instance))
         inst.runs[run.id] = run
