@@ -517,10 +517,8 @@ class InstancePool:
             log.info("no room for %s on any invoker: waiting for an instance to free up", manifest.name)
             return None
         for iid in decision.evict:  # retired before any await: no invocation can take them now
-            retired = self._retire(iid, f"evicted (least recently used idle) for {manifest.name}",
-                                   if_idle=True)
-            if retired is not None:
-                self._spawn(self._unload(retired[0]))
+            self._retire_and_unload(iid, f"evicted (least recently used idle) for {manifest.name}",
+                                    if_idle=True)
         after = self._make_room(decision.migrate, manifest.name)
         now = self._clock()
         inv = decision.invoker
@@ -556,9 +554,7 @@ class InstancePool:
         rec = live.record
         if live.after:  # running instances migrate away first
             results = await asyncio.gather(*live.after, return_exceptions=True)
-            failures = [r.message if isinstance(r, SllmError) else repr(r)
-                         if isinstance(r, BaseException) else r[0].abandoned
-                         for r in results if isinstance(r, BaseException) or r[0].abandoned]
+            failures = [why for why in map(_migration_failure, results) if why is not None]
             if failures and live.state in STARTING:
                 self._no_migration_until = time.monotonic() + MIGRATION_BACKOFF_S
                 why_s = failures[0]
@@ -626,9 +622,7 @@ class InstancePool:
         tasks = []
         for iid in ids:
             if self.mode == "preempt":
-                retired = self._retire(iid, f"preempted: {reason}")
-                if retired is not None:
-                    self._spawn(self._unload(retired[0]))
+                self._retire_and_unload(iid, f"preempted: {reason}")
             else:
                 tasks.append(asyncio.ensure_future(self.migrate(iid, reason=reason)))
         return tasks
@@ -761,6 +755,13 @@ class InstancePool:
         self._set_state(live, S.STOPPED, reason=reason)
         log.info("instance %s stopped: %s", instance_id, reason)
         return live, starting
+
+    def _retire_and_unload(self, instance_id: str, reason: str, *, if_idle: bool = False) -> None:
+        """:meth:`_retire` at once, then have the invoker unload the instance in the
+        background (for a loaded instance taken away mid-decision: evicted or preempted)."""
+        retired = self._retire(instance_id, reason, if_idle=if_idle)
+        if retired is not None:
+            self._spawn(self._unload(retired[0]))
 
     async def stop(self, instance_id: str, *, reason: str, unload: bool = True,
                    if_idle: bool = False) -> None:
@@ -910,3 +911,14 @@ def placement_record(p: Placement, evicted: list[str], now: float, seconds: floa
                            candidates=[est(c) for c in p.candidates], considered=p.considered,
                            evicted=evicted, migrate=list(p.migrate), decided_at=now,
                            decision_seconds=seconds)
+
+
+def _migration_failure(result: tuple[MigrateResponse, InstanceRecord] | BaseException
+                       ) -> str | None:
+    """Why a migration made to free room failed (its error, or why it was abandoned), or None
+    when it succeeded."""
+    if isinstance(result, SllmError):
+        return result.message
+    if isinstance(result, BaseException):
+        return repr(result)
+    return result[0].abandoned or None
