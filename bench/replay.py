@@ -843,7 +843,7 @@ def run_cluster_policy(policy: Policy, migration: str, args: argparse.Namespace,
         etcd_peer_port=ports[3], invoker_ports=ports[4:],
         store=bench_dir() / "models", invoker_memory=f"{memory >> 20}Mi",
         dram_pool=args.dram_pool, tick_s=0.5, stop_at_exit=True,
-        invoker_network_limit=args.network_limit,
+        invoker_network_limit=args.network_limit, invoker_threads=args.invoker_threads,
     )
     startup_s = time.perf_counter() - t0
     names = [f"replay-{i}" for i in range(len(models))]
@@ -941,6 +941,8 @@ def main() -> None:
                          "cluster 1; 0: empty local stores)")
     ap.add_argument("--per-invoker", type=int, default=2, help="cluster: instances per invoker")
     ap.add_argument("--dram-pool", default="512Mi", help="cluster: each invoker's DRAM tier")
+    ap.add_argument("--invoker-threads", type=int, default=None,
+                    help="cluster: threads each invoker computes with (default: cores / invokers)")
     ap.add_argument("--big", type=int, default=0,
                     help="cluster: the first N functions (the most popular) get big models")
     ap.add_argument("--big-layers", type=int, default=40,

@@ -46,13 +46,20 @@ def default_device() -> str:
 @click.option("--network-limit", default=None,
               help="cap checkpoint fetches at this many bytes/s, e.g. 200M (benchmarks: a store "
                    "root standing for a remote object store) [default: no cap]")
+@click.option("--compute-threads", default=None, type=click.IntRange(1, 1024),
+              help="threads torch computes with (generation); invokers sharing one machine "
+                   "should split its cores [default: torch's, one per core]")
 @click.option("--log-level", default="info", show_default=True)
 def main(invoker_id: str, host: str, port: int, etcd_endpoint: str, store: str | None,
          origin: str | None, lease_ttl: int, device: str | None, memory: str, dram_pool: str, read_threads: int, read_chunk: str,
          no_verify: bool, advertise_url: str | None, network_limit: str | None,
-         log_level: str) -> None:
+         compute_threads: int | None, log_level: str) -> None:
     """Run an invoker: loads instances from the model store and serves their generations."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if compute_threads:
+        import torch
+
+        torch.set_num_threads(compute_threads)
     config = InvokerConfig(
         invoker_id=invoker_id, url=advertise_url or f"http://{host}:{port}", etcd_endpoint=etcd_endpoint,
         store_root=Path(store) if store else store_root(), device=device or default_device(),

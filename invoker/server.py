@@ -23,7 +23,7 @@ HTTP API (JSON; errors in the OpenAI-shaped envelope of :mod:`sllm.errors`):
   ``POST /v1/instances/{id}/migrations`` (:class:`~sllm.messages.PrefillRequest`, as the
   destination) and ``DELETE /v1/instances/{id}/migrations/{session}``. Unloading an instance
   under running generations hands them back to the gateway to resume elsewhere (preemption).
-- ``GET /health``
+- ``GET /health``: status, id, and the threads it computes with (``compute_threads``)
 
 The invoker registers itself in etcd under a lease it keeps alive, so the controller sees it die;
 its record carries its bandwidths, probed at start-up and then measured from its own loads and
@@ -529,7 +529,10 @@ def create_app(config: InvokerConfig) -> Starlette:
     inv = Invoker(config)
 
     async def health(request: Request) -> Response:
-        return JSONResponse({"status": "ok", "component": "invoker", "id": config.invoker_id})
+        import torch
+
+        return JSONResponse({"status": "ok", "component": "invoker", "id": config.invoker_id,
+                             "compute_threads": torch.get_num_threads()})
 
     async def load(request: Request) -> Response:
         req = await read_model(request, LoadRequest)

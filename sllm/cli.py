@@ -99,6 +99,9 @@ def _api(ctx: click.Context) -> Api:
 @click.option("--invoker-memory", default="8Gi", show_default=True, help="instance memory per invoker")
 @click.option("--dram-pool", default="4Gi", show_default=True,
               help="DRAM tier per invoker: host memory caching recently loaded checkpoints")
+@click.option("--invoker-threads", default=None, type=click.IntRange(1, 1024),
+              help="threads each invoker computes with [default: the cores split evenly "
+                   "among the invokers]")
 @click.option("--controllers", default=1, show_default=True, type=click.IntRange(1, 5),
               help="controllers: one leads, the others stand by to take over")
 @click.option("--placement", default="ours", show_default=True,
@@ -109,8 +112,9 @@ def _api(ctx: click.Context) -> Api:
               help="making room from running instances: live migration (ServerlessLLM), "
                    "preemption (restart elsewhere), or never (a baseline to compare against)")
 @click.option("--port", default=config.GATEWAY_PORT, show_default=True, help="gateway port")
-def up(detach: bool, invokers: int, invoker_memory: str, dram_pool: str, controllers: int,
-       placement: str, migration: str, port: int) -> None:
+def up(detach: bool, invokers: int, invoker_memory: str, dram_pool: str,
+       invoker_threads: int | None, controllers: int, placement: str, migration: str,
+       port: int) -> None:
     """Start the embedded runtime: etcd, controllers, gateway and invokers (each invoker with
     its own model store, DRAM tier and memory budget, as if on its own server)."""
     home = config.sllm_home()
@@ -127,8 +131,8 @@ def up(detach: bool, invokers: int, invoker_memory: str, dram_pool: str, control
     t0 = time.monotonic()
     try:
         state = runtime.start(home, invokers=invokers, gateway_port=port, invoker_memory=invoker_memory,
-                              dram_pool=dram_pool, controllers=controllers, placement=placement,
-                              migration=migration)
+                              dram_pool=dram_pool, invoker_threads=invoker_threads,
+                              controllers=controllers, placement=placement, migration=migration)
     except runtime.RuntimeStartError as e:
         raise click.ClickException(str(e)) from None
     click.echo(f"sllm is up in {time.monotonic() - t0:.1f} s: gateway {state.gateway_url}, logs in {home / 'run'}")

@@ -206,7 +206,7 @@ def start(
     controllers: int = 1, controller_ports: list[int] | None = None,
     invoker_lease_ttl: int = config.INVOKER_LEASE_TTL_S,
     controller_lease_ttl: int = config.CONTROLLER_LEASE_TTL_S,
-    invoker_network_limit: str | None = None,
+    invoker_network_limit: str | None = None, invoker_threads: int | None = None,
     extra_env: dict[str, str] | None = None, stop_at_exit: bool = False,
 ) -> RuntimeState:
     """Start etcd, the controllers, the invokers and the gateway, each in its own process, and
@@ -220,6 +220,9 @@ def start(
     all); ``placement`` picks the controllers' placement policy and ``migration`` how they make
     room from running instances (``live``, ``preempt`` or ``off``). ``invoker_network_limit``
     (e.g. ``"200M"``, bytes/s) caps every invoker's checkpoint fetches, for benchmarks.
+    ``invoker_threads`` is the threads each invoker computes with; by default several invokers
+    split the machine's cores evenly (at least one each), as if each had its own server, and a
+    single invoker keeps torch's default (one per core).
 
     Returns:
         The runtime's state (also written to ``<home>/run/state.json``).
@@ -237,6 +240,8 @@ def start(
                          controller_url=f"http://{h}:{cports[0]}",
                          gateway_url=f"http://{h}:{gateway_port}")
     py = sys.executable
+    if invoker_threads is None and invokers > 1:
+        invoker_threads = max(1, (os.cpu_count() or 1) // invokers)
     specs: list[tuple[str, list[str], str]] = [
         ("etcd", [str(etcd_binary()), "--name", "sllm", "--data-dir", str(home / "etcd"),
                   "--listen-client-urls", f"http://{h}:{etcd_port}",
@@ -259,7 +264,9 @@ def start(
                                        "--memory", invoker_memory, "--dram-pool", dram_pool,
                                        "--lease-ttl", str(invoker_lease_ttl),
                                        *(["--network-limit", invoker_network_limit]
-                                         if invoker_network_limit else [])],
+                                         if invoker_network_limit else []),
+                                       *(["--compute-threads", str(invoker_threads)]
+                                         if invoker_threads else [])],
                       f"http://{h}:{port}/health"))
     gw = [py, "-m", "gateway", "--port", str(gateway_port)]
     for cport in cports:

@@ -51,6 +51,16 @@ def invoke(c: httpx.Client, function: str, max_tokens: int = 2) -> dict[str, Any
     return r.json()  # type: ignore[no-any-return]
 
 
+def test_invokers_split_the_machines_cores(cluster: Cluster) -> None:
+    """One machine behaving as three servers: each invoker computes with its share of the
+    cores (torch's default would give every one of them all the cores)."""
+    share = max(1, (os.cpu_count() or 1) // 3)
+    for p in cluster.state.processes:
+        if p.name.startswith("invoker-"):
+            health = httpx.get(f"{p.url}/health", timeout=5).json()
+            assert health["component"] == "invoker" and health["compute_threads"] == share
+
+
 def test_placement_follows_the_checkpoint_and_peers_share_it(cluster: Cluster) -> None:
     cluster.deploy(manifest("place", "tiny-slow", scaling={"maxInstances": 3, "keepAlive": "1s"}))
     with cluster.client() as c:
