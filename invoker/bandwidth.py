@@ -9,9 +9,15 @@ the tier holding it; its code hard-codes those bandwidths. Ours measures them on
   (DRAM);
 - then every load and transfer of the invoker's own updates an exponentially weighted moving
   average (:class:`BandwidthMeter`), so the figures follow the disk as its speed drifts.
+  The network figure's seed is only a stand-in (a transfer also reads from its source, crosses
+  HTTP and is verified, under whatever else the machine is doing): the first real transfer
+  replaces it rather than being averaged with it. On the 2-core bench machine the probe wrote
+  at 0.3-0.6 GB/s while transfers during a replay moved 40-120 MB/s, and an average that
+  starts from the probe underestimated copies fivefold for the rest of the run.
 
 Worked example: a meter seeded at 2 GB/s for SSD with ``alpha`` 0.3 that sees a 1 GB load take
-1 s (1 GB/s) moves to 0.3 * 1 + 0.7 * 2 = 1.7 GB/s.
+1 s (1 GB/s) moves to 0.3 * 1 + 0.7 * 2 = 1.7 GB/s. Seeded at 0.5 GB/s for the network, a 1 GB
+transfer in 10 s sets it to 0.1 GB/s, and a second one at 0.2 GB/s moves it to 0.13 GB/s.
 """
 
 from __future__ import annotations
@@ -97,6 +103,9 @@ class BandwidthMeter:
         min_bytes: samples smaller than this are ignored (their fixed costs dominate).
     """
 
+    STAND_INS: frozenset[Kind] = frozenset({"network"})
+    """Kinds whose seed measures a different operation: the first sample replaces it."""
+
     def __init__(self, seed: ProbeResult, *, alpha: float = 0.3, min_bytes: int = 8 << 20) -> None:
         if not 0 < alpha <= 1:
             raise ValueError(f"alpha must be in (0, 1], got {alpha}")
@@ -106,6 +115,7 @@ class BandwidthMeter:
         self._bps: dict[Kind, float] = {"dram": seed.dram_bps, "ssd": seed.ssd_bps,
                                          "network": seed.write_bps}
         self._samples = 0
+        self._measured: set[Kind] = set()
 
     def observe(self, kind: Kind, nbytes: int, seconds: float) -> bool:
         """Fold one measurement in: ``nbytes`` moved in ``seconds`` from tier ``kind``.
@@ -113,7 +123,11 @@ class BandwidthMeter:
         if nbytes < self._min_bytes or seconds <= 0:
             return False
         with self._lock:
-            self._bps[kind] = self._alpha * (nbytes / seconds) + (1 - self._alpha) * self._bps[kind]
+            if kind in self.STAND_INS and kind not in self._measured:
+                self._bps[kind] = nbytes / seconds
+            else:
+                self._bps[kind] = self._alpha * (nbytes / seconds) + (1 - self._alpha) * self._bps[kind]
+            self._measured.add(kind)
             self._samples += 1
         return True
 
