@@ -91,6 +91,15 @@ class Estimate:
     def total_s(self) -> float:
         return self.queue_s + self.load_s + self.migration_s
 
+    def brief(self) -> str:
+        """One line for logs, e.g. ``invoker-1 dram 1.310 s (queue 1.270 s, evicts)``."""
+        parts = [f"queue {self.queue_s:.3f} s"] if self.queue_s > 0 else []
+        if self.migration_s > 0:
+            parts.append(f"migration {self.migration_s:.3f} s")
+        parts += [w for w, on in (("evicts", self.evicts), ("migrates", self.migrates)) if on]
+        return f"{self.invoker_id} {self.tier} {self.total_s:.3f} s" + (
+            f" ({', '.join(parts)})" if parts else "")
+
 
 def load_seconds(nbytes: int, tier: Tier, bw: Bandwidths) -> float:
     """Seconds to load ``nbytes`` from ``tier``: DRAM or SSD at their bandwidth; ``remote`` is a

@@ -532,9 +532,11 @@ class InstancePool:
         live = LiveInstance(record, in_flight=int(reserve), max_tokens=manifest.spec.generation.maxTokens,
                             after=after)
         self.instances[record.id] = live
-        log.info("cold start: instance %s of %s on invoker %s (%s tier, estimated %.3f s, %d "
-                 "candidates, decided in %.2f ms)", record.id, manifest.name, inv.id,
-                 decision.chosen.tier, decision.chosen.total_s, decision.considered, decision_s * 1e3)
+        log.info("cold start: instance %s of %s on %s; %d candidates, decided in %.2f ms; "
+                 "next best: %s", record.id, manifest.name, decision.chosen.brief(),
+                 decision.considered, decision_s * 1e3,
+                 "; ".join(e.brief() for e in decision.candidates[:4]
+                           if e.invoker_id != inv.id)[:400] or "none")
         try:  # durable before the load is sent: a successor controller finds the pending load
             await self._etcd.put(keys.Kind.INSTANCE, record.id, record)
         except Unavailable as e:

@@ -7,6 +7,7 @@ import pytest
 from controller.estimator import (
     Bandwidths,
     Candidate,
+    Estimate,
     MigrationCost,
     choose,
     estimate,
@@ -65,3 +66,10 @@ def test_ties_are_deterministic() -> None:
     best, _ = choose([Candidate("b", "ssd", BW), Candidate("a", "ssd", BW)], GB)
     assert best is not None and best.invoker_id == "a"
     assert choose([], GB) == (None, [])
+
+
+def test_an_estimate_describes_itself_in_one_line() -> None:
+    """What the controller logs for the chosen invoker and the runners-up."""
+    assert Estimate("a", "ssd", 0.0, 0.5, 0.0).brief() == "a ssd 0.500 s"
+    assert Estimate("b", "dram", 1.27, 0.04, 0.2, evicts=True, migrates=True).brief() == (
+        "b dram 1.510 s (queue 1.270 s, migration 0.200 s, evicts, migrates)")
