@@ -12,7 +12,10 @@ How an invocation gets an instance (:meth:`InstancePool.acquire`):
    (the least busy) -> a warm start;
 2. else an instance of it that is still starting and has a free slot -> join that cold start;
 3. else, below ``maxInstances``, place a new instance (:func:`controller.placement.place`),
-   unloading the least recently used idle instances the decision names -> a cold start;
+   unloading the least recently used idle instances the decision names -> a cold start; with
+   the ``ours`` policy, unless waiting for one of the function's busy instances is expected to
+   be shorter than that cold start's estimate (:mod:`controller.service_time`), and the call
+   has not yet waited that long (so a wrong guess costs at most twice the cold start);
 4. else wait, in a bounded queue (429 past the function's ``maxQueue`` waiters), until an
    instance frees up, at most ``queueTimeout`` seconds (then 503 with Retry-After), as Knative's
    activator buffers requests while a revision scales from zero.
@@ -39,6 +42,7 @@ import contextlib
 import logging
 import time
 import uuid
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
@@ -57,6 +61,7 @@ from controller.placement import (
     bandwidths_of,
     place,
 )
+from controller.service_time import ServiceTimes
 from sllm import keys
 from sllm.config import (
     INVOKER_LEASE_TTL_S,
@@ -118,6 +123,7 @@ class LiveInstance:
     max_tokens: int = 0  # the function's maxTokens: the migration estimate's bound per inference
     nbytes: int = 0  # its checkpoint's bytes (from its load's answer; 0 until known)
     loaded: asyncio.Event = field(default_factory=asyncio.Event)
+    taken: deque[float] = field(default_factory=deque)  # unix seconds each slot was taken
     error: SllmError | None = None  # why the load failed, once ``loaded`` is set
     # migrations that make room for it: its load is sent once they are done
     after: list[asyncio.Task[tuple[MigrateResponse, InstanceRecord]]] = field(
@@ -174,6 +180,7 @@ class InstancePool:
         self._dead: dict[str, float] = {}  # invoker id -> unix seconds it was found unreachable
         self._changed = asyncio.Condition()
         self._waiting: dict[str, int] = {}
+        self.service = ServiceTimes()
         self._dirty: set[str] = set()
         self._flush_wakeup = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -284,8 +291,9 @@ class InstancePool:
                     live.in_flight += 1  # before any await: the slot is this call's
                 elif len(cands) < scaling.maxInstances:
                     # reserves a slot on the new instance before its first await
-                    live = await self.start_instance(manifest, reserve=True,
-                                                     may_migrate=may_migrate)
+                    live = await self.start_instance(
+                        manifest, reserve=True, may_migrate=may_migrate,
+                        unless_wait=self._expected_wait(manifest, cands, queued), waited_s=queue_s)
                     if live is None and len(self._candidates(manifest)) > len(cands):
                         continue  # another call started one meanwhile: look again
                 if live is not None:
@@ -336,8 +344,21 @@ class InstancePool:
         """Invocations of ``function`` waiting for capacity now."""
         return self._waiting.get(function, 0)
 
+    def _expected_wait(self, manifest: FunctionManifest, cands: list[LiveInstance],
+                       queued: bool) -> float | None:
+        """``ours``: seconds until one of the function's busy instances frees a slot for a new
+        invocation (None: unknown, or another policy)."""
+        if self.policy != "ours":
+            return None
+        started = [t for i in cands if i.state in LOADED for t in i.taken]
+        started += [i.record.ready_by or 0.0 for i in cands if i.state in STARTING
+                    for _ in range(i.in_flight)]
+        ahead = self._waiting.get(manifest.name, 0) - int(queued)
+        return self.service.expected_wait(manifest.name, started, self._clock(), ahead)
+
     def _take(self, live: LiveInstance) -> None:
         live.in_flight += 1
+        live.taken.append(self._clock())
         if live.state == S.IDLE:
             self._set_state(live, S.ACTIVE)
 
@@ -369,8 +390,13 @@ class InstancePool:
             raise InstanceNotFound(f"no instance {instance_id!r}")
         if moved_to is not None:
             self._claim(moved_to)
+        if live.taken:
+            began = live.taken.popleft()
+            if moved_to is None:
+                self.service.observe(live.record.function, self._clock() - began)
         live.in_flight = max(0, live.in_flight - 1)
         if live.in_flight == 0:
+            live.taken.clear()  # slots reserved for migrations were never stamped
             if live.state == S.ACTIVE:
                 self._set_state(live, S.IDLE, last_used=self._clock())
             elif live.state == S.DRAINING:
@@ -489,13 +515,17 @@ class InstancePool:
 
     async def start_instance(self, manifest: FunctionManifest, *, reserve: bool = False,
                              exclude: str | None = None, only: str | None = None,
-                             may_migrate: bool = True) -> LiveInstance | None:
+                             may_migrate: bool = True, unless_wait: float | None = None,
+                             waited_s: float = 0.0) -> LiveInstance | None:
         """Place a new instance of the function and start loading it in the background; None
         when every invoker is full of busy instances (the caller waits for a release) or the
         function reached ``maxInstances`` meanwhile. With ``reserve`` the new instance counts
         one invocation in flight from the moment it exists (the caller's). A migration's
         destination is placed with ``exclude`` (its source's invoker id) or ``only`` (the
-        invoker an operator named), never by moving other instances.
+        invoker an operator named), never by moving other instances. ``unless_wait`` is the
+        expected wait (seconds) for a busy instance of the function: it also returns None when
+        that, and the ``waited_s`` seconds the caller has waited so far, are both shorter than
+        the new instance's startup estimate (nothing is evicted then).
 
         Raises:
             Unavailable: no invoker runs, or none could ever hold the instance.
@@ -515,6 +545,11 @@ class InstancePool:
         decision_s = time.perf_counter() - t0
         if decision is None:
             log.info("no room for %s on any invoker: waiting for an instance to free up", manifest.name)
+            return None
+        if unless_wait is not None and max(unless_wait, waited_s) < decision.chosen.total_s:
+            log.info("waiting for a busy instance of %s (expected in %.3f s, waited %.3f s) "
+                     "instead of a cold start on %s", manifest.name, unless_wait, waited_s,
+                     decision.chosen.brief())
             return None
         for iid in decision.evict:  # retired before any await: no invocation can take them now
             self._retire_and_unload(iid, f"evicted (least recently used idle) for {manifest.name}",

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import threading
@@ -605,6 +606,8 @@ def create_app(config: InvokerConfig) -> Starlette:
         inv.start_pool()  # pre-faults in a thread (~0.45 s per GiB here) while the warm-up runs
         await asyncio.to_thread(warm_up)
         seed = await asyncio.to_thread(probe, config.store_root)
+        if config.network_bps is not None:  # a capped link is no faster than its cap
+            seed = dataclasses.replace(seed, write_bps=min(seed.write_bps, config.network_bps))
         inv.meter = BandwidthMeter(seed)
         log.info("bandwidth probe: DRAM %.2f GB/s, SSD %.2f GB/s, write %.2f GB/s",
                  seed.dram_bps / 1e9, seed.ssd_bps / 1e9, seed.write_bps / 1e9)
