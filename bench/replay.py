@@ -65,7 +65,8 @@ unloaded to make room; ``sim s`` = wall-clock seconds of the whole simulation.
 
 **Default mode (a real cluster)**: for each policy a fresh runtime (``sllm.runtime.start``: etcd,
 controller with ``--placement <policy>``, gateway, ``--invokers`` (3) invokers, each with its
-own local store and DRAM pool of ``--dram-pool`` (512Mi)) on free loopback ports, with the
+own local store, DRAM pool of ``--dram-pool`` (512Mi) and share of the cores,
+``--invoker-threads`` (cores / invokers, at least 1)) on free loopback ports, with the
 home folder ``$SLLM_HOME/bench-replay/run-<policy>`` (emptied first; its logs stay in
 ``run/``; the rest, the invokers' copies of the checkpoints and etcd's data, is deleted at
 the end). Models: ``--functions`` (8) random-weight llamas (hidden 768, 2-6 layers: 50-151 MB
