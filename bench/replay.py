@@ -14,8 +14,9 @@ Common flags: ``--policies ours,locality,least-loaded,random``, ``--duration`` (
 (invocations/s), ``--functions``, ``--invokers``, ``--seed``, ``--keep-alive`` (s),
 ``--max-instances`` (per function), ``--zipf-s``, ``--cv``. Every policy replays the same trace
 (same seed). On the cluster, ``--seeds 1,2,3`` replays one trace per seed and adds a ``pooled``
-row per policy: its figures over all its runs' invocations (see :func:`run_cluster`). ``--json`` prints one JSON line per policy (the figures below, the machine, the
-parameters); otherwise a table.
+row per policy: its figures over all its runs' invocations (see :func:`run_cluster`).
+``--json`` prints one JSON line per policy (the figures below, the machine, the parameters);
+otherwise a table.
 
 **The trace** (``bench/trace.py``): the Azure Functions trace's shape (Shahrad et al., ATC'20):
 Zipf popularity over the functions (exponent 1.0: function 0 is the most popular), each function
@@ -887,10 +888,10 @@ class _Measured:
 
 def run_cluster(args: argparse.Namespace, policies: list[Policy]) -> list[dict[str, Any]]:
     """One row per seed, policy and migration mode; with several seeds also one ``pooled`` row
-    per policy and mode: the figures over the invocations of all its runs (a p99 over 3 x 260
-    invocations is the 8th-worst, not the 3rd-worst, so one burst weighs less), with each
-    run's p99 in ``run_p99_s``. Seed ``i`` (0-based) runs the policies rotated by ``i``, so no
-    policy always runs first or last while the machine's speed drifts."""
+    per policy and mode: the figures over the invocations of all its runs (the p99 of seeds 1-3,
+    885 invocations, is about the 9th-worst rather than one run's 3rd-worst, so one burst weighs
+    less), with each run's p99 in ``run_p99_s``. Seed ``i`` (0-based) runs the policies rotated
+    by ``i``, so no policy always runs first or last while the machine's speed drifts."""
     models = build_models(bench_dir() / "models", args.functions, args.big, args.big_layers)
     model = TraceModel(**{**REAL_TRACE.__dict__, "zipf_s": args.zipf_s, "cv": args.cv,
                           "output_median_tokens": args.output_median,
