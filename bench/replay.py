@@ -803,22 +803,18 @@ def _breakdown(r: Result) -> dict[str, Any]:
 
 
 def preplace(home: Path, models: list[tuple[str, int]], invokers: int, copies: int,
-             seed: int) -> dict[str, list[int]]:
+             seed: int) -> None:
     """Put each model's checkpoint in the local stores (the SSD tier) of ``copies`` invokers of
     the runtime at ``home``, drawn at random from ``seed``, so every policy starts from the same
     cluster, one that has served these models before (as the simulation does). The copies are
     hard links to the store root's files (a plain copy where a link is impossible): the loader
-    reads with O_DIRECT, so a read costs the same either way. Returns model -> invoker indexes.
+    reads with O_DIRECT, so a read costs the same either way.
     """
     rng = random.Random(seed)
-    placed: dict[str, list[int]] = {}
     for name, _ in models:
-        chosen = sorted(rng.sample(range(invokers), min(copies, invokers)))
-        for i in chosen:
+        for i in sorted(rng.sample(range(invokers), min(copies, invokers))):
             shutil.copytree(bench_dir() / "models" / name, runtime.invoker_store(home, i) / name,
                             copy_function=_link_or_copy)
-        placed[name] = chosen
-    return placed
 
 
 def _link_or_copy(src: str, dst: str) -> None:
