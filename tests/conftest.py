@@ -6,6 +6,7 @@ etcd or a service behind.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
+from gateway.sse import parse_events
 from sllm import runtime
 
 
@@ -75,6 +77,29 @@ def start_cluster(
         invoker_memory=memory, dram_pool=dram_pool, stop_at_exit=True, **options,
     )
     return Cluster(state=state, home=home, store=store)
+
+
+def stream(cluster: Cluster, function: str, on_token: Callable[[int], object] | None = None, *,
+           stop: threading.Event | None = None, **body: Any) -> dict[str, Any]:
+    """Invoke ``function`` with streaming (``body``: more request fields; the prompt defaults
+    to "The quick brown fox"). ``on_token(n)`` runs after the n-th token; once ``stop`` is set,
+    the next token closes the stream (which cancels the generation). Returns ``{"tokens",
+    "done", "error"}``."""
+    out: dict[str, Any] = {"tokens": [], "done": None, "error": None}
+    with httpx.Client(base_url=cluster.gateway, timeout=120) as c, \
+            c.stream("POST", f"/v1/functions/{function}/invoke",
+                     json={"prompt": "The quick brown fox", "stream": True, **body}) as r:
+        assert r.status_code == 200, r.read()
+        for event, data in parse_events(r.iter_lines()):
+            if event == "token":
+                out["tokens"].append(data)
+                if on_token is not None:
+                    on_token(len(out["tokens"]))
+                if stop is not None and stop.is_set():
+                    break
+            else:
+                out[event] = data
+    return out
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 30.0) -> Any:

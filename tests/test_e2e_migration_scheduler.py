@@ -24,30 +24,11 @@ from typing import Any
 import httpx
 import pytest
 
-from gateway.sse import parse_events
 from invoker.importer import import_model
 from invoker.store import ModelStore
 from sllm import runtime
-from tests.conftest import Cluster, manifest, start_cluster, wait_for
+from tests.conftest import Cluster, manifest, start_cluster, stream, wait_for
 from tests.tiny_model import save_tiny_llama
-
-
-def stream(cluster: Cluster, function: str, on_token: Any = None, **body: Any) -> dict[str, Any]:
-    """Invoke with streaming (``body``: more request fields); returns ``{"tokens", "done",
-    "error"}``."""
-    out: dict[str, Any] = {"tokens": [], "done": None, "error": None}
-    with httpx.Client(base_url=cluster.gateway, timeout=120) as c, \
-            c.stream("POST", f"/v1/functions/{function}/invoke",
-                     json={"prompt": "The quick brown fox", "stream": True, **body}) as r:
-        assert r.status_code == 200, r.read()
-        for event, data in parse_events(r.iter_lines()):
-            if event == "token":
-                out["tokens"].append(data)
-                if on_token is not None:
-                    on_token(len(out["tokens"]))
-            else:
-                out[event] = data
-    return out
 
 
 def instances(c: httpx.Client, function: str) -> list[dict[str, Any]]:

@@ -17,11 +17,10 @@ from typing import Any
 import httpx
 import pytest
 
-from gateway.sse import parse_events
 from invoker.importer import import_model
 from invoker.store import ModelStore
 from sllm import runtime
-from tests.conftest import Cluster, manifest, start_cluster
+from tests.conftest import Cluster, manifest, start_cluster, stream
 from tests.tiny_model import save_tiny_llama
 
 
@@ -51,24 +50,11 @@ def instances(c: httpx.Client) -> list[dict[str, Any]]:
 
 def hold_busy(cluster: Cluster, tokens: int, started: threading.Event,
               stop: threading.Event, out: dict[str, Any]) -> None:
-    """Stream a generation of ``tokens`` tokens; set ``started`` at its 5th token; stop early
-    when ``stop`` is set (closing the stream cancels the generation)."""
-    with httpx.Client(base_url=cluster.gateway, timeout=120) as c, \
-            c.stream("POST", "/v1/functions/f/invoke",
-                     json={"prompt": "hi", "stream": True, "max_tokens": tokens,
-                           "ignore_eos": True}) as r:
-        assert r.status_code == 200
-        n = 0
-        for event, data in parse_events(r.iter_lines()):
-            if event == "token":
-                n += 1
-                if n == 5:
-                    started.set()
-                if stop.is_set():
-                    break
-            else:
-                out[event] = data
-    out["tokens"] = n
+    """Stream a generation of ``tokens`` tokens into ``out`` (:func:`tests.conftest.stream`);
+    set ``started`` at its 5th token; stop early when ``stop`` is set (closing the stream
+    cancels the generation)."""
+    out.update(stream(cluster, "f", lambda n: started.set() if n == 5 else None, stop=stop,
+                      prompt="hi", max_tokens=tokens, ignore_eos=True))
 
 
 def test_waiting_for_a_busy_instance_beats_a_slow_cold_start(cluster: Cluster) -> None:
@@ -89,7 +75,7 @@ def test_waiting_for_a_busy_instance_beats_a_slow_cold_start(cluster: Cluster) -
         second = invoke(c, max_tokens=2)
         t.join(60)
         assert second["timings"]["start"] == "warm" and second["timings"]["queue_seconds"] > 0
-        assert out["tokens"] == 150 and out["done"]["finish_reason"] == "length"
+        assert len(out["tokens"]) == 150 and out["done"]["finish_reason"] == "length"
         assert [i["invoker_id"] for i in instances(c)] == [home]
 
         # busy far longer than expected: the call waits about the cold start's estimate, then
