@@ -20,7 +20,7 @@ import pytest
 from invoker.importer import import_model
 from invoker.store import ModelStore
 from sllm import runtime
-from tests.conftest import Cluster, manifest, start_cluster, stream
+from tests.conftest import Cluster, manifest, start_cluster, stream, wait_for
 from tests.tiny_model import save_tiny_llama
 
 
@@ -64,6 +64,9 @@ def test_waiting_for_a_busy_instance_beats_a_slow_cold_start(cluster: Cluster) -
         first = invoke(c, max_tokens=2)  # a copy from the store root at 100 KB/s: ~4.3 s
         assert first["timings"]["start"] == "cold" and first["timings"]["tier"] == "remote"
         for _ in range(3):  # short invocations: the service time the controller expects
+            # the gateway gives a slot back just after the answer: wait for it, or the next call
+            # finds the instance busy and scales out before any service time is known
+            wait_for(lambda: [i["state"] for i in instances(c)] == ["idle"])
             assert invoke(c, max_tokens=2)["timings"]["start"] == "warm"
         home = instances(c)[0]["invoker_id"]
 
