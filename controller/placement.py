@@ -12,8 +12,12 @@ Policies (``policy`` argument):
   bandwidth of the fastest tier holding the checkpoint there (DRAM, SSD, or a copy from
   elsewhere: ``remote``), and the migration cost when running inferences must move away
   first: token-based recompute ``a * tokens + b`` plus the destinations' loads of the moved
-  instances' models (``Slot.move_s``), as in §6. Pick the minimum; estimates within :data:`TIE_FRACTION` + :data:`TIE_SECONDS`
-  of it are ties, settled by no eviction first, then the most free memory.
+  instances' models (``Slot.move_s``), as in §6. Pick the minimum; estimates within
+  :data:`TIE_FRACTION` + :data:`TIE_SECONDS` of it are ties, settled by no eviction or
+  migration first, then the fewest invocations in flight and loads starting (instances on one
+  invoker share its compute: a GPU, or on a CPU invoker its cores; the startup estimate does
+  not model that, and the first token of the new instance's call waits for it), then the most
+  free memory.
 - ``locality``: the fastest tier holding the checkpoint (DRAM, then SSD, then none), ties to the
   invoker with the most free memory; never migrates and ignores queued loads.
 - ``least-loaded``: the invoker with the fewest invocations in flight and loads starting, ties
@@ -82,7 +86,7 @@ class InvokerState:
         memory_bytes: its instance memory budget.
         bandwidths: its measured bandwidths (fixed once built: a view is rebuilt when they
             change).
-        in_flight: invocations running on it (least-loaded's key).
+        in_flight: invocations running on it (least-loaded's key; ours settles ties by it).
     """
 
     id: str
@@ -267,10 +271,12 @@ def place(
     best = heapq.nsmallest(keep, rows)  # ids are unique: comparison never reaches the invoker
     if policy == "ours":
         # estimates within the measurement noise of the best are a tie: among those, prefer
-        # no eviction, then the most free memory (keep warm instances warm)
+        # no eviction (keep warm instances warm), then the invoker with the least work sharing
+        # its compute, then the most free memory
         near = best[0][0] * (1 + TIE_FRACTION) + TIE_SECONDS
         pick = min((r for r in best if r[0] <= near),
-                   key=lambda r: (r[6] or r[7], -r[8].free_bytes, r[0], r[2]))
+                   key=lambda r: (r[6] or r[7], r[8].in_flight + r[8].starting,
+                                  -r[8].free_bytes, r[0], r[2]))
     elif policy == "locality":
         pick = min(rows, key=lambda r: (r[1], r[7], -r[8].free_bytes, r[2]))
     elif policy == "least-loaded":

@@ -165,3 +165,22 @@ def test_ours_takes_near_equal_estimates_as_a_tie_and_keeps_idle_instances() -> 
     view.set_tier("m", "b", None)  # b must now copy the checkpoint: 1.5 s against 0.095 s
     p = place(view, REQ, now=0.0)
     assert p is not None and p.invoker.id == "a" and p.evict == ("idle",)
+
+
+def test_ours_settles_a_tie_on_the_invoker_with_less_work_in_flight() -> None:
+    """a and b both hold the checkpoint in DRAM and have room; a measured 5% faster but runs two
+    invocations, b none: ours goes to b (instances on one invoker share its compute). Without
+    work in flight, a's faster tier wins; a clear gap decides whatever is in flight."""
+    view = ClusterView()
+    for inv_id, dram in (("a", 10.5 * GB), ("b", 10 * GB)):
+        view.invokers[inv_id] = InvokerState(id=inv_id, url="", memory_bytes=4 * GB,
+                                             bandwidths=Bandwidths(dram, 2 * GB, GB))
+        view.set_tier("m", inv_id, "dram")
+    p = place(view, REQ, now=0.0)
+    assert p is not None and p.invoker.id == "a"
+    view.invokers["a"].in_flight = 2
+    p = place(view, REQ, now=0.0)
+    assert p is not None and p.invoker.id == "b"
+    view.set_tier("m", "b", "ssd")  # b: 0.5 s against a's 0.095 s
+    p = place(view, REQ, now=0.0)
+    assert p is not None and p.invoker.id == "a"
