@@ -579,7 +579,9 @@ MODEL_PREFIX = "replay-v1-"
 """Models are named ``replay-v1-<i>``; the version changes when their shape does."""
 
 INSTANCE_MEMORY = 192 << 20
-"""``resources.memory`` of every function (bytes): above the largest checkpoint (151 MB)."""
+"""``resources.memory`` of every function (bytes): above the largest default checkpoint (151
+MB). ``--big`` models reserve the same, so an invoker hosts ``--per-invoker`` instances of any
+size (the slots, not the bytes, run out)."""
 
 REAL_TRACE = TraceModel(prompt_median_words=24, prompt_sigma=0.6, prompt_max_words=128,
                         output_median_tokens=12, output_sigma=0.7, output_max_tokens=48)
