@@ -68,9 +68,9 @@ unloaded to make room; ``sim s`` = wall-clock seconds of the whole simulation.
 controller with ``--placement <policy>``, gateway, ``--invokers`` (3) invokers, each with its
 own local store, DRAM pool of ``--dram-pool`` (512Mi) and share of the cores,
 ``--invoker-threads`` (cores / invokers, at least 1)) on free loopback ports, with the
-home folder ``$SLLM_HOME/bench-replay/run-<policy>`` (emptied first; its logs stay in
-``run/``; the rest, the invokers' copies of the checkpoints and etcd's data, is deleted at
-the end). Models: ``--functions`` (8) random-weight llamas (hidden 768, 2-6 layers: 50-151 MB
+home folder ``$SLLM_HOME/bench-replay/run-<policy>-<migration>-seed<seed>`` (emptied first;
+its logs stay in ``run/``, one folder per seed, so a later run does not overwrite them; the
+rest, the invokers' copies of the checkpoints and etcd's data, is deleted at the end). Models: ``--functions`` (8) random-weight llamas (hidden 768, 2-6 layers: 50-151 MB
 float32 checkpoints), built once into ``$SLLM_HOME/bench-replay/models`` (the store root the
 invokers fetch from). Function ``i`` serves model ``i``; ``resources.memory`` is 192Mi and each invoker's
 budget holds ``--per-invoker`` (2) instances, so the cluster holds fewer instances than there
@@ -832,7 +832,7 @@ def run_cluster_policy(policy: Policy, migration: str, args: argparse.Namespace,
     """Start a fresh runtime with ``policy`` and ``migration`` (the checkpoints pre-placed by
     :func:`preplace` from ``seed``), deploy the functions, replay, stop. Returns the row and
     what it was computed from (for pooling runs)."""
-    home = bench_dir() / f"run-{policy}-{migration}"
+    home = bench_dir() / f"run-{policy}-{migration}-seed{seed}"
     shutil.rmtree(home, ignore_errors=True)
     preplace(home, models, args.invokers, args.ssd_copies, seed)
     # every policy's first copies come from the disk, not from the page cache the previous left
