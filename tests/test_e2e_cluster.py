@@ -64,14 +64,16 @@ def test_invokers_split_the_machines_cores(cluster: Cluster) -> None:
 def test_placement_follows_the_checkpoint_and_peers_share_it(cluster: Cluster) -> None:
     cluster.deploy(manifest("place", "tiny-slow", scaling={"maxInstances": 3, "keepAlive": "1s"}))
     with cluster.client() as c:
-        first = invoke(c, "place")
+        # 200 tokens, as in the burst below: the controller learns a service time that a copy
+        # beats, so the burst scales out rather than waits (controller.service_time)
+        first = invoke(c, "place", 200)
         assert first["timings"]["tier"] == "remote"  # no invoker has a copy: from the store root
         inst = instances(c, "place")[0]
         home = inst["invoker_id"]
         assert inst["fetched_from"] and inst["placement"]["considered"] == 3
         assert {e["tier"] for e in inst["placement"]["candidates"]} == {"remote"}
         wait_for(lambda: not instances(c, "place"))  # keep-alive 1 s: scaled to zero
-        again = invoke(c, "place")
+        again = invoke(c, "place", 200)
         inst = instances(c, "place")[0]
         # the checkpoint is in that invoker's DRAM tier now: the estimate sends it back there
         assert again["timings"]["tier"] == "dram" and inst["invoker_id"] == home
