@@ -70,7 +70,8 @@ own local store, DRAM pool of ``--dram-pool`` (512Mi) and share of the cores,
 ``--invoker-threads`` (cores / invokers, at least 1)) on free loopback ports, with the
 home folder ``$SLLM_HOME/bench-replay/run-<policy>-<migration>-seed<seed>`` (emptied first;
 its logs stay in ``run/``, one folder per seed, so a later run does not overwrite them; the
-rest, the invokers' copies of the checkpoints and etcd's data, is deleted at the end). Models: ``--functions`` (8) random-weight llamas (hidden 768, 2-6 layers: 50-151 MB
+rest, the invokers' copies of the checkpoints and etcd's data, is deleted at the end).
+Models: ``--functions`` (8) random-weight llamas (hidden 768, 2-6 layers: 50-151 MB
 float32 checkpoints), built once into ``$SLLM_HOME/bench-replay/models`` (the store root the
 invokers fetch from). Function ``i`` serves model ``i``; ``resources.memory`` is 192Mi and each invoker's
 budget holds ``--per-invoker`` (2) instances, so the cluster holds fewer instances than there

@@ -64,8 +64,8 @@ def test_invokers_split_the_machines_cores(cluster: Cluster) -> None:
 def test_placement_follows_the_checkpoint_and_peers_share_it(cluster: Cluster) -> None:
     cluster.deploy(manifest("place", "tiny-slow", scaling={"maxInstances": 3, "keepAlive": "1s"}))
     with cluster.client() as c:
-        # 200 tokens, as in the burst below: the controller learns a service time that a copy
-        # beats, so the burst scales out rather than waits (controller.service_time)
+        # 200 tokens, as in the burst below: the service time the controller learns is longer
+        # than a copy, so the burst scales out rather than waits (controller.service_time)
         first = invoke(c, "place", 200)
         assert first["timings"]["tier"] == "remote"  # no invoker has a copy: from the store root
         inst = instances(c, "place")[0]
