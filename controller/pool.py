@@ -20,6 +20,13 @@ How an invocation gets an instance (:meth:`InstancePool.acquire`):
    instance frees up, at most ``queueTimeout`` seconds (then 503 with Retry-After), as Knative's
    activator buffers requests while a revision scales from zero.
 
+A fair share between functions: while calls of another function wait with no instance at all
+(no invoker had room for one), a function that has an instance already does not scale out, and
+when it has several, its next call leaves an idle one that would make room for the waiting
+function to that function's placement (which unloads it) rather than take it. Without this, a
+burst of one function at ``maxInstances`` keeps every slot it holds until its queue drains:
+other functions' calls waited 13 s in ``bench/replay.py`` (docs/benchmarks.md, batch F).
+
 When the best candidate must first move running inferences away (ServerlessLLM §5-6), what
 happens depends on the pool's ``migration`` mode:
 
@@ -180,6 +187,7 @@ class InstancePool:
         self._dead: dict[str, float] = {}  # invoker id -> unix seconds it was found unreachable
         self._changed = asyncio.Condition()
         self._waiting: dict[str, int] = {}
+        self._needs: dict[str, int] = {}  # function -> instance memory (bytes) of its waiters
         self.service = ServiceTimes()
         self._dirty: set[str] = set()
         self._flush_wakeup = asyncio.Event()
@@ -281,6 +289,11 @@ class InstancePool:
                                     retry_after=1)
                 cands = self._candidates(manifest)
                 loaded = [i for i in cands if i.state in LOADED and i.in_flight < target]
+                starved = self._starved(manifest.name) if cands else None
+                if starved is not None and len(cands) > 1:
+                    # fair share: idle instances that would make room for it are left to it
+                    loaded = [i for i in loaded if i.in_flight
+                              or i.record.memory_bytes < self._needs.get(starved, 0)]
                 if loaded:
                     live = min(loaded, key=lambda i: i.in_flight)
                     self._take(live)
@@ -289,7 +302,7 @@ class InstancePool:
                 live = min(loading, key=lambda i: i.in_flight) if loading else None
                 if live is not None:
                     live.in_flight += 1  # before any await: the slot is this call's
-                elif len(cands) < scaling.maxInstances:
+                elif len(cands) < scaling.maxInstances and starved is None:
                     # reserves a slot on the new instance before its first await
                     live = await self.start_instance(
                         manifest, reserve=True, may_migrate=may_migrate,
@@ -323,6 +336,7 @@ class InstancePool:
                             "waiting already", retry_after=1,
                         )
                     self._waiting[manifest.name] = self._waiting.get(manifest.name, 0) + 1
+                    self._needs[manifest.name] = manifest.spec.resources.memory
                     queued = True
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -343,6 +357,17 @@ class InstancePool:
     def waiting(self, function: str) -> int:
         """Invocations of ``function`` waiting for capacity now."""
         return self._waiting.get(function, 0)
+
+    def _starved(self, function: str) -> str | None:
+        """Another function whose calls wait with no instance loaded or starting (no invoker
+        had room for one), or None: the fair share (module docstring) holds ``function`` back
+        for it."""
+        waiting = [f for f, n in self._waiting.items() if n > 0 and f != function]
+        if not waiting:
+            return None
+        served = {i.record.function for i in self.instances.values()
+                  if i.state in LOADED or i.state in STARTING}
+        return next((f for f in waiting if f not in served), None)
 
     def _expected_wait(self, manifest: FunctionManifest, cands: list[LiveInstance],
                        queued: bool) -> float | None:

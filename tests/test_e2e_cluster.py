@@ -187,6 +187,41 @@ def test_queue_bound_and_deadline_answer_429_and_503_with_retry_after(cluster: C
     cluster_delete(cluster, "queue")
 
 
+def test_a_burst_leaves_room_for_another_functions_call(cluster: Cluster) -> None:
+    """Fair share (controller.pool): ``hog`` fills all three invokers with a burst of nine long
+    calls; a call of ``small`` arriving then gets an instance as soon as one of hog's frees,
+    ahead of hog's queue, rather than after the queue drains (the ninth answer)."""
+    cluster.deploy(manifest("hog", "tiny-slow", scaling={"maxInstances": 3, "maxQueue": 20,
+                                                         "keepAlive": "60s"}))
+    cluster.deploy(manifest("small", "tiny-a", scaling={"keepAlive": "60s"}))
+    done: list[tuple[str, int]] = []
+    lock = threading.Lock()
+
+    def call(function: str, max_tokens: int) -> None:
+        with httpx.Client(base_url=cluster.gateway, timeout=120) as c2:
+            r = c2.post(f"/v1/functions/{function}/invoke",
+                        json={"prompt": "hi", "max_tokens": max_tokens})
+        with lock:
+            done.append((function, r.status_code))
+
+    with cluster.client() as c:
+        hogs = [threading.Thread(target=call, args=("hog", 200)) for _ in range(9)]
+        for t in hogs:
+            t.start()
+        wait_for(lambda: sum(i["state"] == "active" for i in instances(c, "hog")) == 3)
+        small = threading.Thread(target=call, args=("small", 2))
+        small.start()
+        for t in (small, *hogs):
+            t.join()
+        assert sorted(done) == [("hog", 200)] * 9 + [("small", 200)]
+        order = [f for f, _ in done]
+        # small is placed where hog's first freed instance was and answers within the next
+        # round (2nd or 3rd here); without the fair share it waited for hog's queue (8th)
+        assert order.index("small") <= 4, order
+    cluster_delete(cluster, "hog")
+    cluster_delete(cluster, "small")
+
+
 def test_dead_invokers_instances_are_lost_and_calls_go_elsewhere(cluster: Cluster) -> None:
     """Last in the module: it kills two of the three invokers."""
     cluster.deploy(manifest("dead", "tiny-a", scaling={"keepAlive": "60s"}))
