@@ -353,6 +353,9 @@ class InstancePool:
         finally:
             if queued:
                 self._waiting[manifest.name] -= 1
+                if not self._waiting[manifest.name]:  # only functions with waiters stay listed
+                    del self._waiting[manifest.name]
+                    self._needs.pop(manifest.name, None)
 
     def waiting(self, function: str) -> int:
         """Invocations of ``function`` waiting for capacity now."""
@@ -362,7 +365,7 @@ class InstancePool:
         """Another function whose calls wait with no instance loaded or starting (no invoker
         had room for one), or None: the fair share (module docstring) holds ``function`` back
         for it."""
-        waiting = [f for f, n in self._waiting.items() if n > 0 and f != function]
+        waiting = [f for f in self._waiting if f != function]
         if not waiting:
             return None
         served = {i.record.function for i in self.instances.values()
