@@ -28,7 +28,7 @@ from invoker.store import ModelStore
 from sllm import keys, runtime
 from sllm.etcd import Etcd
 from sllm.messages import InstanceRecord
-from tests.conftest import Cluster, manifest, start_cluster
+from tests.conftest import Cluster, manifest, start_cluster, wait_for
 from tests.tiny_model import save_tiny_llama
 
 MODEL = "tiny-llama"
@@ -292,8 +292,10 @@ def test_scale_to_zero_after_keep_alive_then_cold_start_again(cluster: Cluster) 
     with cluster.client() as c:
         first = c.post("/v1/functions/tiny-ephemeral/invoke", json={"prompt": "hi", "max_tokens": 2}).json()
     assert first["timings"]["cold_start"] is True
-    recs = _instances_in_etcd(cluster, "tiny-ephemeral")
-    assert [r.state.value for r in recs] in (["idle"], ["warm"])
+    # the controller's background flusher writes the record's later states: loading, then idle
+    states = wait_for(lambda: [r.state.value for r in _instances_in_etcd(cluster, "tiny-ephemeral")
+                               if r.state.value not in ("pending", "loading")], timeout=5)
+    assert states in (["idle"], ["warm"])
     deadline = time.monotonic() + 20
     while _instances_in_etcd(cluster, "tiny-ephemeral") and time.monotonic() < deadline:
         time.sleep(0.2)
