@@ -22,10 +22,10 @@ How an invocation gets an instance (:meth:`InstancePool.acquire`):
 
 A fair share between functions: while calls of another function wait with no instance at all
 (no invoker had room for one), a function that has an instance already does not scale out, and
-when it has several, its next call leaves an idle one that would make room for the waiting
-function to that function's placement (which unloads it) rather than take it. Without this, a
-burst of one function at ``maxInstances`` keeps every slot it holds until its queue drains:
-other functions' calls waited 13 s in ``bench/replay.py`` (docs/benchmarks.md, batch F).
+when it has several, its next call does not take an idle one big enough for the waiting
+function: that function's placement unloads it instead. Without this, a burst of one function
+at ``maxInstances`` keeps every slot it holds until its queue drains: other functions' calls
+waited 13 s in ``bench/replay.py`` (docs/benchmarks.md, batch F).
 
 When the best candidate must first move running inferences away (ServerlessLLM §5-6), what
 happens depends on the pool's ``migration`` mode:

@@ -190,7 +190,7 @@ def test_queue_bound_and_deadline_answer_429_and_503_with_retry_after(cluster: C
 def test_a_burst_leaves_room_for_another_functions_call(cluster: Cluster) -> None:
     """Fair share (controller.pool): ``hog`` fills all three invokers with a burst of nine long
     calls; a call of ``small`` arriving then gets an instance as soon as one of hog's frees,
-    ahead of hog's queue, rather than after the queue drains (the ninth answer)."""
+    ahead of hog's queue, rather than after the queue drains (8th or later)."""
     cluster.deploy(manifest("hog", "tiny-slow", scaling={"maxInstances": 3, "maxQueue": 20,
                                                          "keepAlive": "60s"}))
     cluster.deploy(manifest("small", "tiny-a", scaling={"keepAlive": "60s"}))
