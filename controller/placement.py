@@ -148,6 +148,11 @@ class InvokerState:
     def free_bytes(self) -> int:
         return self.memory_bytes - self.used_bytes
 
+    @property
+    def work(self) -> int:
+        """Invocations in flight and loads starting: what shares its compute."""
+        return self.in_flight + self.starting
+
 
 @dataclass
 class ClusterView:
@@ -275,12 +280,11 @@ def place(
         # its compute, then the most free memory
         near = best[0][0] * (1 + TIE_FRACTION) + TIE_SECONDS
         pick = min((r for r in best if r[0] <= near),
-                   key=lambda r: (r[6] or r[7], r[8].in_flight + r[8].starting,
-                                  -r[8].free_bytes, r[0], r[2]))
+                   key=lambda r: (r[6] or r[7], r[8].work, -r[8].free_bytes, r[0], r[2]))
     elif policy == "locality":
         pick = min(rows, key=lambda r: (r[1], r[7], -r[8].free_bytes, r[2]))
     elif policy == "least-loaded":
-        pick = min(rows, key=lambda r: (r[8].in_flight + r[8].starting, -r[8].free_bytes, r[2]))
+        pick = min(rows, key=lambda r: (r[8].work, -r[8].free_bytes, r[2]))
     else:
         pick = (rng or random).choice([r for r in rows if not r[7]] or rows)
     inv = pick[8]
