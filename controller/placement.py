@@ -306,6 +306,24 @@ def _estimate(row: _Row) -> Estimate:
     return Estimate(inv_id, tier, queue_s, load_s, mig_s, evicts, migrates)
 
 
+def destination_estimates(view: ClusterView, model: str, nbytes: int, need: int, *,
+                          now: float) -> list[tuple[float, str]]:
+    """Where a migrated instance's destination would start: the two smallest startup estimates
+    ``(queue + load seconds, invoker id)``, smallest first, among invokers with room for it
+    without migrating anything (free + idle memory >= ``need`` bytes), loading ``model``'s
+    ``nbytes``-byte checkpoint from the fastest tier each holds. Two, so that a caller can skip
+    the migrating instance's own invoker. ServerlessLLM §6 counts the destination's load in the
+    migration cost; a remote copy of a large checkpoint can cost more than the recompute.
+
+    Cost: O(invokers); a caller estimating many busy instances keeps the answer per model."""
+    held = view.tiers.get(model, {})
+    order = _TIER_ORDER
+    return heapq.nsmallest(2, (
+        ((inv.ready_by - now if inv.ready_by > now else 0.0)
+         + nbytes * inv.seconds_per_byte[order[held.get(inv.id, "remote")]], inv.id)
+        for inv in view.invokers.values() if inv.free_bytes + inv.idle_bytes >= need))
+
+
 def _make_room(inv: InvokerState, need: int, *, migrate: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """Idle instances to unload (LRU first) and, when ``migrate``, busy ones to move away
     (fewest tokens first) until ``need`` bytes are free on ``inv``."""

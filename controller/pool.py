@@ -51,7 +51,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from controller.autoscaler import InstanceView
@@ -66,6 +66,7 @@ from controller.placement import (
     Policy,
     Slot,
     bandwidths_of,
+    destination_estimates,
     place,
 )
 from controller.service_time import ServiceTimes
@@ -461,6 +462,8 @@ class InstancePool:
                 id=rec.id, url=rec.url, memory_bytes=rec.memory_bytes,
                 bandwidths=bandwidths_of(rec.bandwidths),
             )
+        busy: list[tuple[LiveInstance, InvokerState, Slot]] = []
+        idle_at: dict[str, set[str]] = {}  # function -> invoker ids with an idle instance of it
         for live in self.instances.values():
             inv = view.invokers.get(live.record.invoker_id)
             if inv is None or live.state in FINAL:
@@ -470,29 +473,45 @@ class InstancePool:
                 slot = Slot(live.record.memory_bytes, "starting", ready_by=live.record.ready_by or 0.0)
             elif live.state == S.IDLE and live.in_flight == 0:
                 slot = Slot(live.record.memory_bytes, "idle", last_used=live.record.last_used or 0.0)
+                idle_at.setdefault(live.record.function, set()).add(inv.id)
             elif live.state not in LOADED or live.record.model == model:
                 slot = Slot(live.record.memory_bytes, "pinned")
             else:
                 slot = Slot(live.record.memory_bytes, "busy",
-                            tokens=max(1, live.in_flight) * live.max_tokens,
-                            move_s=self._move_seconds(live, inv))
+                            tokens=max(1, live.in_flight) * live.max_tokens)
+                busy.append((live, inv, slot))
             inv.put(live.record.id, slot)
+        # where a busy instance would move to depends on every invoker's room: known only now
+        dest: dict[tuple[str, int], list[tuple[float, str]]] = {}
+        for live, inv, slot in busy:
+            inv.put(live.record.id, replace(  # replaced: the aggregates count it
+                slot, move_s=self._move_seconds(live, inv, view, dest, idle_at, now)))
         return view
 
-    def _move_seconds(self, live: LiveInstance, inv: InvokerState) -> float:
-        """Estimated seconds a migration destination needs to load ``live``'s model: from SSD
-        when another invoker holds its checkpoint (a peer copy, then SSD, at worst), else from
-        the store root; at ``inv``'s bandwidths, a stand-in for the destination's. The
-        checkpoint's size comes from the instance's load, so a decision does no I/O per busy
-        instance."""
+    def _move_seconds(self, live: LiveInstance, inv: InvokerState, view: ClusterView,
+                      dest: dict[tuple[str, int], list[tuple[float, str]]],
+                      idle_at: dict[str, set[str]], now: float) -> float:
+        """Estimated seconds until a migration destination for the busy ``live`` is loaded, as
+        :meth:`migrate` finds one: 0 when its function has an idle instance on another invoker,
+        else the best startup estimate on another invoker with room
+        (:func:`controller.placement.destination_estimates`, kept in ``dest`` per model and
+        memory for this view). With no room anywhere, a copy from the store root at ``inv``'s
+        bandwidth (placement then finds nowhere for it to go anyway). The checkpoint's size
+        comes from the instance's load, so a decision does no I/O per busy instance."""
+        rec = live.record
+        if idle_at.get(rec.function, set()) - {rec.invoker_id}:
+            return 0.0
         if not live.nbytes:  # adopted from an earlier controller: ask the store root, once
             try:
-                live.nbytes = self._model_bytes(live.record.model)
+                live.nbytes = self._model_bytes(rec.model)
             except SllmError:
                 return 0.0
-        held = self.tiers.get(live.record.model, {})
-        elsewhere = any(i != live.record.invoker_id for i in held)
-        return live.nbytes * inv.seconds_per_byte[1 if elsewhere else 2]
+        key = (rec.model, rec.memory_bytes)
+        if key not in dest:
+            dest[key] = destination_estimates(view, rec.model, live.nbytes, rec.memory_bytes,
+                                              now=now)
+        return next((s for s, i in dest[key] if i != rec.invoker_id),
+                    live.nbytes * inv.seconds_per_byte[2])
 
     def used_bytes(self) -> dict[str, int]:
         """Invoker id -> instance memory reserved on it (bytes)."""

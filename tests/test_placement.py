@@ -7,7 +7,14 @@ import random
 import pytest
 
 from controller.estimator import Bandwidths, MigrationCost
-from controller.placement import ClusterView, InvokerState, PlacementRequest, Slot, place
+from controller.placement import (
+    ClusterView,
+    InvokerState,
+    PlacementRequest,
+    Slot,
+    destination_estimates,
+    place,
+)
 
 GB = 10**9
 BW = Bandwidths(dram_bps=10 * GB, ssd_bps=2 * GB, network_bps=1 * GB)
@@ -63,6 +70,27 @@ def test_migration_includes_the_destinations_load_and_pinned_slots_never_move() 
     view.invokers["a"].put("pinned-2", Slot(GB, "pinned"))
     p = place(view, REQ, policy="ours", migration=MIG, now=0.0)
     assert p is not None and p.invoker.id == "c" and p.considered == 1  # a and b: pinned
+
+
+def test_a_migration_destination_starts_where_a_new_instance_would() -> None:
+    """Where a moved instance's destination loads: the best queue + load among invokers with
+    room without migrating (free or idle memory), so a copy from the store root counts when no
+    other invoker holding the checkpoint has room (a 1 GB checkpoint: DRAM 0.1 s, SSD 0.5 s,
+    network 1 s + SSD 0.5 s)."""
+    def dest(view: ClusterView, need: int, now: float) -> list[tuple[float, str]]:
+        return [(round(s, 9), i) for s, i in destination_estimates(view, "m", GB, need, now=now)]
+
+    view = cluster(("a", GB), ("b", GB), ("c", GB), ("d", GB), tiers={"a": "dram", "b": "ssd"})
+    view.invokers["a"].put("busy", Slot(GB, "busy", tokens=10))
+    assert dest(view, GB, now=0.0) == [(0.5, "b"), (1.5, "c")]
+    view.invokers["b"].put("busy-b", Slot(GB, "busy", tokens=10))  # b: full
+    assert dest(view, GB, now=0.0) == [(1.5, "c"), (1.5, "d")]
+    view.invokers["c"].put("old", Slot(GB, "idle"))  # unloading an idle instance makes room
+    view.invokers["d"].put("loading", Slot(GB // 2, "starting", ready_by=3.0))  # half full
+    assert dest(view, GB, now=1.0) == [(1.5, "c")]
+    assert dest(view, GB // 2, now=1.0) == [(1.5, "c"), (3.5, "d")]
+    view.invokers["c"].put("old", Slot(GB, "busy", tokens=1))
+    assert dest(view, GB, now=1.0) == []
 
 
 def test_prefers_dram_then_ssd_then_remote() -> None:

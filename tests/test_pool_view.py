@@ -1,0 +1,55 @@
+"""The instance pool's scheduler view (controller.pool.InstancePool.view): what a migration would
+cost, built from the pool's instances. The view is plain data computed in memory: the pool is
+built without an etcd client or an invoker client, which the view never touches."""
+
+from __future__ import annotations
+
+import pytest
+
+from controller.pool import InstancePool, LiveInstance
+from sllm.messages import BandwidthRecord, InstanceRecord, InvokerRecord
+from sllm.states import InstanceState as S
+
+GB = 10**9
+NOW = 1000.0
+
+
+def invoker(inv_id: str) -> InvokerRecord:
+    return InvokerRecord(id=inv_id, url=f"http://{inv_id}", device="cpu", memory_bytes=2 * GB,
+                         started=0.0, pid=1, bandwidths=BandwidthRecord(
+                             dram_bps=10 * GB, ssd_bps=2 * GB, network_bps=1 * GB))
+
+
+def add(pool: InstancePool, iid: str, function: str, model: str, inv_id: str, state: S, *,
+        memory: int = GB, in_flight: int = 0) -> None:
+    pool.instances[iid] = LiveInstance(
+        record=InstanceRecord(id=iid, function=function, model=model, invoker_id=inv_id,
+                              invoker_url=f"http://{inv_id}", state=state, created=0.0,
+                              memory_bytes=memory, last_used=1.0),
+        in_flight=in_flight, max_tokens=100, nbytes=GB)
+
+
+def test_a_busy_instances_move_counts_the_load_where_its_destination_would_start() -> None:
+    """Invoker a runs ``f`` (1 GB checkpoint); b holds that checkpoint on SSD but is full, so a
+    destination would copy it from the store root onto c (network 1 s + SSD 0.5 s), not read
+    b's SSD (0.5 s). With an idle instance of ``f`` on c, the destination is loaded already."""
+    pool = InstancePool(None, None, list, lambda model: GB, clock=lambda: NOW)  # type: ignore[arg-type]
+    invokers = [invoker("a"), invoker("b"), invoker("c")]
+    pool.tiers = {"big": {"a": "dram", "b": "ssd"}}
+    add(pool, "f-1", "f", "big", "a", S.ACTIVE, in_flight=1)
+    add(pool, "g-1", "g", "other", "b", S.ACTIVE, memory=2 * GB, in_flight=1)
+    view = pool.view(invokers, "new")
+    assert view.invokers["a"].slots["f-1"].kind == "busy"
+    assert view.invokers["a"].slots["f-1"].move_s == pytest.approx(1.5)
+    assert view.invokers["a"].busy_move_s == pytest.approx(1.5)
+
+    pool.instances["g-1"].record = pool.instances["g-1"].record.model_copy(
+        update={"memory_bytes": GB})  # b has room now: its SSD copy is the destination's
+    assert pool.view(invokers, "new").invokers["a"].slots["f-1"].move_s == pytest.approx(0.5)
+
+    add(pool, "f-2", "f", "big", "c", S.IDLE)
+    view = pool.view(invokers, "new")
+    assert view.invokers["a"].slots["f-1"].move_s == 0.0
+    assert view.invokers["c"].slots["f-2"].kind == "idle"
+    # the busy instances of the model being placed never move for it
+    assert pool.view(invokers, "big").invokers["a"].slots["f-1"].kind == "pinned"
