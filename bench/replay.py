@@ -429,7 +429,8 @@ class Simulation:
         self.instances[inst.id] = inst
         fn.instances.append(inst)
         fn.starting += 1
-        inv.put(inst.id, Slot(fn.req.memory_bytes, "starting", ready_by=ready))
+        inv.put(inst.id, Slot(fn.req.memory_bytes, "starting", ready_by=ready,
+                             model=fn.req.model))
         self.loads[inst.tier] += 1
         self._push(ready, _READY, inst)
         return True

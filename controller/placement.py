@@ -12,8 +12,10 @@ Policies (``policy`` argument):
   bandwidth of the fastest tier holding the checkpoint there (DRAM, SSD, or a copy from
   elsewhere: ``remote``), and the migration cost when running inferences must move away
   first: token-based recompute ``a * tokens + b`` plus the destinations' loads of the moved
-  instances' models (``Slot.move_s``), as in §6. Pick the minimum; estimates within
-  :data:`TIE_FRACTION` + :data:`TIE_SECONDS` of it are ties, settled by no eviction or
+  instances' models (``Slot.move_s``), as in §6. A load of a checkpoint already starting on
+  the invoker is shared (the invoker fetches and reads a checkpoint once): the new load waits
+  for that one only, then maps the checkpoint from the DRAM tier. Pick the minimum; estimates
+  within :data:`TIE_FRACTION` + :data:`TIE_SECONDS` of it are ties, settled by no eviction or
   migration first, then the fewest invocations in flight and loads starting (instances on one
   invoker share its compute: a GPU, or on a CPU invoker its cores; the startup estimate does
   not model that, and the first token of the new instance's call waits for it), then the most
@@ -75,6 +77,7 @@ class Slot:
     tokens: int = 0  # busy: tokens (prompt + generated) its inferences hold, what migration moves
     move_s: float = 0.0  # busy: seconds its destination needs to load its model first
     ready_by: float = 0.0  # starting: unix seconds its load is estimated to end
+    model: str = ""  # starting: the model it loads (loads of one checkpoint share its read)
 
 
 @dataclass
@@ -102,6 +105,8 @@ class InvokerState:
     busy_move_s: float = 0.0  # destinations' load seconds, over its busy slots
     starting: int = 0
     ready_by: float = 0.0  # latest ready_by among its starting slots (unix seconds)
+    loading: dict[str, float] = field(default_factory=dict)  # model -> latest ready_by of its
+    # starting slots: a new load of that model joins theirs
 
     seconds_per_byte: tuple[float, ...] = field(init=False)
     """Seconds per checkpoint byte from each tier, in _TIER_ORDER (one multiply per candidate);
@@ -126,6 +131,8 @@ class InvokerState:
         elif slot.kind == "starting":
             self.starting += 1
             self.ready_by = max(self.ready_by, slot.ready_by)
+            if slot.model:
+                self.loading[slot.model] = max(self.loading.get(slot.model, 0.0), slot.ready_by)
 
     def drop(self, instance_id: str) -> None:
         """Remove an instance's slot (absent: nothing happens)."""
@@ -143,6 +150,13 @@ class InvokerState:
             self.starting -= 1
             self.ready_by = max((s.ready_by for s in self.slots.values() if s.kind == "starting"),
                                 default=0.0)
+            if slot.model:
+                rest = [s.ready_by for s in self.slots.values()
+                        if s.kind == "starting" and s.model == slot.model]
+                if rest:
+                    self.loading[slot.model] = max(rest)
+                else:
+                    del self.loading[slot.model]
 
     @property
     def free_bytes(self) -> int:
@@ -264,8 +278,15 @@ def place(
                 migrate = True
             else:
                 continue
-        t = order[held.get(inv.id, "remote")]
-        queue_s = inv.ready_by - now if inv.ready_by > now else 0.0
+        joined = inv.loading.get(req.model) if policy == "ours" else None
+        if joined is not None:
+            # a load of this checkpoint is starting there: the invoker fetches and reads a
+            # checkpoint once, so this load ends with that one, then maps it from its DRAM tier
+            t = 0
+            queue_s = joined - now if joined > now else 0.0
+        else:
+            t = order[held.get(inv.id, "remote")]
+            queue_s = inv.ready_by - now if inv.ready_by > now else 0.0
         load_s = nbytes * inv.seconds_per_byte[t]
         mig_s = (migration.seconds(inv.busy_tokens) + inv.busy_move_s
                  if migrate and migration is not None else 0.0)

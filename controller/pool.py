@@ -470,7 +470,8 @@ class InstancePool:
                 continue
             inv.in_flight += live.in_flight
             if live.state in STARTING:
-                slot = Slot(live.record.memory_bytes, "starting", ready_by=live.record.ready_by or 0.0)
+                slot = Slot(live.record.memory_bytes, "starting", ready_by=live.record.ready_by or 0.0,
+                            model=live.record.model)
             elif live.state == S.IDLE and live.in_flight == 0:
                 slot = Slot(live.record.memory_bytes, "idle", last_used=live.record.last_used or 0.0)
                 idle_at.setdefault(live.record.function, set()).add(inv.id)

@@ -123,6 +123,33 @@ def test_queued_loads_make_ours_look_elsewhere_but_not_locality() -> None:
     assert p is not None and p.invoker.id == "a"
 
 
+def test_a_load_of_a_checkpoint_already_starting_there_joins_it() -> None:
+    """The invoker fetches and reads a checkpoint once: a second instance of ``m`` on a, where
+    a copy of ``m`` is starting (due at 1.0), waits for that load only, not for a later load of
+    another model (due at 3.0), then maps it from DRAM (0.1 s). Ours then prefers a (1.1 s) to
+    b's copy from the store root (1.5 s); locality ranks by where the checkpoint is now."""
+    view = cluster(("a", 4 * GB), ("b", 4 * GB))
+    a = view.invokers["a"]
+    a.put("m-1", Slot(GB, "starting", ready_by=1.0, model="m"))
+    a.put("x-1", Slot(GB, "starting", ready_by=3.0, model="x"))
+    p = place(view, REQ, policy="ours", now=0.0)
+    assert p is not None and p.invoker.id == "a" and p.chosen.tier == "dram"
+    assert p.chosen.queue_s == pytest.approx(1.0) and p.chosen.total_s == pytest.approx(1.1)
+    loc = place(view, REQ, policy="locality", now=0.0)
+    assert loc is not None
+    assert next(e for e in loc.candidates if e.invoker_id == "a").tier == "remote"
+    a.put("m-2", Slot(GB, "starting", ready_by=2.0, model="m"))
+    a.drop("m-1")  # the later of m's two loads still starting is the one to join
+    assert a.loading == {"m": 2.0, "x": 3.0}
+    p = place(view, REQ, policy="ours", now=0.0)
+    assert p is not None and p.invoker.id == "b" and p.chosen.total_s == pytest.approx(1.5)
+    a.drop("m-2")
+    assert a.loading == {"x": 3.0}
+    p = place(view, REQ, policy="ours", now=0.0)
+    a_est = next(e for e in p.candidates if e.invoker_id == "a") if p else None
+    assert a_est is not None and a_est.tier == "remote" and a_est.queue_s == pytest.approx(3.0)
+
+
 def test_idle_instances_are_evicted_least_recently_used_first() -> None:
     view = cluster(("a", 3 * GB), tiers={"a": "ssd"})
     inv = view.invokers["a"]

@@ -53,3 +53,16 @@ def test_a_busy_instances_move_counts_the_load_where_its_destination_would_start
     assert view.invokers["c"].slots["f-2"].kind == "idle"
     # the busy instances of the model being placed never move for it
     assert pool.view(invokers, "big").invokers["a"].slots["f-1"].kind == "pinned"
+
+
+def test_a_starting_instance_tells_placement_which_checkpoint_it_loads() -> None:
+    """A pending or loading instance's slot names its model and its estimated end, so that a
+    second load of that checkpoint on the invoker is estimated as joining it."""
+    pool = InstancePool(None, None, list, lambda model: GB, clock=lambda: NOW)  # type: ignore[arg-type]
+    add(pool, "f-1", "f", "big", "a", S.LOADING)
+    pool.instances["f-1"].record = pool.instances["f-1"].record.model_copy(
+        update={"ready_by": NOW + 2.0})
+    add(pool, "g-1", "g", "small", "a", S.PENDING)
+    view = pool.view([invoker("a")], "big")
+    assert view.invokers["a"].loading == {"big": NOW + 2.0, "small": 0.0}
+    assert view.invokers["a"].starting == 2
