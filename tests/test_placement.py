@@ -74,9 +74,9 @@ def test_migration_includes_the_destinations_load_and_pinned_slots_never_move() 
 
 def test_a_migration_destination_starts_where_a_new_instance_would() -> None:
     """Where a moved instance's destination loads: the best queue + load among invokers with
-    room without migrating (free or idle memory), so a copy from the store root counts when no
-    other invoker holding the checkpoint has room (a 1 GB checkpoint: DRAM 0.1 s, SSD 0.5 s,
-    network 1 s + SSD 0.5 s)."""
+    room without migrating (free or idle memory), so a copy counts when no other invoker
+    holding the checkpoint has room (a 1 GB checkpoint: DRAM 0.1 s, SSD 0.5 s, a copy: network
+    1 s + SSD 0.5 s)."""
     def dest(view: ClusterView, need: int, now: float) -> list[tuple[float, str]]:
         return [(round(s, 9), i) for s, i in destination_estimates(view, "m", GB, need, now=now)]
 
@@ -127,7 +127,7 @@ def test_a_load_of_a_checkpoint_already_starting_there_joins_it() -> None:
     """The invoker fetches and reads a checkpoint once: a second instance of ``m`` on a, where
     a copy of ``m`` is starting (due at 1.0), waits for that load only, not for a later load of
     another model (due at 3.0), then maps it from DRAM (0.1 s). Ours then prefers a (1.1 s) to
-    b's copy from the store root (1.5 s); locality ranks by where the checkpoint is now."""
+    a copy onto b (1.5 s); locality ranks by where the checkpoint is now."""
     view = cluster(("a", 4 * GB), ("b", 4 * GB))
     a = view.invokers["a"]
     a.put("m-1", Slot(GB, "starting", ready_by=1.0, model="m"))

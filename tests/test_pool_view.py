@@ -31,8 +31,8 @@ def add(pool: InstancePool, iid: str, function: str, model: str, inv_id: str, st
 
 def test_a_busy_instances_move_counts_the_load_where_its_destination_would_start() -> None:
     """Invoker a runs ``f`` (1 GB checkpoint); b holds that checkpoint on SSD but is full, so a
-    destination would copy it from the store root onto c (network 1 s + SSD 0.5 s), not read
-    b's SSD (0.5 s). With an idle instance of ``f`` on c, the destination is loaded already."""
+    destination would start on c with a copy of it (network 1 s + SSD 0.5 s), not read b's SSD
+    (0.5 s). With an idle instance of ``f`` on c, the destination is loaded already."""
     pool = InstancePool(None, None, list, lambda model: GB, clock=lambda: NOW)  # type: ignore[arg-type]
     invokers = [invoker("a"), invoker("b"), invoker("c")]
     pool.tiers = {"big": {"a": "dram", "b": "ssd"}}
