@@ -260,7 +260,10 @@ def place(
     # (the best one may be the candidate itself); computed at the first candidate that needs it
     room: list[tuple[int, str]] | None = None
     order = _TIER_ORDER
+    join = policy == "ours"
+    model = req.model
     rows: list[_Row] = []
+    append = rows.append
     for inv in view.invokers.values():
         free = inv.memory_bytes - inv.used_bytes
         evict = migrate = False
@@ -269,7 +272,7 @@ def place(
                 evict = True
             elif may_migrate and free + inv.idle_bytes + inv.busy_bytes >= need:
                 if room is None:
-                    room = heapq.nlargest(2, ((i.free_bytes + i.idle_bytes, i.id)
+                    room = heapq.nlargest(2, ((i.memory_bytes - i.used_bytes + i.idle_bytes, i.id)
                                               for i in view.invokers.values()))
                 elsewhere = next((r for r, i in room if i != inv.id), 0)
                 if elsewhere < need - free - inv.idle_bytes:
@@ -278,7 +281,7 @@ def place(
                 migrate = True
             else:
                 continue
-        joined = inv.loading.get(req.model) if policy == "ours" else None
+        joined = inv.loading.get(model) if join and inv.loading else None
         if joined is not None:
             # a load of this checkpoint is starting there: the invoker fetches and reads a
             # checkpoint once, so this load ends with that one, then maps it from its DRAM tier
@@ -290,8 +293,7 @@ def place(
         load_s = nbytes * inv.seconds_per_byte[t]
         mig_s = (migration.seconds(inv.busy_tokens) + inv.busy_move_s
                  if migrate and migration is not None else 0.0)
-        rows.append((queue_s + load_s + mig_s, t, inv.id, queue_s, load_s, mig_s, evict, migrate,
-                     inv))
+        append((queue_s + load_s + mig_s, t, inv.id, queue_s, load_s, mig_s, evict, migrate, inv))
     if not rows:
         return None
     best = heapq.nsmallest(keep, rows)  # ids are unique: comparison never reaches the invoker
