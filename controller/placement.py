@@ -256,9 +256,12 @@ def place(
     nbytes = req.nbytes
     held = view.tiers.get(req.model, {})
     may_migrate = policy == "ours" and migration is not None
-    # room the moved instances could go to: the two invokers with the most free + idle memory
-    # (the best one may be the candidate itself); computed at the first candidate that needs it
-    room: list[tuple[int, str]] | None = None
+    # room the moved instances could go to: the two largest free + idle memories of the cluster
+    # (the largest may be the candidate's own), found in the same pass; candidates that need
+    # instances moved away are checked against them after it
+    room1 = room2 = -1
+    room1_id = ""
+    moving = False
     order = _TIER_ORDER
     join = policy == "ours"
     model = req.model
@@ -266,19 +269,19 @@ def place(
     append = rows.append
     for inv in view.invokers.values():
         free = inv.memory_bytes - inv.used_bytes
+        room = free + inv.idle_bytes
+        if room > room2:
+            if room > room1:
+                room1, room2, room1_id = room, room1, inv.id
+            else:
+                room2 = room
         evict = migrate = False
         if free < need:
-            if free + inv.idle_bytes >= need:
+            if room >= need:
                 evict = True
-            elif may_migrate and free + inv.idle_bytes + inv.busy_bytes >= need:
-                if room is None:
-                    room = heapq.nlargest(2, ((i.memory_bytes - i.used_bytes + i.idle_bytes, i.id)
-                                              for i in view.invokers.values()))
-                elsewhere = next((r for r, i in room if i != inv.id), 0)
-                if elsewhere < need - free - inv.idle_bytes:
-                    continue  # what would move has nowhere to go
+            elif may_migrate and room + inv.busy_bytes >= need:
                 evict = inv.idle_bytes > 0
-                migrate = True
+                migrate = moving = True
             else:
                 continue
         joined = inv.loading.get(model) if join and inv.loading else None
@@ -294,6 +297,9 @@ def place(
         mig_s = (migration.seconds(inv.busy_tokens) + inv.busy_move_s
                  if migrate and migration is not None else 0.0)
         append((queue_s + load_s + mig_s, t, inv.id, queue_s, load_s, mig_s, evict, migrate, inv))
+    if moving:  # what would move must have somewhere to go: the most room on another invoker
+        rows = [r for r in rows if not r[7] or (room2 if r[2] == room1_id else room1)
+                >= need - (r[8].memory_bytes - r[8].used_bytes + r[8].idle_bytes)]
     if not rows:
         return None
     best = heapq.nsmallest(keep, rows)  # ids are unique: comparison never reaches the invoker
