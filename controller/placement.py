@@ -270,7 +270,7 @@ def place(
     for inv in view.invokers.values():
         free = inv.memory_bytes - inv.used_bytes
         room = free + inv.idle_bytes
-        if room > room2:
+        if may_migrate and room > room2:  # only a migration needs to know
             if room > room1:
                 room1, room2, room1_id = room, room1, inv.id
             else:
