@@ -99,6 +99,12 @@ default 12 / 48) lengthen the answers, and ``--big N`` gives the N most popular 
 models (``--big-layers`` 40: about 1 GB), whose loads take long enough that moving a running
 inference off the invoker holding them in its DRAM tier can pay; ``--network-limit 200M`` caps
 checkpoint fetches (from peers and the store root) as a remote object store would.
+``--replication`` (``ours``) says which policies' controllers run burst-ready replication
+(:mod:`controller.replication`: an in-use function's checkpoint is copied to more invokers in
+calm periods until those holding it can host ``maxInstances``): ``ours`` only (it is part of
+the system under test; the baselines are placement policies that copy on a miss), ``all``
+(every policy gets the copies, to tell placement's share from replication's), or ``none``;
+``copied ahead`` counts the copies it completed.
 
 Rows (per policy and migration mode): ``requests`` sent; ``errors`` by HTTP status (``stream``: an error event after
 the first token; ``conn``: no answer); ``TTFT mean/p50/p99`` (seconds, client side: from sending
@@ -719,6 +725,7 @@ async def replay(gateway: str, arrivals: list[Arrival], names: list[str]) -> lis
 
 _STOPPED = re.compile(r"instance (\S+) stopped: (.*)$")
 _DECIDED = re.compile(r"decided in ([0-9.]+) ms")
+_REPLICATED = re.compile(r"replicated \S+ to \S+: ")
 
 
 def read_controller_log(path: Path) -> tuple[dict[str, str], list[float]]:
@@ -732,6 +739,14 @@ def read_controller_log(path: Path) -> tuple[dict[str, str], list[float]]:
             elif m := _DECIDED.search(line):
                 decided.append(float(m.group(1)))
     return reasons, decided
+
+
+def count_replications(path: Path) -> int:
+    """Checkpoint copies the controller's burst-ready replication completed (from its log)."""
+    with contextlib.suppress(OSError):
+        return sum(1 for line in path.read_text(errors="replace").splitlines()
+                   if _REPLICATED.search(line))
+    return 0
 
 
 def classify(results: list[Result], reasons: dict[str, str], keep_alive: float) -> list[str]:
@@ -842,8 +857,10 @@ def run_cluster_policy(policy: Policy, migration: str, args: argparse.Namespace,
     memory = args.per_invoker * INSTANCE_MEMORY
     ports = runtime.free_ports(4 + args.invokers)
     t0 = time.perf_counter()
+    replication = args.replication == "all" or (args.replication == "ours" and policy == "ours")
     state = runtime.start(
         home, invokers=args.invokers, placement=policy, migration=migration,
+        replication=replication,
         gateway_port=ports[0], controller_port=ports[1], etcd_port=ports[2],
         etcd_peer_port=ports[3], invoker_ports=ports[4:],
         store=bench_dir() / "models", invoker_memory=f"{memory >> 20}Mi",
@@ -873,6 +890,8 @@ def run_cluster_policy(policy: Policy, migration: str, args: argparse.Namespace,
     measured = _Measured([r for r in results if r.arrival.t >= args.warmup], causes, decided)
     row = {"mode": "cluster", "policy": policy, "migration": migration, "seed": seed,
            **summarize(measured.results, measured.causes, measured.decided),
+           "replication": replication,
+           "replicated": count_replications(home / "run" / "controller.log"),
            "startup_s": startup_s, "replay_s": replay_s, "logs": str(home / "run")}
     return row, measured
 
@@ -918,6 +937,8 @@ def run_cluster(args: argparse.Namespace, policies: list[Policy]) -> list[dict[s
                             [c for _, m in runs for c in m.causes],
                             [d for _, m in runs for d in m.decided]),
                 "run_p99_s": [row["ttft_p99_s"] for row, _ in runs],
+                "replication": runs[0][0]["replication"],
+                "replicated": sum(row["replicated"] for row, _ in runs),
                 "checkpoint_mb": runs[0][0]["checkpoint_mb"],
             })
     return rows
@@ -944,7 +965,7 @@ def print_cluster(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
         ("first/ka/evict/scale/join/other", "causes", ""), ("dram/ssd/remote", "tiers", ""),
         ("dec ms p50", "controller_decision_ms_p50", ".2f"),
         ("TTLT mean s", "ttlt_mean_s", ".3f"), ("TTLT p99 s", "ttlt_p99_s", ".3f"),
-        ("moves", "moved", ""),
+        ("moves", "moved", ""), ("copied ahead", "replicated", "d"),
     ]))
     for r in rows:
         if r["error_samples"]:
@@ -994,6 +1015,9 @@ def main() -> None:
                     help="cluster: median max_tokens of an invocation")
     ap.add_argument("--output-max", type=int, default=REAL_TRACE.output_max_tokens,
                     help="cluster: largest max_tokens")
+    ap.add_argument("--replication", default="ours", choices=("ours", "all", "none"),
+                    help="cluster: which policies' controllers copy in-use checkpoints ahead of "
+                         "bursts (controller.replication): ours only, all, or none")
     ap.add_argument("--json", action="store_true", help="one JSON line per policy")
     args = ap.parse_args()
     sim = args.simulate

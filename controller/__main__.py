@@ -30,12 +30,15 @@ from sllm.config import CONTROLLER_LEASE_TTL_S, CONTROLLER_PORT, ETCD_CLIENT_POR
               type=click.Choice(MIGRATION_MODES),
               help="how room is made from running instances: live migration, preemption "
                    "(restart elsewhere from the tokens), or never")
+@click.option("--replication/--no-replication", default=True, show_default=True,
+              help="copy an in-use function's checkpoint to more invokers in calm periods, until "
+                   "those holding it can host maxInstances (controller.replication)")
 @click.option("--lease-ttl", default=CONTROLLER_LEASE_TTL_S, show_default=True, type=click.IntRange(1, 60),
               help="seconds a dead leader holds the lead before a standby takes over")
 @click.option("--log-level", default="info", show_default=True)
 def main(controller_id: str, host: str, port: int, advertise_url: str | None, etcd_endpoint: str,
-         store: str | None, tick: float, policy: str, migration: str, lease_ttl: int,
-         log_level: str) -> None:
+         store: str | None, tick: float, policy: str, migration: str, replication: bool,
+         lease_ttl: int, log_level: str) -> None:
     """Run a controller: function registry, placement and autoscaling."""
     from controller.registry import CheckpointSizes
     from invoker.store import ModelStore
@@ -46,6 +49,7 @@ def main(controller_id: str, host: str, port: int, advertise_url: str | None, et
         etcd_endpoint=etcd_endpoint, model_exists=models.exists, model_bytes=CheckpointSizes(models),
         controller_id=controller_id, url=advertise_url or f"http://{host}:{port}", tick_s=tick,
         policy=policy, migration=migration, lease_ttl_s=lease_ttl,  # type: ignore[arg-type]
+        replication=replication,
     ))
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
 

@@ -19,8 +19,9 @@ A new leader rebuilds its state from etcd (:meth:`Controller.recover`): function
 
 The leader's reconcile loop runs every ``tick_s``: it marks lost the instances of invokers whose
 lease expired, refreshes where checkpoints are, carries out
-:func:`controller.autoscaler.decide`, and now and then unloads orphans (instances an invoker has
-that no record names).
+:func:`controller.autoscaler.decide`, starts the checkpoint copies burst-ready replication asks
+for (:mod:`controller.replication`, unless turned off), and now and then unloads orphans
+(instances an invoker has that no record names).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from controller.leader import LeaderElection
 from controller.placement import Policy
 from controller.pool import InstancePool, MigrationMode
 from controller.registry import FunctionRegistry
+from controller.replication import Replicator
 from sllm import keys
 from sllm.config import AUTOSCALER_TICK_S, CONTROLLER_LEASE_TTL_S
 from sllm.errors import InvalidRequest, NotLeader, SllmError, Unavailable
@@ -77,6 +79,7 @@ class ControllerConfig:
     policy: Policy = "ours"
     migration: MigrationMode = "live"
     lease_ttl_s: int = CONTROLLER_LEASE_TTL_S
+    replication: bool = True  # copy checkpoints ahead of bursts (controller.replication)
 
 
 class Controller:
@@ -92,6 +95,7 @@ class Controller:
                                        ttl_s=config.lease_ttl_s)
         self._invokers_cache: list[InvokerRecord] = []
         self._leading: list[asyncio.Task[None]] = []
+        self.replicator: Replicator | None = None  # while leading, with replication on
         self._last_sweep = 0.0
 
     def _new_pool(self) -> InstancePool:
@@ -130,6 +134,8 @@ class Controller:
             except Exception:
                 log.exception("recovery failed; trying again")
             await asyncio.sleep(1.0)
+        if self.config.replication:
+            self.replicator = Replicator(self.invoker_client, self.pool)
         self._leading = [asyncio.create_task(self.run_reconciler()),
                          asyncio.create_task(self.pool.run_flusher())]
         log.info("controller %s leads", self.config.controller_id)
@@ -140,6 +146,9 @@ class Controller:
         tasks, self._leading = self._leading, []
         for t in tasks:
             t.cancel()
+        if self.replicator is not None:
+            await self.replicator.close()
+            self.replicator = None
         await self.pool.close()
         self.pool = self._new_pool()
         log.warning("controller %s no longer leads", self.config.controller_id)
@@ -200,7 +209,8 @@ class Controller:
 
     async def reconcile(self) -> None:
         """One pass: mark instances of dead invokers lost, refresh checkpoint tiers, scale by
-        the autoscaler's decision, expire old lost records, sweep for orphans now and then.
+        the autoscaler's decision, start the checkpoint copies replication asks for, expire
+        old lost records, sweep for orphans now and then.
 
         Raises:
             Unavailable: etcd is away (the pass is skipped; warm invocations go on).
@@ -225,6 +235,8 @@ class Controller:
                 except SllmError as e:
                     log.warning("could not start a minimum instance of %s: %s", name, e.message)
                     break
+        if self.replicator is not None:
+            self.replicator.tick(invokers, functions)
         self.pool.expire_lost()
         if time.monotonic() - self._last_sweep >= ORPHAN_SWEEP_S:
             self._last_sweep = time.monotonic()

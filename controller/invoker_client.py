@@ -1,4 +1,5 @@
-"""The controller's HTTP client for invokers: load, migrate and unload instances."""
+"""The controller's HTTP client for invokers: load, migrate and unload instances, and copy
+checkpoints ahead of need."""
 
 from __future__ import annotations
 
@@ -10,7 +11,14 @@ from pydantic import BaseModel
 
 from sllm.errors import InvokerError
 from sllm.http import raise_for_error
-from sllm.messages import LoadRequest, LoadResponse, MigrateRequest, MigrateResponse
+from sllm.messages import (
+    LoadRequest,
+    LoadResponse,
+    MigrateRequest,
+    MigrateResponse,
+    ReplicateRequest,
+    ReplicateResponse,
+)
 
 log = logging.getLogger(__name__)
 
@@ -65,12 +73,30 @@ class InvokerClient:
                 MigrationFailed).
             InvokerError: the invoker is unreachable or answered nonsense.
         """
+        return await self._call("POST", invoker_url, f"/v1/instances/{instance_id}/migrate",
+                                request, MigrateResponse, "migrate")
+
+    async def replicate(self, invoker_url: str, model: str, sources: list[str]) -> ReplicateResponse:
+        """Have the invoker fetch a copy of ``model``'s checkpoint into its store (from
+        ``sources``, peer invokers' URLs in order, then its store root); returns once the copy
+        is complete (at once when it was current already).
+
+        Raises:
+            sllm.errors.SllmError: what the invoker raised (ModelNotFound, CheckpointError,
+                Unavailable).
+            InvokerError: the invoker is unreachable or answered nonsense.
+        """
+        return await self._call("PUT", invoker_url, f"/v1/checkpoints/{model}",
+                                ReplicateRequest(sources=sources), ReplicateResponse, "replicate")
+
+    async def _call(self, method: str, invoker_url: str, path: str, body: BaseModel,
+                    answer: type[M], what: str) -> M:
+        """Send ``body`` as JSON; the answer parsed as ``answer`` (see :func:`_answer`)."""
         try:
-            r = await self._http.post(f"{invoker_url}/v1/instances/{instance_id}/migrate",
-                                      json=request.model_dump())
+            r = await self._http.request(method, f"{invoker_url}{path}", json=body.model_dump())
         except httpx.HTTPError as e:
-            raise InvokerError(f"invoker at {invoker_url} failed to migrate: {e!r}") from e
-        return _answer(r, MigrateResponse, invoker_url, "migrate")
+            raise InvokerError(f"invoker at {invoker_url} failed to {what}: {e!r}") from e
+        return _answer(r, answer, invoker_url, what)
 
     async def unload(self, invoker_url: str, instance_id: str) -> None:
         """Have the invoker unload an instance. An instance it no longer has is not an error.

@@ -10,7 +10,10 @@ HTTP API (JSON; errors in the OpenAI-shaped envelope of :mod:`sllm.errors`):
   idempotent: the same instance id again joins the load in progress, or gets the answer of the
   finished one (a controller that took over re-sends pending loads).
 - ``GET /v1/checkpoints/{model}`` and ``GET /v1/checkpoints/{model}/files/{path}`` (with Range):
-  the local checkpoints, for other invokers to fetch (:mod:`invoker.files_api`)
+  the local checkpoints, for other invokers to fetch (:mod:`invoker.files_api`);
+  ``PUT /v1/checkpoints/{model}`` (:class:`~sllm.messages.ReplicateRequest`) ->
+  :class:`~sllm.messages.ReplicateResponse`: fetch a copy ahead of any load (the controller's
+  burst-ready replication), joining a fetch of the model in progress
 - ``POST /v1/instances/{id}/generate`` (:class:`~sllm.messages.GenerateRequest`): a stream of
   newline-delimited JSON, one :class:`~sllm.messages.TokenMessage` per token, then a
   :class:`~sllm.messages.DoneMessage` (or an :class:`~sllm.messages.ErrorMessage` when generation
@@ -63,7 +66,7 @@ from invoker.files_api import checkpoint_file_routes
 from invoker.generation import Generation, Resume, SamplingParams
 from invoker.instance import ModelInstance
 from invoker.migration import Run, Sessions, Target, migrate_instance
-from invoker.store import ModelStore
+from invoker.store import ModelStore, validate_name
 from invoker.tiers import TierPublisher
 from invoker.transfer import TransferResult, fetch_checkpoint
 from invoker.warmup import warm_up
@@ -93,6 +96,8 @@ from sllm.messages import (
     MigrateResponse,
     PrefillRequest,
     PrefillResponse,
+    ReplicateRequest,
+    ReplicateResponse,
     TokenMessage,
 )
 
@@ -373,6 +378,26 @@ class Invoker:
         await self.publish_tiers()
         return result
 
+    async def replicate(self, model: str, req: ReplicateRequest) -> ReplicateResponse:
+        """Hold a current copy of ``model`` in the local store ahead of any load of it (the
+        controller's burst-ready replication, :mod:`controller.replication`): :meth:`fetch`
+        from ``req.sources`` in order, then the store root. Idempotent: a current copy moves
+        nothing, and a fetch of the model in progress (a load's or another replication's) is
+        joined, not repeated.
+
+        Raises:
+            InvalidRequest: a bad model name.
+            ModelNotFound, CheckpointError, Unavailable: see :meth:`fetch`.
+        """
+        validate_name(model)
+        result = await self.fetch(model, req.sources)
+        if result is None:
+            return ReplicateResponse(model=model, transferred_bytes=0, seconds=0.0)
+        log.info("replicated %s: %d bytes from %s in %.3f s", model, result.transferred,
+                 result.source, result.seconds)
+        return ReplicateResponse(model=model, transferred_bytes=result.transferred,
+                                 seconds=result.seconds, source=result.source)
+
     def _load_blocking(
         self, path: Path, device: str, pool: DramPool | None
     ) -> tuple[ModelInstance, LoadedCheckpoint]:
@@ -596,6 +621,10 @@ def create_app(config: InvokerConfig) -> Starlette:
         req = await read_model(request, PrefillRequest)
         return model_response(await inv.prefill(request.path_params["id"], req))
 
+    async def replicate(request: Request) -> Response:
+        req = await read_model(request, ReplicateRequest)
+        return model_response(await inv.replicate(request.path_params["model"], req))
+
     async def drop_session(request: Request) -> Response:
         dropped = inv.sessions.drop(request.path_params["session"])
         return JSONResponse({"dropped": dropped})
@@ -645,6 +674,7 @@ def create_app(config: InvokerConfig) -> Starlette:
         Route("/v1/instances/{id}/migrate", migrate, methods=["POST"]),
         Route("/v1/instances/{id}/migrations", prefill, methods=["POST"]),
         Route("/v1/instances/{id}/migrations/{session}", drop_session, methods=["DELETE"]),
+        Route("/v1/checkpoints/{model}", replicate, methods=["PUT"]),
         *checkpoint_file_routes(inv.store),
     ]
     return Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)

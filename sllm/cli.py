@@ -111,10 +111,12 @@ def _api(ctx: click.Context) -> Api:
               type=click.Choice(["live", "preempt", "off"]),
               help="making room from running instances: live migration (ServerlessLLM), "
                    "preemption (restart elsewhere), or never (a baseline to compare against)")
+@click.option("--replication/--no-replication", default=True, show_default=True,
+              help="copy an in-use function's checkpoint to more invokers ahead of its bursts")
 @click.option("--port", default=config.GATEWAY_PORT, show_default=True, help="gateway port")
 def up(detach: bool, invokers: int, invoker_memory: str, dram_pool: str,
        invoker_threads: int | None, controllers: int, placement: str, migration: str,
-       port: int) -> None:
+       replication: bool, port: int) -> None:
     """Start the embedded runtime: etcd, controllers, gateway and invokers (each invoker with
     its own model store, DRAM tier and memory budget, as if on its own server)."""
     home = config.sllm_home()
@@ -132,7 +134,8 @@ def up(detach: bool, invokers: int, invoker_memory: str, dram_pool: str,
     try:
         state = runtime.start(home, invokers=invokers, gateway_port=port, invoker_memory=invoker_memory,
                               dram_pool=dram_pool, invoker_threads=invoker_threads,
-                              controllers=controllers, placement=placement, migration=migration)
+                              controllers=controllers, placement=placement, migration=migration,
+                              replication=replication)
     except runtime.RuntimeStartError as e:
         raise click.ClickException(str(e)) from None
     click.echo(f"sllm is up in {time.monotonic() - t0:.1f} s: gateway {state.gateway_url}, logs in {home / 'run'}")

@@ -240,6 +240,24 @@ class CheckpointListing(Wire):
     files: list[CheckpointFile]
 
 
+class ReplicateRequest(Wire):
+    """Controller -> invoker (``PUT /v1/checkpoints/{model}``): hold a current copy of the
+    checkpoint in the local store, fetched from ``sources`` (peer invokers' URLs, tried in
+    order) and then the store root when there is none."""
+
+    sources: list[str] = []
+
+
+class ReplicateResponse(Wire):
+    """What a replication did: nothing moved (``transferred_bytes`` 0, no ``source``) when the
+    local copy was current already."""
+
+    model: str
+    transferred_bytes: int = Field(ge=0)  # bytes written into the local store this time
+    seconds: float = Field(ge=0)  # wall time of the fetch
+    source: str | None = None  # the peer URL or store root it came from
+
+
 # --- gateway <-> invoker ------------------------------------------------------------------------
 
 

@@ -207,7 +207,7 @@ def start(
     invoker_lease_ttl: int = config.INVOKER_LEASE_TTL_S,
     controller_lease_ttl: int = config.CONTROLLER_LEASE_TTL_S,
     invoker_network_limit: str | None = None, invoker_threads: int | None = None,
-    extra_env: dict[str, str] | None = None, stop_at_exit: bool = False,
+    replication: bool = True, extra_env: dict[str, str] | None = None, stop_at_exit: bool = False,
 ) -> RuntimeState:
     """Start etcd, the controllers, the invokers and the gateway, each in its own process, and
     wait until each is healthy. On any failure, everything started so far is stopped again.
@@ -218,7 +218,8 @@ def start(
     ``<home>/models``), from which an invoker fetches a checkpoint when no peer has a copy.
     With ``controllers`` > 1, the first leads and the others stand by (the gateway knows them
     all); ``placement`` picks the controllers' placement policy and ``migration`` how they make
-    room from running instances (``live``, ``preempt`` or ``off``). ``invoker_network_limit``
+    room from running instances (``live``, ``preempt`` or ``off``); ``replication`` whether they
+    copy in-use checkpoints ahead of bursts (:mod:`controller.replication`). ``invoker_network_limit``
     (e.g. ``"200M"``, bytes/s) caps every invoker's checkpoint fetches, for benchmarks.
     ``invoker_threads`` is the threads each invoker computes with; by default several invokers
     split the machine's cores evenly (at least one each), as if each had its own server, and a
@@ -255,7 +256,7 @@ def start(
     for i, cport in enumerate(cports):
         specs.append((f"controller-{i}" if i else "controller",
                       controller_argv(i, cport, state.etcd_endpoint, store, tick_s, placement,
-                                      controller_lease_ttl, migration),
+                                      controller_lease_ttl, migration, replication),
                       f"http://{h}:{cport}/health"))
     for i, port in enumerate(ports):
         specs.append((f"invoker-{i}", [py, "-m", "invoker", "--id", f"invoker-{i}", "--port", str(port),
@@ -309,11 +310,13 @@ def invoker_store(home: Path, index: int) -> Path:
 
 
 def controller_argv(index: int, port: int, etcd_endpoint: str, store: Path, tick_s: float,
-                    placement: str, lease_ttl: int, migration: str = "live") -> list[str]:
+                    placement: str, lease_ttl: int, migration: str = "live",
+                    replication: bool = True) -> list[str]:
     """The command line of controller ``index`` (``controller-<index>`` in the election)."""
     return [sys.executable, "-m", "controller", "--id", f"controller-{index}", "--port", str(port),
             "--etcd", etcd_endpoint, "--store", str(store), "--tick", str(tick_s),
-            "--placement", placement, "--migration", migration, "--lease-ttl", str(lease_ttl)]
+            "--placement", placement, "--migration", migration, "--lease-ttl", str(lease_ttl),
+            "--replication" if replication else "--no-replication"]
 
 
 def stop(state: RuntimeState) -> None:

@@ -66,7 +66,10 @@ def start_cluster(
     controllers: int = 1, **options: Any,
 ) -> Cluster:
     """Start a runtime on free ports with its store root under ``home/models``; ``options`` go
-    to :func:`sllm.runtime.start` (lease TTLs, placement policy)."""
+    to :func:`sllm.runtime.start` (lease TTLs, placement policy). Replication is off unless
+    ``replication=True`` is passed: most tests pin where checkpoints are (one copy per load),
+    and background copies would move them under the test."""
+    options.setdefault("replication", False)
     store = home / "models"
     gateway, etcd, peer, *ports = runtime.free_ports(3 + controllers + invokers)
     state = runtime.start(
