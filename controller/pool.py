@@ -362,6 +362,10 @@ class InstancePool:
         """Invocations of ``function`` waiting for capacity now."""
         return self._waiting.get(function, 0)
 
+    def queued(self) -> int:
+        """Invocations of all functions waiting for capacity now."""
+        return sum(self._waiting.values())
+
     def _starved(self, function: str) -> str | None:
         """Another function whose calls wait with no instance loaded or starting (no invoker
         had room for one), or None: the fair share (module docstring) holds ``function`` back

@@ -12,9 +12,10 @@ The rule (:func:`plan`): a function with at least one loaded instance (it is in 
 checkpoint held by invokers that together can host ``maxInstances`` of its instances
 (``floor(invoker memory / instance memory)`` each) -- or by every invoker that can host one.
 While it has fewer, one more copy is made, to the invoker that can host the most instances of
-it. Copies are made in calm periods only: never to an invoker that is loading an instance (its
-disk and network serve a cold start now) or already receiving a copy, and at most
-:data:`COPIES_IN_FLIGHT` at once in the cluster. Busier functions (more loaded instances) come
+it. Copies are made in calm periods only: none starts while an invocation waits for an instance
+(a burst is on: a copy's reads, checksums and writes would take the cores and disks its calls
+need), none goes to an invoker that is loading an instance (its disk and network serve a cold
+start now) or already receiving a copy, and at most :data:`COPIES_IN_FLIGHT` run at once. Busier functions (more loaded instances) come
 first. A copy is a real transfer from a peer holding the checkpoint (DRAM tier first) or the
 store root (``PUT /v1/checkpoints/{model}`` on the invoker, :mod:`invoker.transfer`: resumable,
 checksummed); the invoker then publishes the new tier in etcd like any other copy.
@@ -141,7 +142,10 @@ class Replicator:
 
     def tick(self, invokers: Sequence[InvokerRecord],
              functions: Mapping[str, FunctionManifest]) -> list[Copy]:
-        """Start the copies :func:`plan` gives for the pool's state now; returns them."""
+        """Start the copies :func:`plan` gives for the pool's state now (none while an
+        invocation waits for an instance); returns them."""
+        if self._pool.queued():
+            return []
         now = self._clock()
         self._failed = {k: t for k, t in self._failed.items() if now - t < RETRY_S}
         loaded: dict[str, int] = {}

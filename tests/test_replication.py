@@ -93,10 +93,11 @@ def add(pool: InstancePool, iid: str, function: str, model: str, inv_id: str, st
         state=state, created=0.0, memory_bytes=256 * MI))
 
 
-async def test_the_replicator_counts_loaded_instances_and_leaves_loading_invokers_alone() -> None:
+async def test_the_replicator_copies_in_calm_periods_only() -> None:
     """Only loaded instances make a function in use; an invoker with a starting instance gets
-    no copy (its disk and network serve that cold start). The copies planned are started as
-    tasks (they fail here: nothing listens at these URLs) and are then not retried."""
+    no copy (its disk and network serve that cold start), and nothing starts while a call
+    waits for an instance. The copies planned are started as tasks (they fail here: nothing
+    listens at these URLs) and are then not retried for a while."""
     from controller.invoker_client import InvokerClient
 
     pool = InstancePool(None, None, list, lambda model: MI, clock=lambda: 0.0)  # type: ignore[arg-type]
@@ -118,6 +119,9 @@ async def test_the_replicator_counts_loaded_instances_and_leaves_loading_invoker
         assert "c" not in pool.tiers["m"]
         assert rep.tick(INVOKERS, functions) == []  # not retried at once
         now[0] = 61.0
+        pool._waiting["f"] = 1  # an invocation waits for an instance (as acquire counts it)
+        assert pool.queued() == 1 and rep.tick(INVOKERS, functions) == []  # not calm
+        del pool._waiting["f"]
         assert [c.invoker_id for c in rep.tick(INVOKERS, functions)] == ["c"]
         await rep.close()
     finally:
