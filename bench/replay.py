@@ -104,7 +104,8 @@ checkpoint fetches (from peers and the store root) as a remote object store woul
 calm periods until those holding it can host ``maxInstances``): ``ours`` only (it is part of
 the system under test; the baselines are placement policies that copy on a miss), ``all``
 (every policy gets the copies, to tell placement's share from replication's), or ``none``;
-``copied ahead`` counts the copies it completed.
+``copied ahead`` counts the copies it completed. The JSON's ``cpu_s`` gives the CPU seconds
+each kind of process (controller, gateway, invokers, etcd) used during the replay (Linux).
 
 Rows (per policy and migration mode): ``requests`` sent; ``errors`` by HTTP status (``stream``: an error event after
 the first token; ``conn``: no answer); ``TTFT mean/p50/p99`` (seconds, client side: from sending
@@ -749,6 +750,22 @@ def count_replications(path: Path) -> int:
     return 0
 
 
+def cpu_seconds(state: runtime.RuntimeState) -> dict[str, float]:
+    """CPU seconds (user + system) each kind of process of a running runtime has used so far:
+    ``controller``, ``gateway``, ``invokers`` (summed) and ``etcd``, from ``/proc/<pid>/stat``
+    (Linux; empty elsewhere)."""
+    out: dict[str, float] = {}
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    for p in state.processes:
+        try:
+            fields = Path(f"/proc/{p.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        kind = "invokers" if p.name.startswith("invoker") else p.name.split("-")[0]
+        out[kind] = out.get(kind, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return {k: round(v, 2) for k, v in sorted(out.items())}
+
+
 def classify(results: list[Result], reasons: dict[str, str], keep_alive: float) -> list[str]:
     """The cause of each successful cold start (see the module docstring), in send order."""
     causes = []
@@ -876,8 +893,10 @@ def run_cluster_policy(policy: Policy, migration: str, args: argparse.Namespace,
                 if r.status_code not in (200, 201):
                     raise RuntimeError(f"deploying {name} failed: {r.status_code} {r.text}")
         t0 = time.perf_counter()
+        cpu0 = cpu_seconds(state)
         results = asyncio.run(replay(state.gateway_url, arrivals, names))
         replay_s = time.perf_counter() - t0
+        cpu = {k: round(v - cpu0.get(k, 0.0), 2) for k, v in cpu_seconds(state).items()}
     finally:
         runtime.stop(state)
         for bulky in ("invokers", "etcd"):  # checkpoint copies, etcd's preallocated WAL: not logs
@@ -892,6 +911,7 @@ def run_cluster_policy(policy: Policy, migration: str, args: argparse.Namespace,
            **summarize(measured.results, measured.causes, measured.decided),
            "replication": replication,
            "replicated": count_replications(home / "run" / "controller.log"),
+           "cpu_s": cpu,
            "startup_s": startup_s, "replay_s": replay_s, "logs": str(home / "run")}
     return row, measured
 
@@ -939,6 +959,8 @@ def run_cluster(args: argparse.Namespace, policies: list[Policy]) -> list[dict[s
                 "run_p99_s": [row["ttft_p99_s"] for row, _ in runs],
                 "replication": runs[0][0]["replication"],
                 "replicated": sum(row["replicated"] for row, _ in runs),
+                "cpu_s": {k: round(sum(row["cpu_s"].get(k, 0.0) for row, _ in runs), 2)
+                          for k in runs[0][0]["cpu_s"]},
                 "checkpoint_mb": runs[0][0]["checkpoint_mb"],
             })
     return rows

@@ -117,6 +117,11 @@ MIGRATION_BACKOFF_S = 5.0
 """Seconds placement leaves migration out after a migration meant to make room failed (so a
 cluster with no room anywhere does not retry the same doomed migration in a loop)."""
 
+NO_ROOM_RECHECK_S = 0.25
+"""Seconds a placement that found no room for a function stands for its other waiters, while
+nothing is released or changes state (the bound covers changes that notify no one, such as an
+invoker joining)."""
+
 RECENTLY_STOPPED = 1024
 """Ids of stopped instances remembered, so that a late release of one is not an error."""
 
@@ -188,6 +193,9 @@ class InstancePool:
         self._dead: dict[str, float] = {}  # invoker id -> unix seconds it was found unreachable
         self._changed = asyncio.Condition()
         self._waiting: dict[str, int] = {}
+        self._changes = 0  # counts notifications: "has anything changed since?"
+        # function -> (self._changes, monotonic seconds) when a placement of it found no room
+        self._no_room: dict[str, tuple[int, float]] = {}
         self._needs: dict[str, int] = {}  # function -> instance memory (bytes) of its waiters
         self.service = ServiceTimes()
         self._dirty: set[str] = set()
@@ -248,6 +256,7 @@ class InstancePool:
                 self._flush_wakeup.set()
 
     async def _notify(self) -> None:
+        self._changes += 1
         async with self._changed:
             self._changed.notify_all()
 
@@ -303,7 +312,8 @@ class InstancePool:
                 live = min(loading, key=lambda i: i.in_flight) if loading else None
                 if live is not None:
                     live.in_flight += 1  # before any await: the slot is this call's
-                elif len(cands) < scaling.maxInstances and starved is None:
+                elif (len(cands) < scaling.maxInstances and starved is None
+                      and not self._known_full(manifest.name)):
                     # reserves a slot on the new instance before its first await
                     live = await self.start_instance(
                         manifest, reserve=True, may_migrate=may_migrate,
@@ -357,6 +367,16 @@ class InstancePool:
                 if not self._waiting[manifest.name]:  # only functions with waiters stay listed
                     del self._waiting[manifest.name]
                     self._needs.pop(manifest.name, None)
+
+    def _known_full(self, function: str) -> bool:
+        """Whether a placement of ``function`` found no room since the last change (and less
+        than :data:`NO_ROOM_RECHECK_S` ago): its other waiters then do not place again. Each
+        release wakes every waiter; without this, each would list the invokers in etcd and
+        decide, to the same answer (batch K of docs/benchmarks.md: 1,678 such decisions in
+        one 90 s run, most in its bursts, on the cores the generations need)."""
+        seen = self._no_room.get(function)
+        return (seen is not None and seen[0] == self._changes
+                and time.monotonic() - seen[1] < NO_ROOM_RECHECK_S)
 
     def waiting(self, function: str) -> int:
         """Invocations of ``function`` waiting for capacity now."""
@@ -583,6 +603,7 @@ class InstancePool:
             Unavailable: no invoker runs, or none could ever hold the instance.
             ModelNotFound: the model left the store root.
         """
+        changes = self._changes  # before the await: a change meanwhile voids a "no room"
         invokers = await self._list_invokers()
         destination = exclude is not None or only is not None
         if destination:
@@ -597,6 +618,9 @@ class InstancePool:
         decision_s = time.perf_counter() - t0
         if decision is None:
             log.info("no room for %s on any invoker: waiting for an instance to free up", manifest.name)
+            # (no room without migration says nothing of the room with it)
+            if not destination and may_migrate:
+                self._no_room[manifest.name] = (changes, time.monotonic())
             return None
         if unless_wait is not None and max(unless_wait, waited_s) < decision.chosen.total_s:
             log.info("waiting for a busy instance of %s (expected in %.3f s, waited %.3f s) "

@@ -1,0 +1,51 @@
+"""The instance pool's waiters (controller.pool.InstancePool.acquire) when no invoker has room:
+one placement per change, not one per waiter. The pool is built without an etcd client or an
+invoker client: a placement that finds no room touches neither."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from controller.pool import InstancePool, LiveInstance
+from sllm.errors import Unavailable
+from sllm.manifest import FunctionManifest
+from sllm.messages import InstanceRecord, InvokerRecord
+from sllm.states import InstanceState as S
+
+GB = 1 << 30
+
+
+async def test_waiters_of_a_function_that_found_no_room_do_not_all_place_again() -> None:
+    """Invoker a is full of a busy instance of g. Five calls of f wait: each release of g's
+    slots wakes them all, but only the first lists the invokers and decides again; the others
+    take its "no room" until something changes or NO_ROOM_RECHECK_S passes."""
+    listed = 0
+
+    async def list_invokers() -> list[InvokerRecord]:
+        nonlocal listed
+        listed += 1
+        return [InvokerRecord(id="a", url="http://a", device="cpu", memory_bytes=2 * GB,
+                              started=0.0, pid=1)]
+
+    pool = InstancePool(None, None, list_invokers, lambda model: GB)  # type: ignore[arg-type]
+    pool.instances["g-1"] = LiveInstance(record=InstanceRecord(
+        id="g-1", function="g", model="other", invoker_id="a", invoker_url="http://a",
+        state=S.ACTIVE, created=0.0, memory_bytes=2 * GB), in_flight=10, max_tokens=100)
+    f = FunctionManifest.model_validate({
+        "apiVersion": "sllm.dev/v1", "kind": "Function", "metadata": {"name": "f"},
+        "spec": {"model": "m", "resources": {"memory": "1Gi"}, "scaling": {"maxInstances": 5}},
+    })
+    calls = [asyncio.create_task(pool.acquire(f, deadline_s=1.6)) for _ in range(5)]
+    await asyncio.sleep(0.05)
+    assert pool.waiting("f") == 5 and listed == 1
+    for n in range(3):
+        await pool.release("g-1")  # g still runs 9, 8, 7 calls: no room yet
+        await asyncio.sleep(0.02)
+        assert listed == 2 + n
+    await asyncio.sleep(1.1)  # every waiter's bounded wait ends, past the recheck bound
+    assert listed == 5
+    for call in calls:
+        with pytest.raises(Unavailable):
+            await call
