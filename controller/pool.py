@@ -18,7 +18,9 @@ How an invocation gets an instance (:meth:`InstancePool.acquire`):
    has not yet waited that long (so a wrong guess costs at most twice the cold start);
 4. else wait, in a bounded queue (429 past the function's ``maxQueue`` waiters), until an
    instance frees up, at most ``queueTimeout`` seconds (then 503 with Retry-After), as Knative's
-   activator buffers requests while a revision scales from zero.
+   activator buffers requests while a revision scales from zero. Every change wakes every
+   waiter, but once a placement of the function found no room, its other waiters do not place
+   again until something changes (or :data:`NO_ROOM_RECHECK_S` passes).
 
 A fair share between functions: while calls of another function wait with no instance at all
 (no invoker had room for one), a function that has an instance already does not scale out, and
