@@ -43,6 +43,7 @@ from __future__ import annotations
 import heapq
 import random
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -375,6 +376,20 @@ def _make_room(inv: InvokerState, need: int, *, migrate: bool) -> tuple[tuple[st
             if free >= need:
                 break
     return tuple(evict), tuple(moved)
+
+
+def holder_urls(held: Mapping[str, Tier], urls: Mapping[str, str], exclude: str | None = None
+                ) -> list[str]:
+    """URLs of the live invokers holding a checkpoint, the sources a fetch of it tries in order:
+    DRAM tier first, then by invoker id.
+
+    Args:
+        held: invoker id -> the fastest tier holding the checkpoint there.
+        urls: live invoker id -> URL (holders not in it are left out).
+        exclude: an invoker id to leave out (the one that fetches).
+    """
+    order = sorted(held.items(), key=lambda p: (p[1] != "dram", p[0]))
+    return [urls[i] for i, _ in order if i != exclude and i in urls]
 
 
 def bandwidths_of(record: BandwidthRecord | None) -> Bandwidths:

@@ -69,6 +69,7 @@ from controller.placement import (
     Slot,
     bandwidths_of,
     destination_estimates,
+    holder_urls,
     place,
 )
 from controller.service_time import ServiceTimes
@@ -661,9 +662,7 @@ class InstancePool:
 
     def _sources(self, model: str, exclude: str) -> list[str]:
         """URLs of live invokers holding ``model``'s checkpoint, DRAM tier first."""
-        held = self.tiers.get(model, {})
-        order = sorted(held.items(), key=lambda p: (p[1] != "dram", p[0]))
-        return [self._urls[inv] for inv, _ in order if inv != exclude and inv in self._urls]
+        return holder_urls(self.tiers.get(model, {}), self._urls, exclude)
 
     async def _load(self, live: LiveInstance) -> None:
         rec = live.record

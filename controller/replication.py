@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 from controller.estimator import Tier
 from controller.invoker_client import InvokerClient
+from controller.placement import holder_urls
 from controller.pool import InstancePool
 from sllm.errors import SllmError
 from sllm.manifest import FunctionManifest
@@ -111,9 +112,8 @@ def plan(functions: Iterable[FunctionManifest], loaded: Mapping[str, int],
         if not free:
             continue
         to = max(free, key=lambda r: (r.memory_bytes // need, r.id))
-        sources = tuple(urls[i] for i, _ in sorted(held.items(), key=lambda p: (p[1] != "dram", p[0])))
         out.append(Copy(function=m.name, model=model, invoker_id=to.id, url=to.url,
-                        sources=sources, hosts=hosts))
+                        sources=tuple(holder_urls(held, urls)), hosts=hosts))
         taken.add(to.id)
         models.add(model)
     return out
