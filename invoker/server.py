@@ -66,7 +66,7 @@ from invoker.files_api import checkpoint_file_routes
 from invoker.generation import Generation, Resume, SamplingParams
 from invoker.instance import ModelInstance
 from invoker.migration import Run, Sessions, Target, migrate_instance
-from invoker.store import ModelStore, validate_name
+from invoker.store import ModelStore
 from invoker.tiers import TierPublisher
 from invoker.transfer import TransferResult, fetch_checkpoint
 from invoker.warmup import warm_up
@@ -389,8 +389,7 @@ class Invoker:
             InvalidRequest: a bad model name.
             ModelNotFound, CheckpointError, Unavailable: see :meth:`fetch`.
         """
-        validate_name(model)
-        result = await self.fetch(model, req.sources)
+        result = await self.fetch(model, req.sources)  # the store's lookup checks the name
         if result is None:
             return ReplicateResponse(model=model, transferred_bytes=0, seconds=0.0)
         log.info("replicated %s: %d bytes from %s in %.3f s", model, result.transferred,
