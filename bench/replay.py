@@ -729,25 +729,21 @@ _DECIDED = re.compile(r"decided in ([0-9.]+) ms")
 _REPLICATED = re.compile(r"replicated \S+ to \S+: ")
 
 
-def read_controller_log(path: Path) -> tuple[dict[str, str], list[float]]:
-    """From the controller's log: instance id -> why it stopped, and decision times (ms)."""
+def read_controller_log(path: Path) -> tuple[dict[str, str], list[float], int]:
+    """From the controller's log: instance id -> why it stopped, decision times (ms), and the
+    checkpoint copies burst-ready replication completed."""
     reasons: dict[str, str] = {}
     decided: list[float] = []
+    replicated = 0
     with contextlib.suppress(OSError):
         for line in path.read_text(errors="replace").splitlines():
             if m := _STOPPED.search(line):
                 reasons[m.group(1)] = m.group(2)
             elif m := _DECIDED.search(line):
                 decided.append(float(m.group(1)))
-    return reasons, decided
-
-
-def count_replications(path: Path) -> int:
-    """Checkpoint copies the controller's burst-ready replication completed (from its log)."""
-    with contextlib.suppress(OSError):
-        return sum(1 for line in path.read_text(errors="replace").splitlines()
-                   if _REPLICATED.search(line))
-    return 0
+            elif _REPLICATED.search(line):
+                replicated += 1
+    return reasons, decided, replicated
 
 
 def cpu_seconds(state: runtime.RuntimeState) -> dict[str, float]:
@@ -901,7 +897,7 @@ def run_cluster_policy(policy: Policy, migration: str, args: argparse.Namespace,
         runtime.stop(state)
         for bulky in ("invokers", "etcd"):  # checkpoint copies, etcd's preallocated WAL: not logs
             shutil.rmtree(home / bulky, ignore_errors=True)
-    reasons, decided = read_controller_log(home / "run" / "controller.log")
+    reasons, decided, replicated = read_controller_log(home / "run" / "controller.log")
     # causes need each function's whole history; the figures count arrivals after the warm-up
     colds = [r for r in sorted(results, key=lambda r: r.sent) if r.ok and r.cold]
     causes = [c for r, c in zip(colds, classify(results, reasons, args.keep_alive), strict=True)
@@ -910,7 +906,7 @@ def run_cluster_policy(policy: Policy, migration: str, args: argparse.Namespace,
     row = {"mode": "cluster", "policy": policy, "migration": migration, "seed": seed,
            **summarize(measured.results, measured.causes, measured.decided),
            "replication": replication,
-           "replicated": count_replications(home / "run" / "controller.log"),
+           "replicated": replicated,
            "cpu_s": cpu,
            "startup_s": startup_s, "replay_s": replay_s, "logs": str(home / "run")}
     return row, measured
