@@ -367,8 +367,9 @@ def create_app(config: ControllerConfig) -> Starlette:
                 with contextlib.suppress(Exception):
                     await ctl.pool.flush()
             campaign.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await campaign
+            await asyncio.wait({campaign})  # unlike awaiting it, never raises its error
+            if not campaign.cancelled() and campaign.exception() is not None:
+                log.error("leader election ended with an error", exc_info=campaign.exception())
             await ctl.close()
 
     routes = [

@@ -32,6 +32,10 @@ Caveats: the guarantee assumes ``on_deposed`` finishes within ``ttl_s / 3`` seco
 process's event loop is not stalled for longer than that (:attr:`LeaderElection.is_leader` also
 turns False on its own at the deadline, for code that checks it). etcd may grant a longer TTL than
 asked for (its minimum is about 2 s), which only makes stepping down more conservative.
+
+Timeouts use ``asyncio.timeout``, never ``asyncio.wait_for``: on Python 3.11 ``wait_for`` returns
+the inner call's result and drops a cancellation that arrives in the loop step that call completes
+(CPython gh-86296), and a hold loop that lost one that way would lead on, so ``run`` never returned.
 """
 
 from __future__ import annotations
@@ -221,11 +225,13 @@ class LeaderElection:
                 elected.result()  # a callback's error ends run()
             return await hold
         finally:
-            for task in (elected, hold):
-                if not task.done():
-                    task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await task
+            pending = {task for task in (elected, hold) if not task.done()}
+            for task in pending:
+                task.cancel()
+            if pending:
+                # asyncio.wait, not awaiting each task under suppress(CancelledError): that
+                # would also swallow a cancellation of run() arriving meanwhile
+                await asyncio.wait(pending)
 
     async def _hold(self) -> str:
         """Refresh the lease until it is lost or we resign; return the reason."""
@@ -239,7 +245,8 @@ class LeaderElection:
             if left <= 0:
                 return f"no lease refresh succeeded for {self.ttl_s * STEP_DOWN_FRACTION:.1f} s"
             try:
-                lost = await asyncio.wait_for(self._refresh(lease), timeout=left)
+                async with asyncio.timeout(left):
+                    lost = await self._refresh(lease)
             except (Unavailable, TimeoutError) as e:
                 log.warning("%s could not refresh its lease on %s: %s",
                             self.holder, self.role, str(e) or "timed out")
@@ -273,7 +280,8 @@ class LeaderElection:
     async def _sleep_unless_resigning(self, seconds: float) -> bool:
         """Sleep ``seconds``; returns True at once when resigning."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._resigning.wait(), timeout=max(0.0, seconds))
+            async with asyncio.timeout(max(0.0, seconds)):
+                await self._resigning.wait()
         return self._resigning.is_set()
 
     async def _release(self) -> None:
@@ -286,7 +294,8 @@ class LeaderElection:
         """Revoke ``lease``, best effort: waits at most until the lease expires on its own
         (``ttl_s`` seconds); failures are logged (an expired lease cannot be revoked either)."""
         try:
-            await asyncio.wait_for(self._etcd.revoke_lease(lease), timeout=self.ttl_s)
+            async with asyncio.timeout(self.ttl_s):
+                await self._etcd.revoke_lease(lease)
         except (Unavailable, TimeoutError) as e:
             log.debug("revoking lease %x for %s failed: %s", lease, self.role,
                       str(e) or "timed out")

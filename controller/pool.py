@@ -326,7 +326,8 @@ class InstancePool:
                 if live is not None:
                     t_load = time.monotonic()
                     try:
-                        await asyncio.wait_for(live.loaded.wait(), max(0.0, deadline - t_load))
+                        async with asyncio.timeout(max(0.0, deadline - t_load)):
+                            await live.loaded.wait()
                     except TimeoutError:
                         live.in_flight -= 1
                         raise Unavailable(
@@ -360,9 +361,10 @@ class InstancePool:
                     )
                 t_wait = time.monotonic()
                 async with self._changed:
-                    with contextlib.suppress(asyncio.TimeoutError):
+                    with contextlib.suppress(TimeoutError):
                         # bounded, so a notification lost between check and wait costs <= 1 s
-                        await asyncio.wait_for(self._changed.wait(), min(remaining, 1.0))
+                        async with asyncio.timeout(min(remaining, 1.0)):
+                            await self._changed.wait()
                 queue_s += time.monotonic() - t_wait
         finally:
             if queued:

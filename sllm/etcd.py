@@ -159,8 +159,9 @@ class Etcd:
         (etcd briefly away) are logged and retried on the next beat; when the lease has expired,
         ``on_expired`` is awaited and must return the new lease id to keep alive."""
         while not stop.is_set():
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=max(0.5, ttl / 3))
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(0.5, ttl / 3)):
+                    await stop.wait()
             if stop.is_set():
                 return
             try:

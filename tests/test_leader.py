@@ -12,6 +12,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from controller.leader import LeaderElection
 from sllm import keys
@@ -254,3 +255,38 @@ async def test_restarted_holder_with_the_same_id_takes_over_without_waiting(
                 assert found.lease != old_lease
                 assert not await ea.refresh_lease(old_lease)  # the old lease was revoked
                 assert not b.election.is_leader and not b.elected_at
+
+
+class ReadSignallingEtcd(Etcd):
+    """A real etcd client that sets :attr:`read` each time :meth:`get_versioned` returns, so a
+    test can act in the very loop step in which a leader's lease check completes."""
+
+    def __init__(self, endpoint: str) -> None:
+        super().__init__(endpoint)
+        self.read = asyncio.Event()
+
+    async def get_versioned(self, *args: Any, **kwargs: Any) -> Any:
+        found = await super().get_versioned(*args, **kwargs)
+        self.read.set()
+        return found
+
+
+async def test_cancel_that_meets_a_completing_lease_refresh_still_stops_the_leader(
+    etcd_endpoint: str,
+) -> None:
+    # Python 3.11's asyncio.wait_for returns the inner call's result, dropping the cancellation,
+    # when the cancellation arrives in the step that call completes; a leader whose refresh
+    # loop lost it this way would keep its lead and never let run() return
+    name = role()
+    async with ReadSignallingEtcd(etcd_endpoint) as etcd:
+        a = contender(etcd, name, "a").start()
+        await eventually(lambda: a.election.is_leader, within=TTL_S)
+        etcd.read.clear()
+        await etcd.read.wait()  # the hold loop's refresh has just read the key back
+        assert a.task is not None
+        a.task.cancel()
+        done, _ = await asyncio.wait({a.task}, timeout=TTL_S)
+        assert done, "run() went on after it was cancelled"
+        assert a.task.cancelled()
+        assert not a.election.is_leader
+        assert await leader_of(etcd, name) is None  # and its lease was revoked on the way out
