@@ -711,9 +711,14 @@ class InstancePool:
                                 load_seconds=resp.load_seconds, read_seconds=resp.read_seconds,
                                 tier=resp.tier, transfer_seconds=resp.transfer_seconds or None,
                                 fetched_from=resp.source)
-                self.tiers.setdefault(rec.model, {}).setdefault(rec.invoker_id, "ssd")
+                self.note_copy(rec.model, rec.invoker_id)
         live.loaded.set()
         await self._notify()
+
+    def note_copy(self, model: str, invoker_id: str) -> None:
+        """Record that ``invoker_id`` now holds a copy of ``model``'s checkpoint (on SSD at
+        least; a tier already known is kept), before its invoker's next checkpoint report."""
+        self.tiers.setdefault(model, {}).setdefault(invoker_id, "ssd")
 
     async def refresh_tiers(self) -> None:
         """Re-read where every checkpoint is (``/sllm/checkpoints/``, published by invokers).

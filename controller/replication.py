@@ -174,7 +174,7 @@ class Replicator:
                         c.invoker_id, RETRY_S, e.message)
             self._failed[(c.model, c.invoker_id)] = self._clock()
             return
-        self._pool.tiers.setdefault(c.model, {}).setdefault(c.invoker_id, "ssd")
+        self._pool.note_copy(c.model, c.invoker_id)
         self.made += 1
         log.info("replicated %s to %s: %d bytes from %s in %.3f s", c.model, c.invoker_id,
                  resp.transferred_bytes, resp.source or "(current already)", resp.seconds)
