@@ -41,6 +41,7 @@ c = 1.5 s: ``ours`` picks b, ``locality`` also b (a cannot host it without migra
 from __future__ import annotations
 
 import heapq
+import math
 import random
 import time
 from collections.abc import Mapping
@@ -266,8 +267,16 @@ def place(
     order = _TIER_ORDER
     join = policy == "ours"
     model = req.model
+    # candidates that need instances moved away (kept apart: the room check after the loop may
+    # drop them) and the others. ``ours`` keeps only the others that may be among the ``keep``
+    # best: once ``keep`` of them total at most ``bound`` seconds, a candidate above it cannot
+    # be, so most candidates cost a comparison and no row (the best ``keep`` are the same).
+    movers: list[_Row] = []
     rows: list[_Row] = []
     append = rows.append
+    trim = policy == "ours" and keep > 0
+    bound = math.inf
+    plain = 0  # candidates that need nothing moved away, kept or not
     for inv in view.invokers.values():
         free = inv.memory_bytes - inv.used_bytes
         room = free + inv.idle_bytes
@@ -295,12 +304,25 @@ def place(
             t = order[held.get(inv.id, "remote")]
             queue_s = inv.ready_by - now if inv.ready_by > now else 0.0
         load_s = nbytes * inv.seconds_per_byte[t]
-        mig_s = (migration.seconds(inv.busy_tokens) + inv.busy_move_s
-                 if migrate and migration is not None else 0.0)
-        append((queue_s + load_s + mig_s, t, inv.id, queue_s, load_s, mig_s, evict, migrate, inv))
+        if migrate and migration is not None:  # (migrate implies a migration cost)
+            mig_s = migration.seconds(inv.busy_tokens) + inv.busy_move_s
+            movers.append((queue_s + load_s + mig_s, t, inv.id, queue_s, load_s, mig_s, evict,
+                           True, inv))
+            continue
+        plain += 1
+        total = queue_s + load_s
+        if total > bound:
+            continue
+        append((total, t, inv.id, queue_s, load_s, 0.0, evict, False, inv))
+        if trim and len(rows) >= 4 * keep:
+            rows = heapq.nsmallest(keep, rows)
+            append = rows.append
+            bound = rows[-1][0]
     if moving:  # what would move must have somewhere to go: the most room on another invoker
-        rows = [r for r in rows if not r[7] or (room2 if r[2] == room1_id else room1)
-                >= need - (r[8].memory_bytes - r[8].used_bytes + r[8].idle_bytes)]
+        movers = [r for r in movers if (room2 if r[2] == room1_id else room1)
+                  >= need - (r[8].memory_bytes - r[8].used_bytes + r[8].idle_bytes)]
+    considered = plain + len(movers)
+    rows += movers
     if not rows:
         return None
     best = heapq.nsmallest(keep, rows)  # ids are unique: comparison never reaches the invoker
@@ -321,7 +343,7 @@ def place(
     evict_ids, migrate_ids = _make_room(inv, need, migrate=pick[7])
     return Placement(
         policy=policy, invoker=inv, chosen=_estimate(pick), evict=evict_ids, migrate=migrate_ids,
-        candidates=tuple(_estimate(r) for r in best), considered=len(rows),
+        candidates=tuple(_estimate(r) for r in best), considered=considered,
     )
 
 

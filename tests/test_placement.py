@@ -239,3 +239,35 @@ def test_ours_settles_a_tie_on_the_invoker_with_less_work_in_flight() -> None:
     view.set_tier("m", "b", "ssd")  # b: 0.5 s against a's 0.095 s
     p = place(view, REQ, now=0.0)
     assert p is not None and p.invoker.id == "a"
+
+
+def test_ours_keeps_the_same_best_candidates_when_it_sets_most_aside() -> None:
+    """With many candidates, ``ours`` builds rows only for those that may be among the ``keep``
+    best; the decision, its best ``keep`` estimates and ``considered`` must be what a decision
+    keeping every candidate starts with. Estimates tie on purpose (equal bandwidths and
+    sizes): a tie at the bound of what is kept must be kept, since a later-visited candidate
+    with a smaller id sorts first."""
+    rng = random.Random(7)
+    view = ClusterView()
+    ids = list(range(400))
+    rng.shuffle(ids)  # visited out of id order, so a later tie can sort first
+    for i in ids:
+        inv = InvokerState(id=f"i{i:03d}", url="", memory_bytes=rng.choice([2, 3, 4]) * GB,
+                           bandwidths=BW)
+        view.invokers[inv.id] = inv
+        for k in range(rng.randint(0, 3)):
+            kind = rng.choice(["idle", "busy", "starting"])
+            if inv.used_bytes + GB <= inv.memory_bytes:
+                inv.put(f"{i}-{k}", Slot(GB, kind, tokens=rng.randint(10, 900), last_used=k,  # type: ignore[arg-type]
+                                         ready_by=rng.uniform(0, 3)))
+        if rng.random() < 0.02:  # few holders: the best 16 end among the remote ties
+            view.set_tier("m", inv.id, rng.choice(["dram", "ssd"]))  # type: ignore[arg-type]
+    req = PlacementRequest(model="m", nbytes=GB, memory_bytes=2 * GB)
+    for migration in (MIG, None):
+        few = place(view, req, policy="ours", migration=migration, now=1.0, keep=16)
+        every = place(view, req, policy="ours", migration=migration, now=1.0, keep=400)
+        assert few is not None and every is not None
+        assert few.considered == every.considered > 4 * 16  # enough that rows were set aside
+        assert few.candidates == every.candidates[:16]
+        assert (few.invoker.id, few.evict, few.migrate) == (every.invoker.id, every.evict,
+                                                            every.migrate)
