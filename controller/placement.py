@@ -263,7 +263,6 @@ def place(
     # instances moved away are checked against them after it
     room1 = room2 = -1
     room1_id = ""
-    moving = False
     order = _TIER_ORDER
     join = policy == "ours"
     model = req.model
@@ -291,7 +290,7 @@ def place(
                 evict = True
             elif may_migrate and room + inv.busy_bytes >= need:
                 evict = inv.idle_bytes > 0
-                migrate = moving = True
+                migrate = True
             else:
                 continue
         joined = inv.loading.get(model) if join and inv.loading else None
@@ -318,7 +317,7 @@ def place(
             rows = heapq.nsmallest(keep, rows)
             append = rows.append
             bound = rows[-1][0]
-    if moving:  # what would move must have somewhere to go: the most room on another invoker
+    if movers:  # what would move must have somewhere to go: the most room on another invoker
         movers = [r for r in movers if (room2 if r[2] == room1_id else room1)
                   >= need - (r[8].memory_bytes - r[8].used_bytes + r[8].idle_bytes)]
     considered = plain + len(movers)
