@@ -106,6 +106,10 @@ the system under test; the baselines are placement policies that copy on a miss)
 (every policy gets the copies, to tell placement's share from replication's), or ``none``;
 ``copied ahead`` counts the copies it completed. The JSON's ``cpu_s`` gives the CPU seconds
 each kind of process (controller, gateway, invokers, etcd) used during the replay (Linux).
+``--record DIR`` keeps each run in ``DIR/<policy>-<migration>-seed<N>/``: its logs (``logs/``;
+later runs reuse the runtime's folder) and one JSON line per invocation (``invocations.jsonl``:
+arrival and send time, function, status, TTFT and TTLT in seconds, instance, the gateway's
+timings), which ``bench/compare.py`` pools across batches.
 
 Rows (per policy and migration mode): ``requests`` sent; ``errors`` by HTTP status (``stream``: an error event after
 the first token; ``conn``: no answer); ``TTFT mean/p50/p99`` (seconds, client side: from sending
@@ -903,13 +907,37 @@ def run_cluster_policy(policy: Policy, migration: str, args: argparse.Namespace,
     causes = [c for r, c in zip(colds, classify(results, reasons, args.keep_alive), strict=True)
               if r.arrival.t >= args.warmup]
     measured = _Measured([r for r in results if r.arrival.t >= args.warmup], causes, decided)
+    kept = None if args.record is None else Path(args.record) / f"{policy}-{migration}-seed{seed}"
     row = {"mode": "cluster", "policy": policy, "migration": migration, "seed": seed,
            **summarize(measured.results, measured.causes, measured.decided),
            "replication": replication,
            "replicated": replicated,
            "cpu_s": cpu,
-           "startup_s": startup_s, "replay_s": replay_s, "logs": str(home / "run")}
+           "startup_s": startup_s, "replay_s": replay_s,
+           "logs": str(home / "run" if kept is None else kept / "logs")}
+    if kept is not None:
+        record_run(kept, home, results, {**row, "warmup": args.warmup})
     return row, measured
+
+
+def record_run(dest: Path, home: Path, results: list[Result], row: dict[str, Any]) -> None:
+    """Keep one run at ``dest`` (replaced if there): a copy of its logs (``dest/logs``), its row
+    (``dest/row.json``, with ``warmup``) and ``dest/invocations.jsonl``, one line per invocation
+    (times in seconds from the replay's start; ``ttft_s`` None for a failed call), including
+    those before the warm-up."""
+    shutil.rmtree(dest, ignore_errors=True)
+    shutil.copytree(home / "run", dest / "logs")
+    (dest / "row.json").write_text(json.dumps(row, default=str) + "\n")
+    with (dest / "invocations.jsonl").open("w") as f:
+        for r in results:
+            f.write(json.dumps({
+                "arrival_s": round(r.arrival.t, 6), "sent_s": round(r.sent, 6),
+                "function": r.function, "status": r.status, "ok": r.ok,
+                "ttft_s": None if r.first is None or not r.ok else round(r.first - r.sent, 6),
+                "ttlt_s": round(r.end - r.sent, 6), "tokens": r.tokens,
+                "instance_id": r.done.get("instance_id"), "timings": r.timings,
+                "migrations": len(r.done.get("migrations", [])),
+            }) + "\n")
 
 
 @dataclass
@@ -1036,6 +1064,9 @@ def main() -> None:
     ap.add_argument("--replication", default="ours", choices=("ours", "all", "none"),
                     help="cluster: which policies' controllers copy in-use checkpoints ahead of "
                          "bursts (controller.replication): ours only, all, or none")
+    ap.add_argument("--record", default=None, metavar="DIR",
+                    help="cluster: keep each run's logs and invocations under DIR "
+                         "(for bench/compare.py)")
     ap.add_argument("--json", action="store_true", help="one JSON line per policy")
     args = ap.parse_args()
     sim = args.simulate
