@@ -8,34 +8,52 @@ candidate, *wait for a busy instance of the function*, whose estimate is its exp
 service time. That candidate is ours, not the paper's.
 
 The pool measures each function's service time (seconds from an invocation taking a slot to
-giving it back) as an exponentially weighted mean, and estimates the wait of a new invocation as
-the time until the slot it would get frees, given the invocations already waiting ahead of it.
+giving it back): an exponentially weighted mean, and the last :data:`WINDOW` samples. A busy
+slot whose invocation has run for ``a`` seconds is expected to free after the mean residual
+life of the recent samples, ``mean(s - a for s > a)``: what calls that ran that long went on
+to need. A call running longer than every recent one (under a burst, the cores shared by more
+generations slow every call) is expected to need one more mean service, not none; estimating
+``mean - a``, floored at 0, said "frees now" for every call past the mean, and ``ours`` then
+waited for busy instances instead of a 0.01 s load from the DRAM tier (bench/replay.py, batch
+R of docs/benchmarks.md). The wait of a new invocation is the time until the slot it would get
+frees, given the invocations already waiting ahead of it.
 
-Worked example (the test ``test_worked_example``): mean service 2 s; two busy instances, one
-busy for 0.5 s (1.5 s left), one for 3 s (over the mean: 0 s left); with nobody ahead the wait
-is 0 s, with one ahead 1.5 s, with two ahead 0 + 2 = 2 s (the first slot frees twice).
+Worked example (the test ``test_worked_example``): one sample of 2 s (the mean); two busy
+instances, one busy for 0.5 s (1.5 s left), one for 3 s (longer than any sample: 2 s left);
+with nobody ahead the wait is 1.5 s, with one ahead 2 s, with two ahead 1.5 + 2 = 3.5 s (the
+first slot frees twice).
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterable
+
+WINDOW = 64
+"""Recent service times kept per function for the mean residual life."""
 
 
 class ServiceTimes:
-    """Per function, an exponentially weighted mean of invocation service times (seconds).
+    """Per function, an exponentially weighted mean of invocation service times (seconds) and
+    the last ``window`` of them.
 
     Args:
-        alpha: weight of a new sample, 0 < alpha <= 1.
+        alpha: weight of a new sample in the mean, 0 < alpha <= 1.
+        window: recent samples kept per function, at least 1.
 
     Raises:
-        ValueError: alpha out of range.
+        ValueError: alpha or window out of range.
     """
 
-    def __init__(self, alpha: float = 0.3) -> None:
+    def __init__(self, alpha: float = 0.3, window: int = WINDOW) -> None:
         if not 0 < alpha <= 1:
             raise ValueError(f"alpha must be in (0, 1], got {alpha}")
+        if window < 1:
+            raise ValueError(f"window must be at least 1, got {window}")
         self._alpha = alpha
+        self._window = window
         self._mean: dict[str, float] = {}
+        self._recent: dict[str, deque[float]] = {}
 
     def observe(self, function: str, seconds: float) -> None:
         """Fold in one invocation of ``function`` that held its slot for ``seconds``."""
@@ -44,6 +62,20 @@ class ServiceTimes:
         old = self._mean.get(function)
         self._mean[function] = seconds if old is None else (
             self._alpha * seconds + (1 - self._alpha) * old)
+        self._recent.setdefault(function, deque(maxlen=self._window)).append(seconds)
+
+    def remaining(self, function: str, elapsed: float) -> float | None:
+        """Expected seconds left of an invocation of ``function`` that has held its slot for
+        ``elapsed`` seconds (negative: it starts in ``-elapsed`` seconds): the mean of ``s -
+        elapsed`` over the recent samples ``s`` longer than ``elapsed``, or the mean service
+        when none is (module docstring). None before the first sample."""
+        mean = self._mean.get(function)
+        if mean is None:
+            return None
+        if elapsed <= 0:
+            return mean - elapsed
+        longer = [s for s in self._recent[function] if s > elapsed]
+        return sum(longer) / len(longer) - elapsed if longer else mean
 
     def mean(self, function: str) -> float | None:
         """The mean service time of ``function`` (seconds); None before its first sample."""
@@ -66,7 +98,9 @@ class ServiceTimes:
             no slot that will free).
         """
         mean = self._mean.get(function)
-        left = sorted(max(0.0, mean - (now - t)) for t in started) if mean is not None else []
+        if mean is None:
+            return None
+        left = sorted(self.remaining(function, now - t) for t in started)  # type: ignore[misc]
         if not left:
             return None
         rounds, slot = divmod(max(0, ahead), len(left))
