@@ -15,17 +15,18 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _module(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"sllm_bench_{name}_test", ROOT / "bench" / f"{name}.py")
+def _load_replay() -> ModuleType:
+    """bench/replay.py by its path (``bench`` is no package); it loads its sibling modules."""
+    spec = importlib.util.spec_from_file_location("sllm_bench_replay_test", ROOT / "bench" / "replay.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
+    sys.modules[spec.name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
     return module
 
 
-replay = _module("replay")
-compare = _module("compare")
+replay = _load_replay()
+compare = replay._bench_module("compare")
 
 
 def record(batch: Path, policy: str, seed: int, ttfts: list[float | None], tmp: Path,
