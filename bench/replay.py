@@ -949,21 +949,40 @@ class _Measured:
     decided: list[float]
 
 
+def run_order(policies: list[Policy], seed: int) -> list[Policy]:
+    """The order in which seed ``seed``'s runs replay: ``policies`` rotated left by ``seed``, so
+    over any ``len(policies)`` consecutive seeds each policy runs first once, whichever seed a
+    batch starts from."""
+    k = seed % len(policies)
+    return policies[k:] + policies[:k]
+
+
 def run_cluster(args: argparse.Namespace, policies: list[Policy]) -> list[dict[str, Any]]:
     """One row per seed, policy and migration mode; with several seeds also one ``pooled`` row
     per policy and mode: the figures over the invocations of all its runs (the p99 of seeds 1-3,
     885 invocations, is about the 9th-worst rather than one run's 3rd-worst, so one burst weighs
-    less), with each run's p99 in ``run_p99_s``. Seed ``i`` (0-based) runs the policies rotated
-    by ``i``, so no policy always runs first or last while the machine's speed drifts."""
+    less), with each run's p99 in ``run_p99_s``. Seed ``s`` runs the policies rotated by
+    ``s``, so no policy always runs first or last while the machine's speed drifts, in one batch
+    or across batches. Unless ``--prime`` is 0, a replay of that many trace seconds, neither
+    measured nor recorded, comes first, so the first measured run does not meet a machine that
+    has been idle (docs/benchmarks.md section 4, batch U)."""
     models = build_models(bench_dir() / "models", args.functions, args.big, args.big_layers)
     model = TraceModel(**{**REAL_TRACE.__dict__, "zipf_s": args.zipf_s, "cv": args.cv,
                           "output_median_tokens": args.output_median,
                           "output_max_tokens": args.output_max})
     rows = []
+    if args.prime > 0:
+        prime = argparse.Namespace(**{**vars(args), "record": None})
+        seed = max(args.seeds) + 1  # a trace no measured run replays
+        if not args.json:
+            print(f"  priming: {policies[0]} replays {args.prime:g} s, not measured",
+                  file=sys.stderr)
+        run_cluster_policy(policies[0], args.migrations.split(",")[0], prime, models,
+                           generate(args.functions, args.prime, args.rate, seed, model), seed)
     pooled: dict[tuple[str, str], list[tuple[dict[str, Any], _Measured]]] = {}
-    for k, seed in enumerate(args.seeds):
+    for seed in args.seeds:
         arrivals = generate(args.functions, args.duration, args.rate, seed, model)
-        for policy in policies[k % len(policies):] + policies[:k % len(policies)]:
+        for policy in run_order(policies, seed):
             for migration in args.migrations.split(","):
                 if not args.json:
                     print(f"  seed {seed}, {policy} (migration {migration}): starting a runtime, "
@@ -1067,6 +1086,10 @@ def main() -> None:
     ap.add_argument("--record", default=None, metavar="DIR",
                     help="cluster: keep each run's logs and invocations under DIR "
                          "(for bench/compare.py)")
+    ap.add_argument("--prime", type=float, default=20.0, metavar="SECONDS",
+                    help="cluster: first replay this many trace seconds with the first policy, "
+                         "neither measured nor recorded, so no measured run meets an idle "
+                         "machine (0: none)")
     ap.add_argument("--json", action="store_true", help="one JSON line per policy")
     args = ap.parse_args()
     sim = args.simulate

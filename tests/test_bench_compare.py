@@ -98,3 +98,13 @@ def test_a_unit_without_every_policy_is_left_out(tmp_path: Path) -> None:
         compare.compare(compare.load_units([tmp_path / "S", tmp_path / "T"]))
     with pytest.raises(FileNotFoundError, match="no recorded run"):
         compare.load_units([tmp_path / "empty"])
+
+
+def test_each_policy_leads_once_in_any_run_of_consecutive_seeds() -> None:
+    # units pooled across batches: no policy may always be a batch's first run
+    policies = ["ours", "locality", "least-loaded", "random"]
+    for start in (1, 7, 10):  # where batches R and S, T and U began
+        firsts = [replay.run_order(policies, seed)[0] for seed in range(start, start + 4)]
+        assert sorted(firsts) == sorted(policies)
+        assert all(sorted(replay.run_order(policies, seed)) == sorted(policies)
+                   for seed in range(start, start + 4))
