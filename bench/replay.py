@@ -971,19 +971,20 @@ def run_cluster(args: argparse.Namespace, policies: list[Policy]) -> list[dict[s
                           "output_median_tokens": args.output_median,
                           "output_max_tokens": args.output_max})
     rows = []
+    migrations = args.migrations.split(",")
     if args.prime > 0:
         prime = argparse.Namespace(**{**vars(args), "record": None})
         seed = max(args.seeds) + 1  # a trace no measured run replays
         if not args.json:
             print(f"  priming: {policies[0]} replays {args.prime:g} s, not measured",
                   file=sys.stderr)
-        run_cluster_policy(policies[0], args.migrations.split(",")[0], prime, models,
+        run_cluster_policy(policies[0], migrations[0], prime, models,
                            generate(args.functions, args.prime, args.rate, seed, model), seed)
     pooled: dict[tuple[str, str], list[tuple[dict[str, Any], _Measured]]] = {}
     for seed in args.seeds:
         arrivals = generate(args.functions, args.duration, args.rate, seed, model)
         for policy in run_order(policies, seed):
-            for migration in args.migrations.split(","):
+            for migration in migrations:
                 if not args.json:
                     print(f"  seed {seed}, {policy} (migration {migration}): starting a runtime, "
                           f"replaying {len(arrivals)} invocations over {args.duration:g} s",
