@@ -32,9 +32,11 @@ waited 13 s in ``bench/replay.py`` (docs/benchmarks.md, batch F).
 When the best candidate must first move running inferences away (ServerlessLLM §5-6), what
 happens depends on the pool's ``migration`` mode:
 
-- ``live`` (default): each running instance there migrates (:meth:`InstancePool.migrate`): a
-  destination instance of its function is found or started elsewhere, its invoker moves the
-  generations by their tokens, and the new instance loads once they have moved;
+- ``live`` (default): each running instance there migrates: in the same step as the decision
+  (no await between them), a destination instance of its function is found idle or started
+  elsewhere and holds its slots; then its invoker moves the generations by their tokens, and
+  the new instance loads once they have moved. With no destination for one, the best place
+  without migration is taken;
 - ``preempt`` (the baseline of ``bench/replay.py``): the running instances are unloaded at once;
   their invocations resume wherever the gateway finds room, recomputing from their tokens;
 - ``off``: the best candidate that needs neither is taken, or the call waits.
@@ -200,10 +202,11 @@ class InstancePool:
         # function -> (self._changes, monotonic seconds) when a placement of it found no room
         self._no_room: dict[str, tuple[int, float]] = {}
         self._needs: dict[str, int] = {}  # function -> instance memory (bytes) of its waiters
+        self._manifests: dict[str, FunctionManifest] = {}  # the last seen, per function
         self.service = ServiceTimes()
         self._dirty: set[str] = set()
         self._flush_wakeup = asyncio.Event()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Future[object]] = set()
         self._closed = False
 
     # --- state changes --------------------------------------------------------------------------
@@ -591,51 +594,102 @@ class InstancePool:
         return decision
 
     async def start_instance(self, manifest: FunctionManifest, *, reserve: bool = False,
-                             exclude: str | None = None, only: str | None = None,
                              may_migrate: bool = True, unless_wait: float | None = None,
                              waited_s: float = 0.0) -> LiveInstance | None:
         """Place a new instance of the function and start loading it in the background; None
         when every invoker is full of busy instances (the caller waits for a release) or the
         function reached ``maxInstances`` meanwhile. With ``reserve`` the new instance counts
-        one invocation in flight from the moment it exists (the caller's). A migration's
-        destination is placed with ``exclude`` (its source's invoker id) or ``only`` (the
-        invoker an operator named), never by moving other instances. ``unless_wait`` is the
-        expected wait (seconds) for a busy instance of the function: it also returns None when
-        that, and the ``waited_s`` seconds the caller has waited so far, are both shorter than
-        the new instance's startup estimate (nothing is evicted then).
+        one invocation in flight from the moment it exists (the caller's). ``unless_wait`` is
+        the expected wait (seconds) for a busy instance of the function: it also returns None
+        when that, and the ``waited_s`` seconds the caller has waited so far, are both shorter
+        than the new instance's startup estimate (nothing is evicted then).
+
+        The decision, the unloads it names and, when it moves running instances away, their
+        destinations are taken in one step, with no await between them (:meth:`_place_now`):
+        no other placement can take the room a destination was counted on. (A destination
+        placed after the awaits of the migration found its room taken 1-7 ms after the
+        decision: 13 of the 18 migrations of docs/benchmarks.md batch U were abandoned so.)
 
         Raises:
             Unavailable: no invoker runs, or none could ever hold the instance.
             ModelNotFound: the model left the store root.
         """
         changes = self._changes  # before the await: a change meanwhile voids a "no room"
+        self._manifests[manifest.name] = manifest
         invokers = await self._list_invokers()
-        destination = exclude is not None or only is not None
-        if destination:
-            invokers = [i for i in invokers if i.id != exclude and (only is None or i.id == only)]
         if not invokers:
-            raise Unavailable("no invoker is running" if not destination else
-                              "no other invoker is running", retry_after=5)
-        if not destination and len(self._candidates(manifest)) >= manifest.spec.scaling.maxInstances:
+            raise Unavailable("no invoker is running", retry_after=5)
+        if may_migrate and self.mode == "live":
+            await self._learn_manifests()  # a mover's destination is placed without an await
+        # no await from here until the instance (and its movers' destinations) exist
+        if len(self._candidates(manifest)) >= manifest.spec.scaling.maxInstances:
             return None  # another call started one while this one listed the invokers
+        return self._place_now(manifest, invokers, reserve=reserve, may_migrate=may_migrate,
+                               unless_wait=unless_wait, waited_s=waited_s, changes=changes)
+
+    async def _learn_manifests(self) -> None:
+        """Fetch the manifest of every function with a loaded instance that this pool has not
+        seen yet (adopted from an earlier controller), so that a migration's destination can
+        be placed in the same step as the decision that moves it. Usually none."""
+        if self._manifest_of is None:
+            return
+        for function in {i.record.function for i in self.instances.values()
+                         if i.state in LOADED and i.record.function not in self._manifests}:
+            try:
+                self._manifests[function] = await self._manifest_of(function)
+            except SllmError as e:  # deleted meanwhile: its instances do not move
+                log.info("no manifest for %s (%s): its instances cannot migrate", function,
+                         e.message)
+
+    def _place_now(self, manifest: FunctionManifest, invokers: list[InvokerRecord], *,
+                   reserve: bool, may_migrate: bool, unless_wait: float | None = None,
+                   waited_s: float = 0.0, changes: int | None = None, send: bool = True
+                   ) -> LiveInstance | None:
+        """:meth:`start_instance` after its awaits: decide among ``invokers``, unload the idle
+        instances the decision names, move the running ones away (``live`` mode: a destination
+        for each is found or started now, its slots held, see :meth:`_reserve_destinations`;
+        when one has nowhere to go the best place without migration is taken instead;
+        ``preempt`` mode: they are unloaded), and create the instance. Runs without an await.
+        ``send`` false leaves the load unsent (the caller sends it with :meth:`_send`);
+        ``changes`` is the notification count before the caller's awaits (None: a migration's
+        destination, whose "no room" is not remembered).
+
+        Raises:
+            Unavailable: no invoker could ever hold the instance.
+            ModelNotFound: the model left the store root.
+        """
         t0 = time.perf_counter()
-        decision = self.decide(manifest, invokers, may_migrate=may_migrate and not destination)
+        decision = self.decide(manifest, invokers, may_migrate=may_migrate)
+        moves: dict[str, LiveInstance] = {}
+        while True:
+            if decision is None:
+                log.info("no room for %s on any invoker: waiting for an instance to free up",
+                         manifest.name)
+                # (no room without migration says nothing of the room with it)
+                if changes is not None and may_migrate:
+                    self._no_room[manifest.name] = (changes, time.monotonic())
+                return None
+            if unless_wait is not None and max(unless_wait, waited_s) < decision.chosen.total_s:
+                log.info("waiting for a busy instance of %s (expected in %.3f s, waited %.3f s) "
+                         "instead of a cold start on %s", manifest.name, unless_wait, waited_s,
+                         decision.chosen.brief())
+                return None
+            if not decision.migrate or self.mode != "live":
+                break
+            reserved = self._reserve_destinations(decision.migrate, invokers, manifest.name)
+            if reserved is not None:
+                moves = reserved
+                break
+            log.info("an instance on %s has nowhere to migrate to: placing %s without migration",
+                     decision.invoker.id, manifest.name)
+            decision = self.decide(manifest, invokers, may_migrate=False)
         decision_s = time.perf_counter() - t0
-        if decision is None:
-            log.info("no room for %s on any invoker: waiting for an instance to free up", manifest.name)
-            # (no room without migration says nothing of the room with it)
-            if not destination and may_migrate:
-                self._no_room[manifest.name] = (changes, time.monotonic())
-            return None
-        if unless_wait is not None and max(unless_wait, waited_s) < decision.chosen.total_s:
-            log.info("waiting for a busy instance of %s (expected in %.3f s, waited %.3f s) "
-                     "instead of a cold start on %s", manifest.name, unless_wait, waited_s,
-                     decision.chosen.brief())
-            return None
         for iid in decision.evict:  # retired before any await: no invocation can take them now
             self._retire_and_unload(iid, f"evicted (least recently used idle) for {manifest.name}",
                                     if_idle=True)
-        after = self._make_room(decision.migrate, manifest.name)
+        if self.mode == "preempt":
+            for iid in decision.migrate:
+                self._retire_and_unload(iid, f"preempted: making room for {manifest.name}")
         now = self._clock()
         inv = decision.invoker
         record = InstanceRecord(
@@ -645,22 +699,42 @@ class InstancePool:
             placement=placement_record(decision, list(decision.evict), now, decision_s),
             ready_by=now + decision.chosen.total_s,
         )
-        live = LiveInstance(record, in_flight=int(reserve), max_tokens=manifest.spec.generation.maxTokens,
-                            after=after)
+        live = LiveInstance(record, in_flight=int(reserve), max_tokens=manifest.spec.generation.maxTokens)
         self.instances[record.id] = live
         log.info("cold start: instance %s of %s on %s; %d candidates, decided in %.2f ms; "
                  "next best: %s", record.id, manifest.name, decision.chosen.brief(),
                  decision.considered, decision_s * 1e3,
                  "; ".join(e.brief() for e in decision.candidates[:4]
                            if e.invoker_id != inv.id)[:400] or "none")
-        try:  # durable before the load is sent: a successor controller finds the pending load
-            await self._etcd.put(keys.Kind.INSTANCE, record.id, record)
-        except Unavailable as e:
-            log.warning("instance %s not recorded before its load (%s); the flusher retries",
-                        record.id, e.message)
-            self._mark(record.id)
-        self._spawn(self._load(live))
+        reason = f"making room for {manifest.name}"
+        for iid, dest in moves.items():
+            mover = self.instances[iid]
+            if dest.state == S.PENDING:  # started for it, not an idle one
+                self._send(dest)
+            move = asyncio.ensure_future(self._move(mover, dest, mover.in_flight, reason=reason))
+            self._tasks.add(move)  # cancelled when the pool closes
+            move.add_done_callback(self._tasks.discard)
+            live.after.append(move)
+        if send:
+            self._send(live)
         return live
+
+    def _send(self, live: LiveInstance) -> None:
+        """Record a new instance in etcd, then send its load, in the background."""
+        self._spawn(self._record_and_load(live))
+
+    async def _record_and_load(self, live: LiveInstance) -> None:
+        record = live.record
+        if live.state in STARTING:
+            try:  # durable before the load is sent: a successor controller finds the pending load
+                await self._etcd.put(keys.Kind.INSTANCE, record.id, record)
+            except Unavailable as e:
+                log.warning("instance %s not recorded before its load (%s); the flusher retries",
+                            record.id, e.message)
+                self._mark(record.id)
+            if live.record is not record:  # changed during the write: the flusher writes it now
+                self._mark(record.id)
+        await self._load(live)
 
     def _sources(self, model: str, exclude: str) -> list[str]:
         """URLs of live invokers holding ``model``'s checkpoint, DRAM tier first."""
@@ -734,19 +808,66 @@ class InstancePool:
 
     # --- migration ------------------------------------------------------------------------------
 
-    def _make_room(self, ids: Iterable[str], function: str
-                   ) -> list[asyncio.Task[tuple[MigrateResponse, InstanceRecord]]]:
-        """Move the running instances ``ids`` away for a new instance of ``function``: migrate
-        them (``live``; returns the migrations, which the new instance's load waits for) or
-        unload them at once (``preempt``: their invocations resume elsewhere)."""
-        reason = f"making room for {function}"
-        tasks = []
+    def _reserve_destinations(self, ids: Iterable[str], invokers: list[InvokerRecord],
+                              function: str) -> dict[str, LiveInstance] | None:
+        """Destinations for the running instances ``ids``, which move away to make room for a
+        new instance of ``function``, taken now (:meth:`_destination_now`): each mover is marked
+        migrating and its destination holds a slot per invocation in flight, so no other
+        placement or invocation takes either. Returns mover id -> destination, or None when one
+        has nowhere to go (what was reserved for the others is given back; a destination whose
+        placement unloaded idle instances leaves them unloaded)."""
+        moves: dict[str, LiveInstance] = {}
         for iid in ids:
-            if self.mode == "preempt":
-                self._retire_and_unload(iid, f"preempted: {reason}")
-            else:
-                tasks.append(asyncio.ensure_future(self.migrate(iid, reason=reason)))
-        return tasks
+            mover = self.instances.get(iid)
+            manifest = self._manifests.get(mover.record.function) if mover is not None else None
+            dest = None
+            if mover is not None and manifest is not None and mover.state in LOADED:
+                try:
+                    dest = self._destination_now(mover, manifest, invokers, only=None,
+                                                 reason=f"making room for {function}")
+                except SllmError as e:
+                    log.info("no destination for %s: %s", iid, e.message)
+            if dest is None:
+                for moved, d in moves.items():
+                    self._give_back(self.instances[moved], d)
+                return None
+            moves[iid] = dest
+        return moves
+
+    def _destination_now(self, mover: LiveInstance, manifest: FunctionManifest,
+                         invokers: list[InvokerRecord], *, only: str | None, reason: str
+                         ) -> LiveInstance | None:
+        """Reserve a migration destination for the loaded instance ``mover``, without an await:
+        an idle instance of its function on another invoker (``only``: that one), else a new
+        one placed among the other ``invokers`` without moving anything (its load unsent: the
+        caller sends it). The mover is marked migrating (no invocation takes it meanwhile) and
+        the destination holds one slot per invocation in flight on the mover. Returns None
+        when no invoker has room.
+
+        Raises:
+            Unavailable: no invoker could ever hold it.
+            ModelNotFound: its model left the store root.
+        """
+        dest = self._idle_destination(mover, only)
+        if dest is None:
+            others = [i for i in invokers if i.id != mover.record.invoker_id
+                      and (only is None or i.id == only)]
+            if not others:
+                raise Unavailable("no other invoker is running", retry_after=5)
+            dest = self._place_now(manifest, others, reserve=False, may_migrate=False, send=False)
+            if dest is None:
+                return None
+        self._set_state(mover, S.MIGRATING, reason=reason)
+        self._hold(dest, mover.in_flight)
+        return dest
+
+    def _give_back(self, mover: LiveInstance, dest: LiveInstance) -> None:
+        """Undo :meth:`_destination_now` for a migration that will not happen."""
+        self._unhold(dest, mover.in_flight)
+        if dest.state == S.PENDING and dest.in_flight == 0:
+            self.instances.pop(dest.record.id, None)  # never sent nor recorded: forgotten
+        if mover.state == S.MIGRATING:
+            self._set_state(mover, S.ACTIVE if mover.in_flight else S.IDLE, reason=None)
 
     def _idle_destination(self, source: LiveInstance, only: str | None) -> LiveInstance | None:
         """An idle instance of the source's function on another invoker (``only``: that one)."""
@@ -759,14 +880,23 @@ class InstancePool:
                 return live
         return None
 
+    def _loaded(self, instance_id: str, to: str | None) -> LiveInstance:
+        """The loaded instance ``instance_id``, as :meth:`migrate` may move it (its errors)."""
+        live = self.instances.get(instance_id)
+        if live is None:
+            raise InstanceNotFound(f"no instance {instance_id!r}")
+        if live.state not in LOADED:
+            raise Conflict(f"instance {instance_id} is {live.state.value}; only an idle or active "
+                           "instance can migrate")
+        if to is not None and to == live.record.invoker_id:
+            raise Conflict(f"instance {instance_id} is on invoker {to} already")
+        return live
+
     async def migrate(self, instance_id: str, *, to: str | None = None, reason: str
                       ) -> tuple[MigrateResponse, InstanceRecord]:
-        """Live-migrate a loaded instance (ServerlessLLM §5): find or start an instance of its
-        function on another invoker (``to``: that one), reserve it a slot per invocation in
-        flight, wait for it to load, then have the source's invoker move every generation there
-        by its tokens (:mod:`invoker.migration`). The gateways follow each stream and move
-        their slots (:meth:`release` with ``moved_to``). Afterwards the source drains (it stops
-        once the last slot moved); when the migration is abandoned it goes on serving.
+        """Live-migrate a loaded instance (ServerlessLLM §5), as an operator asks: find or start
+        an instance of its function on another invoker (``to``: that one) and move every
+        generation there by its tokens (:meth:`_move`).
 
         Returns:
             What the source's invoker reported (generations moved, finished first, rounds,
@@ -779,46 +909,47 @@ class InstancePool:
             Unavailable: no invoker has room for the destination (or none runs).
             MigrationFailed: the destination failed to load or to take the generations.
         """
-        live = self.instances.get(instance_id)
-        if live is None:
-            raise InstanceNotFound(f"no instance {instance_id!r}")
-        if live.state not in LOADED:
-            raise Conflict(f"instance {instance_id} is {live.state.value}; only an idle or active "
-                           "instance can migrate")
+        live = self._loaded(instance_id, to)
         if self._manifest_of is None:
             raise Unavailable("this controller cannot migrate instances")
-        if to is not None and to == live.record.invoker_id:
-            raise Conflict(f"instance {instance_id} is on invoker {to} already")
+        manifest = await self._manifest_of(live.record.function)
+        invokers = await self._list_invokers()
+        live = self._loaded(instance_id, to)  # again, after the awaits
+        dest = self._destination_now(live, manifest, invokers, only=to, reason=reason)
+        if dest is None:
+            raise Unavailable(f"no invoker has room for a destination of {instance_id}",
+                              retry_after=5)
+        if dest.state == S.PENDING:  # started for it, not an idle one
+            self._send(dest)
+        return await self._move(live, dest, live.in_flight, reason=reason)
+
+    async def _move(self, live: LiveInstance, dest: LiveInstance, reserved: int, *, reason: str
+                    ) -> tuple[MigrateResponse, InstanceRecord]:
+        """Move the generations of the migrating ``live`` to ``dest``, which holds ``reserved``
+        slots for them (:meth:`_destination_now`): wait for ``dest`` to load, then have the
+        source's invoker move every generation there by its tokens (:mod:`invoker.migration`).
+        The gateways follow each stream and move their slots (:meth:`release` with
+        ``moved_to``). Afterwards the source drains (it stops once the last slot moved); when
+        the migration is abandoned it goes on serving. Returns and raises as :meth:`migrate`.
+        """
         source = live.record
-        reserved = live.in_flight
-        self._set_state(live, S.MIGRATING, reason=reason)
-        dest: LiveInstance | None = None
         try:
-            manifest = await self._manifest_of(source.function)
-            dest = self._idle_destination(live, to)
-            if dest is None:
-                dest = await self.start_instance(manifest, exclude=source.invoker_id, only=to)
-            if dest is None:
-                raise Unavailable(f"no invoker has room for a destination of {instance_id}",
-                                  retry_after=5)
-            self._hold(dest, reserved)
             await dest.loaded.wait()
             if dest.error is not None or dest.state not in LOADED:
                 why = dest.error.message if dest.error else f"it is {dest.state.value}"
                 raise MigrationFailed(f"the destination {dest.record.id} did not load: {why}")
-            log.info("migrating %s (%d in flight) from %s to %s on %s: %s", instance_id, reserved,
+            log.info("migrating %s (%d in flight) from %s to %s on %s: %s", source.id, reserved,
                      source.invoker_id, dest.record.id, dest.record.invoker_id, reason)
             resp = await self._invokers.migrate(
-                source.invoker_url, instance_id,
+                source.invoker_url, source.id,
                 MigrateRequest(to_url=dest.record.invoker_url, to_instance=dest.record.id))
         except BaseException as e:
-            if dest is not None:
-                self._unhold(dest, reserved)
+            self._unhold(dest, reserved)
             if live.state == S.MIGRATING:
                 self._set_state(live, S.ACTIVE if live.in_flight else S.IDLE, reason=None)
             await self._notify()
             if isinstance(e, SllmError):
-                log.warning("migration of %s abandoned: %s", instance_id, e.message)
+                log.warning("migration of %s abandoned: %s", source.id, e.message)
             raise
         self._unhold(dest, reserved - resp.moved)  # the moved ones' gateways claim theirs
         if live.state == S.MIGRATING:
@@ -826,7 +957,7 @@ class InstancePool:
                 self._set_state(live, S.ACTIVE if live.in_flight else S.IDLE, reason=None)
             else:
                 live.record = live.record.model_copy(update={"migrated_to": dest.record.id})
-                await self.drain(instance_id, reason=f"migrated to {dest.record.id} "
+                await self.drain(source.id, reason=f"migrated to {dest.record.id} "
                                  f"on {dest.record.invoker_id}: {reason}")
         await self._notify()
         return resp, dest.record
