@@ -324,8 +324,9 @@ class InstancePool:
                     live = await self.start_instance(
                         manifest, reserve=True, may_migrate=may_migrate,
                         unless_wait=self._expected_wait(manifest, cands, queued), waited_s=queue_s)
-                    if live is None and len(self._candidates(manifest)) > len(cands):
-                        continue  # another call started one meanwhile: look again
+                    if live is None and (len(self._candidates(manifest)) > len(cands)
+                                         or self._free_slot(manifest)):
+                        continue  # another call started one, or a slot freed, meanwhile
                 if live is not None:
                     t_load = time.monotonic()
                     try:
@@ -375,6 +376,12 @@ class InstancePool:
                 if not self._waiting[manifest.name]:  # only functions with waiters stay listed
                     del self._waiting[manifest.name]
                     self._needs.pop(manifest.name, None)
+
+    def _free_slot(self, manifest: FunctionManifest) -> bool:
+        """Whether a loaded instance of the function has fewer than ``targetConcurrency``
+        invocations in flight."""
+        target = manifest.spec.scaling.targetConcurrency
+        return any(i.state in LOADED and i.in_flight < target for i in self._candidates(manifest))
 
     def _known_full(self, function: str) -> bool:
         """Whether a placement of ``function`` found no room since the last change (and less
@@ -599,7 +606,10 @@ class InstancePool:
         """Place a new instance of the function and start loading it in the background; None
         when every invoker is full of busy instances (the caller waits for a release) or the
         function reached ``maxInstances`` meanwhile. With ``reserve`` the new instance counts
-        one invocation in flight from the moment it exists (the caller's). ``unless_wait`` is
+        one invocation in flight from the moment it exists (the caller's), and None is also
+        returned when a loaded instance of the function freed a slot while the invokers were
+        listed: the caller takes that slot, and placement does not unload that very instance
+        as idle to start another (seen in docs/benchmarks.md batch Y). ``unless_wait`` is
         the expected wait (seconds) for a busy instance of the function: it also returns None
         when that, and the ``waited_s`` seconds the caller has waited so far, are both shorter
         than the new instance's startup estimate (nothing is evicted then).
@@ -624,6 +634,8 @@ class InstancePool:
         # no await from here until the instance (and its movers' destinations) exist
         if len(self._candidates(manifest)) >= manifest.spec.scaling.maxInstances:
             return None  # another call started one while this one listed the invokers
+        if reserve and self._free_slot(manifest):
+            return None  # a slot freed meanwhile: the caller takes it (a warm start)
         return self._place_now(manifest, invokers, reserve=reserve, may_migrate=may_migrate,
                                unless_wait=unless_wait, waited_s=waited_s, changes=changes)
 

@@ -49,3 +49,35 @@ async def test_waiters_of_a_function_that_found_no_room_do_not_all_place_again()
     for call in calls:
         with pytest.raises(Unavailable):
             await call
+
+
+async def test_a_slot_freed_while_placing_is_taken_warm_not_unloaded_for_a_new_instance() -> None:
+    """Invoker a holds only f-1, busy with one call (targetConcurrency 1). A second call of f
+    starts a placement; while it lists the invokers, f-1's call ends. The placement would
+    unload f-1 as the least recently used idle instance and start another f in its place: the
+    call takes f-1 instead, a warm start."""
+    listing = asyncio.Event()
+    listed = asyncio.Event()
+
+    async def list_invokers() -> list[InvokerRecord]:
+        listing.set()
+        await listed.wait()
+        return [InvokerRecord(id="a", url="http://a", device="cpu", memory_bytes=GB,
+                              started=0.0, pid=1)]
+
+    pool = InstancePool(None, None, list_invokers, lambda model: GB)  # type: ignore[arg-type]
+    pool.instances["f-1"] = LiveInstance(record=InstanceRecord(
+        id="f-1", function="f", model="m", invoker_id="a", invoker_url="http://a",
+        state=S.ACTIVE, created=0.0, memory_bytes=GB), in_flight=1, max_tokens=100)
+    f = FunctionManifest.model_validate({
+        "apiVersion": "sllm.dev/v1", "kind": "Function", "metadata": {"name": "f"},
+        "spec": {"model": "m", "resources": {"memory": "1Gi"},
+                 "scaling": {"maxInstances": 2, "targetConcurrency": 1}},
+    })
+    call = asyncio.create_task(pool.acquire(f, deadline_s=5))
+    await listing.wait()
+    await pool.release("f-1")
+    listed.set()
+    assignment = await call
+    assert assignment.instance_id == "f-1" and not assignment.cold
+    assert list(pool.instances) == ["f-1"] and pool.instances["f-1"].state == S.ACTIVE
