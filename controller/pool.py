@@ -514,7 +514,8 @@ class InstancePool:
             elif live.state == S.IDLE and live.in_flight == 0:
                 slot = Slot(live.record.memory_bytes, "idle", last_used=live.record.last_used or 0.0)
                 idle_at.setdefault(live.record.function, set()).add(inv.id)
-            elif live.state not in LOADED or live.record.model == model:
+            elif live.state not in LOADED or live.record.model == model or live.reserved:
+                # (one holding slots for generations migrating to it stays where it is)
                 slot = Slot(live.record.memory_bytes, "pinned")
             else:
                 slot = Slot(live.record.memory_bytes, "busy",

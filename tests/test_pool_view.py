@@ -66,3 +66,14 @@ def test_a_starting_instance_tells_placement_which_checkpoint_it_loads() -> None
     view = pool.view([invoker("a")], "big")
     assert view.invokers["a"].loading == {"big": NOW + 2.0, "small": 0.0}
     assert view.invokers["a"].starting == 2
+
+
+def test_a_migrations_destination_is_never_moved_itself() -> None:
+    """An instance holding slots for generations migrating to it (here an idle one taken as
+    the destination) is pinned: a placement that moved it would send those generations after
+    it, into an instance that is draining."""
+    pool = InstancePool(None, None, list, lambda model: GB, clock=lambda: NOW)  # type: ignore[arg-type]
+    add(pool, "f-1", "f", "big", "a", S.ACTIVE, in_flight=1)
+    assert pool.view([invoker("a")], "new").invokers["a"].slots["f-1"].kind == "busy"
+    pool.instances["f-1"].reserved = 1  # its one slot is held for a generation on its way
+    assert pool.view([invoker("a")], "new").invokers["a"].slots["f-1"].kind == "pinned"
