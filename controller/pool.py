@@ -304,7 +304,7 @@ class InstancePool:
                     raise NotLeader("this controller stopped leading; ask the new leader",
                                     retry_after=1)
                 cands = self._candidates(manifest)
-                loaded = [i for i in cands if i.state in LOADED and i.in_flight < target]
+                loaded = _with_free_slot(cands, target)
                 starved = self._starved(manifest.name) if cands else None
                 if starved is not None and len(cands) > 1:
                     # fair share: idle instances that would make room for it are left to it
@@ -324,8 +324,8 @@ class InstancePool:
                     live = await self.start_instance(
                         manifest, reserve=True, may_migrate=may_migrate,
                         unless_wait=self._expected_wait(manifest, cands, queued), waited_s=queue_s)
-                    if live is None and (len(self._candidates(manifest)) > len(cands)
-                                         or self._free_slot(manifest)):
+                    now = self._candidates(manifest)
+                    if live is None and (len(now) > len(cands) or _with_free_slot(now, target)):
                         continue  # another call started one, or a slot freed, meanwhile
                 if live is not None:
                     t_load = time.monotonic()
@@ -376,12 +376,6 @@ class InstancePool:
                 if not self._waiting[manifest.name]:  # only functions with waiters stay listed
                     del self._waiting[manifest.name]
                     self._needs.pop(manifest.name, None)
-
-    def _free_slot(self, manifest: FunctionManifest) -> bool:
-        """Whether a loaded instance of the function has fewer than ``targetConcurrency``
-        invocations in flight."""
-        target = manifest.spec.scaling.targetConcurrency
-        return any(i.state in LOADED and i.in_flight < target for i in self._candidates(manifest))
 
     def _known_full(self, function: str) -> bool:
         """Whether a placement of ``function`` found no room since the last change (and less
@@ -633,9 +627,11 @@ class InstancePool:
         if may_migrate and self.mode == "live":
             await self._learn_manifests()  # a mover's destination is placed without an await
         # no await from here until the instance (and its movers' destinations) exist
-        if len(self._candidates(manifest)) >= manifest.spec.scaling.maxInstances:
+        scaling = manifest.spec.scaling
+        cands = self._candidates(manifest)
+        if len(cands) >= scaling.maxInstances:
             return None  # another call started one while this one listed the invokers
-        if reserve and self._free_slot(manifest):
+        if reserve and _with_free_slot(cands, scaling.targetConcurrency):
             return None  # a slot freed meanwhile: the caller takes it (a warm start)
         return self._place_now(manifest, invokers, reserve=reserve, may_migrate=may_migrate,
                                unless_wait=unless_wait, waited_s=waited_s, changes=changes)
@@ -1163,6 +1159,12 @@ class InstancePool:
                 live.error = NotLeader("this controller stopped leading", retry_after=1)
                 live.loaded.set()
         await self._notify()
+
+
+def _with_free_slot(instances: Iterable[LiveInstance], target: int) -> list[LiveInstance]:
+    """The loaded ones among ``instances`` with fewer than ``target`` (the function's
+    ``targetConcurrency``) invocations in flight."""
+    return [i for i in instances if i.state in LOADED and i.in_flight < target]
 
 
 def placement_record(p: Placement, evicted: list[str], now: float, seconds: float) -> PlacementRecord:
