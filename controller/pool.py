@@ -22,12 +22,20 @@ How an invocation gets an instance (:meth:`InstancePool.acquire`):
    waiter, but once a placement of the function found no room, its other waiters do not place
    again until something changes (or :data:`NO_ROOM_RECHECK_S` passes).
 
-A fair share between functions: while calls of another function wait with no instance at all
-(no invoker had room for one), a function that has an instance already does not scale out, and
-when it has several, its next call does not take an idle one big enough for the waiting
-function: that function's placement unloads it instead. Without this, a burst of one function
-at ``maxInstances`` keeps every slot it holds until its queue drains: other functions' calls
-waited 13 s in ``bench/replay.py`` (docs/benchmarks.md, batch F).
+Between functions, room goes to the oldest waiting call (first come, first served). A call
+of another function *blocks* a call of this one when it waits for room: its function is below
+``maxInstances`` and has no instance at all, or its last placement found no invoker with room;
+and it started earlier than this call. This call then does not scale out, and when its
+function has several instances, it does not take an idle one big enough for the blocking
+function: that function's placement unloads it instead. A call of a function with no instance
+counts as started one service time earlier (the mean seconds a call of this function holds its
+slot, :mod:`controller.service_time`): it overtakes at most the calls that came one round
+before it. Without any share, a burst of one function at ``maxInstances`` keeps every slot it
+holds until its queue drains, later calls too: other functions' calls waited 13 s in
+``bench/replay.py`` (docs/benchmarks.md, batch F). With the earlier share (a function with no
+instance always first, whatever the ages), the most popular function lost three of its four
+instances in 3 s to three newcomers while eleven of its calls waited, and they then waited up
+to 17 s (batch Y, seed 7).
 
 When the best candidate must first move running inferences away (ServerlessLLM §5-6), what
 happens depends on the pool's ``migration`` mode:
@@ -197,11 +205,10 @@ class InstancePool:
         self._urls: dict[str, str] = {}  # live invoker id -> URL, as of the last decision
         self._dead: dict[str, float] = {}  # invoker id -> unix seconds it was found unreachable
         self._changed = asyncio.Condition()
-        self._waiting: dict[str, int] = {}
+        self._waiting: dict[str, list[float]] = {}  # function -> its queued calls' starts
         self._changes = 0  # counts notifications: "has anything changed since?"
         # function -> (self._changes, monotonic seconds) when a placement of it found no room
         self._no_room: dict[str, tuple[int, float]] = {}
-        self._needs: dict[str, int] = {}  # function -> instance memory (bytes) of its waiters
         self._manifests: dict[str, FunctionManifest] = {}  # the last seen, per function
         self.service = ServiceTimes()
         self._dirty: set[str] = set()
@@ -305,11 +312,11 @@ class InstancePool:
                                     retry_after=1)
                 cands = self._candidates(manifest)
                 loaded = _with_free_slot(cands, target)
-                starved = self._starved(manifest.name) if cands else None
-                if starved is not None and len(cands) > 1:
-                    # fair share: idle instances that would make room for it are left to it
-                    loaded = [i for i in loaded if i.in_flight
-                              or i.record.memory_bytes < self._needs.get(starved, 0)]
+                blocker = self._blocker(manifest.name, start) if cands else None
+                if blocker is not None and len(cands) > 1:
+                    # room goes to the older call: idle instances it could use are left to it
+                    need = self._manifests[blocker].spec.resources.memory
+                    loaded = [i for i in loaded if i.in_flight or i.record.memory_bytes < need]
                 if loaded:
                     live = min(loaded, key=lambda i: i.in_flight)
                     self._take(live)
@@ -318,7 +325,7 @@ class InstancePool:
                 live = min(loading, key=lambda i: i.in_flight) if loading else None
                 if live is not None:
                     live.in_flight += 1  # before any await: the slot is this call's
-                elif (len(cands) < scaling.maxInstances and starved is None
+                elif (len(cands) < scaling.maxInstances and blocker is None
                       and not self._known_full(manifest.name)):
                     # reserves a slot on the new instance before its first await
                     live = await self.start_instance(
@@ -349,13 +356,13 @@ class InstancePool:
                     )
                 # No capacity: wait for a release or a state change.
                 if not queued:
-                    if self._waiting.get(manifest.name, 0) >= scaling.maxQueue:
+                    if self.waiting(manifest.name) >= scaling.maxQueue:
                         raise TooManyRequests(
                             f"function {manifest.name!r} has {scaling.maxQueue} invocations "
                             "waiting already", retry_after=1,
                         )
-                    self._waiting[manifest.name] = self._waiting.get(manifest.name, 0) + 1
-                    self._needs[manifest.name] = manifest.spec.resources.memory
+                    self._waiting.setdefault(manifest.name, []).append(start)
+                    self._manifests[manifest.name] = manifest
                     queued = True
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -372,10 +379,10 @@ class InstancePool:
                 queue_s += time.monotonic() - t_wait
         finally:
             if queued:
-                self._waiting[manifest.name] -= 1
+                self._waiting[manifest.name].remove(start)
                 if not self._waiting[manifest.name]:  # only functions with waiters stay listed
                     del self._waiting[manifest.name]
-                    self._needs.pop(manifest.name, None)
+                    self._no_room.pop(manifest.name, None)
 
     def _known_full(self, function: str) -> bool:
         """Whether a placement of ``function`` found no room since the last change (and less
@@ -389,22 +396,39 @@ class InstancePool:
 
     def waiting(self, function: str) -> int:
         """Invocations of ``function`` waiting for capacity now."""
-        return self._waiting.get(function, 0)
+        return len(self._waiting.get(function, ()))
 
     def queued(self) -> int:
         """Invocations of all functions waiting for capacity now."""
-        return sum(self._waiting.values())
+        return sum(len(w) for w in self._waiting.values())
 
-    def _starved(self, function: str) -> str | None:
-        """Another function whose calls wait with no instance loaded or starting (no invoker
-        had room for one), or None: the fair share (module docstring) holds ``function`` back
-        for it."""
-        waiting = [f for f in self._waiting if f != function]
-        if not waiting:
+    def _blocker(self, function: str, since: float) -> str | None:
+        """Another function with a call that waits for room and started before a call of
+        ``function`` that started at ``since`` (monotonic seconds), or None: the call gives way
+        to it (module docstring: the oldest call first). Its oldest call's start counts one
+        mean service time of ``function`` earlier when it has no instance at all (unknown mean:
+        it always goes first). The oldest such function is returned."""
+        others = [f for f in self._waiting if f != function and f in self._manifests]
+        if not others:
             return None
-        served = {i.record.function for i in self.instances.values()
-                  if i.state in LOADED or i.state in STARTING}
-        return next((f for f in waiting if f not in served), None)
+        count: dict[str, int] = {}
+        for i in self.instances.values():
+            if i.state in LOADED or i.state in STARTING:
+                count[i.record.function] = count.get(i.record.function, 0) + 1
+        credit = self.service.mean(function)
+        best: tuple[float, str] | None = None
+        for f in others:
+            have = count.get(f, 0)
+            if have >= self._manifests[f].spec.scaling.maxInstances:
+                continue  # it waits for its own instances, not for room
+            if have and f not in self._no_room:
+                continue  # it waits by choice (a busy instance is expected sooner)
+            oldest = min(self._waiting[f])
+            if not have:
+                oldest -= float("inf") if credit is None else credit
+            if oldest < since and (best is None or oldest < best[0]):
+                best = (oldest, f)
+        return None if best is None else best[1]
 
     def _expected_wait(self, manifest: FunctionManifest, cands: list[LiveInstance],
                        queued: bool) -> float | None:
@@ -415,7 +439,7 @@ class InstancePool:
         started = [t for i in cands if i.state in LOADED for t in i.taken]
         started += [i.record.ready_by or 0.0 for i in cands if i.state in STARTING
                     for _ in range(i.in_flight)]
-        ahead = self._waiting.get(manifest.name, 0) - int(queued)
+        ahead = self.waiting(manifest.name) - int(queued)
         return self.service.expected_wait(manifest.name, started, self._clock(), ahead)
 
     def _take(self, live: LiveInstance) -> None:
@@ -682,6 +706,7 @@ class InstancePool:
                 log.info("waiting for a busy instance of %s (expected in %.3f s, waited %.3f s) "
                          "instead of a cold start on %s", manifest.name, unless_wait, waited_s,
                          decision.chosen.brief())
+                self._no_room.pop(manifest.name, None)  # it waits by choice, not for room
                 return None
             if not decision.migrate or self.mode != "live":
                 break
@@ -693,6 +718,7 @@ class InstancePool:
                      decision.invoker.id, manifest.name)
             decision = self.decide(manifest, invokers, may_migrate=False)
         decision_s = time.perf_counter() - t0
+        self._no_room.pop(manifest.name, None)
         for iid in decision.evict:  # retired before any await: no invocation can take them now
             self._retire_and_unload(iid, f"evicted (least recently used idle) for {manifest.name}",
                                     if_idle=True)

@@ -119,7 +119,7 @@ async def test_the_replicator_copies_in_calm_periods_only() -> None:
         assert "c" not in pool.tiers["m"]
         assert rep.tick(INVOKERS, functions) == []  # not retried at once
         now[0] = 61.0
-        pool._waiting["f"] = 1  # an invocation waits for an instance (as acquire counts it)
+        pool._waiting["f"] = [0.0]  # an invocation waits for an instance (as acquire lists it)
         assert pool.queued() == 1 and rep.tick(INVOKERS, functions) == []  # not calm
         del pool._waiting["f"]
         assert [c.invoker_id for c in rep.tick(INVOKERS, functions)] == ["c"]

@@ -1,0 +1,130 @@
+"""Room between functions goes to the oldest waiting call (controller.pool, module docstring):
+a call gives way to an older call of another function that waits for room, and a call of a
+function with no instance overtakes at most one service time of another function's calls.
+
+One invoker, no migration (the pool has no manifest source), every instance busy with one call
+(targetConcurrency 1). The pool has a real etcd but no invoker client: the assertions run
+before a placement's background work (sending the load) gets far, and closing the pool cancels
+that work."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+
+from controller.pool import InstancePool, LiveInstance
+from sllm.etcd import Etcd
+from sllm.manifest import FunctionManifest
+from sllm.messages import Assignment, BandwidthRecord, InstanceRecord, InvokerRecord
+from sllm.states import InstanceState as S
+
+GIB = 1 << 30
+
+
+def fn(name: str, max_instances: int) -> FunctionManifest:
+    return FunctionManifest.model_validate({
+        "apiVersion": "sllm.dev/v1", "kind": "Function", "metadata": {"name": name},
+        "spec": {"model": f"{name}m", "resources": {"memory": "1Gi"},
+                 "scaling": {"maxInstances": max_instances, "targetConcurrency": 1}},
+    })
+
+
+@pytest.fixture
+async def etcd(etcd_endpoint: str) -> AsyncIterator[Etcd]:
+    async with Etcd(etcd_endpoint) as client:
+        yield client
+
+
+def pool_with(etcd: Etcd, memory_gib: int, busy: dict[str, str]) -> InstancePool:
+    """A pool over one invoker of ``memory_gib`` GiB running ``busy`` (instance id -> function),
+    each instance 1 GiB with one call in flight."""
+    invokers = [InvokerRecord(id="a", url="http://a", device="cpu", memory_bytes=memory_gib * GIB,
+                              started=0.0, pid=1, bandwidths=BandwidthRecord(
+                                  dram_bps=10 * GIB, ssd_bps=2 * GIB, network_bps=GIB))]
+
+    async def list_invokers() -> list[InvokerRecord]:
+        return invokers
+
+    pool = InstancePool(etcd, None, list_invokers, lambda model: GIB)  # type: ignore[arg-type]
+    for iid, function in busy.items():
+        pool.instances[iid] = LiveInstance(
+            record=InstanceRecord(id=iid, function=function, model=f"{function}m",
+                                  invoker_id="a", invoker_url="http://a", state=S.ACTIVE,
+                                  created=0.0, memory_bytes=GIB, last_used=1.0),
+            in_flight=1, max_tokens=100, nbytes=GIB)
+    return pool
+
+
+async def until(cond: Callable[[], bool]) -> None:
+    for _ in range(200):
+        if cond():
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError("condition not reached in 1 s")
+
+
+def instances_of(pool: InstancePool, function: str) -> list[LiveInstance]:
+    return [i for i in pool.instances.values()
+            if i.record.function == function and i.state not in (S.STOPPED, S.LOST)]
+
+
+async def test_an_idle_instance_is_left_to_an_older_call_that_found_no_room(etcd: Etcd) -> None:
+    """g's call found no room (g-1 busy, the invoker full) and waits. f-1 finishes its call;
+    a later call of f does not take it (f still has f-2): it waits, and g's placement unloads
+    f-1 for g's new instance."""
+    pool = pool_with(etcd, 3, {"f-1": "f", "f-2": "f", "g-1": "g"})
+    calls: list[asyncio.Task[Assignment]] = []
+    try:
+        calls.append(asyncio.create_task(pool.acquire(fn("g", 3), deadline_s=5)))
+        await until(lambda: pool.waiting("g") == 1)
+        f1 = pool.instances["f-1"]
+        f1.in_flight = 0  # f-1's call ended; its release has not woken g's call yet
+        f1.record = f1.record.model_copy(update={"state": S.IDLE})
+        calls.append(asyncio.create_task(pool.acquire(fn("f", 3), deadline_s=5)))
+        await until(lambda: pool.waiting("f") == 1)
+        assert f1.state == S.IDLE and f1.in_flight == 0  # left to g
+        await pool._notify()  # what the release does next
+        await until(lambda: len(instances_of(pool, "g")) == 2)
+        assert f1.state == S.STOPPED and "for g" in (f1.record.reason or "")
+        assert pool.waiting("f") == 1
+    finally:
+        for call in calls:
+            call.cancel()
+        await asyncio.gather(*calls, return_exceptions=True)
+        await pool.close()
+
+
+@pytest.mark.parametrize("service_s", [0.05, 30.0])
+async def test_a_function_with_no_instance_overtakes_one_service_time_of_calls(
+        etcd: Etcd, service_s: float) -> None:
+    """f runs two calls at its maxInstances and has a third waiting; 0.2 s later a call of n
+    (no instance) finds no room and waits. f-1's call ends. When f's calls take 0.05 s, n's
+    call came more than one of them after f's waiting call: f's call takes f-1. When they
+    take 30 s, n's call goes first: f-1 is left to it and unloaded for n's instance."""
+    pool = pool_with(etcd, 2, {"f-1": "f", "f-2": "f"})
+    pool.service.observe("f", service_s)
+    calls: list[asyncio.Task[Assignment]] = []
+    try:
+        f_call = asyncio.create_task(pool.acquire(fn("f", 2), deadline_s=5))
+        calls.append(f_call)
+        await until(lambda: pool.waiting("f") == 1)
+        await asyncio.sleep(0.2)
+        calls.append(asyncio.create_task(pool.acquire(fn("n", 1), deadline_s=5)))
+        await until(lambda: pool.waiting("n") == 1)
+        await pool.release("f-1")
+        f1 = pool.instances["f-1"]
+        if service_s < 0.2:
+            assignment = await asyncio.wait_for(f_call, 1)
+            assert assignment.instance_id == "f-1" and not assignment.cold
+            assert f1.state == S.ACTIVE and pool.waiting("n") == 1
+        else:
+            await until(lambda: len(instances_of(pool, "n")) == 1)
+            assert f1.state == S.STOPPED and "for n" in (f1.record.reason or "")
+            assert not f_call.done() and pool.waiting("f") == 1
+    finally:
+        for call in calls:
+            call.cancel()
+        await asyncio.gather(*calls, return_exceptions=True)
+        await pool.close()
