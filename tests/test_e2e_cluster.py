@@ -188,8 +188,9 @@ def test_queue_bound_and_deadline_answer_429_and_503_with_retry_after(cluster: C
 
 
 def test_a_burst_leaves_room_for_another_functions_call(cluster: Cluster) -> None:
-    """Fair share (controller.pool): ``hog`` fills all three invokers with a burst of nine long
-    calls; a call of ``small`` arriving then gets an instance as soon as one of hog's frees,
+    """Room between functions (controller.pool): ``hog`` fills all three invokers with a burst
+    of nine long calls; a call of ``small`` (no instance) arriving then, less than one of hog's
+    service times after hog's queued calls, gets an instance as soon as one of hog's frees,
     ahead of hog's queue, rather than after the queue drains (8th or later)."""
     cluster.deploy(manifest("hog", "tiny-slow", scaling={"maxInstances": 3, "maxQueue": 20,
                                                          "keepAlive": "60s"}))
@@ -211,7 +212,8 @@ def test_a_burst_leaves_room_for_another_functions_call(cluster: Cluster) -> Non
             t.join()
         assert sorted(order) == ["hog"] * 9 + ["small"]
         # small is placed where hog's first freed instance was and answers within the next
-        # round (2nd or 3rd here); without the fair share it waited for hog's queue (8th)
+        # round (2nd or 3rd here); without a share between functions it waited for hog's
+        # queue (8th)
         assert order.index("small") <= 4, order
     cluster_delete(cluster, "hog")
     cluster_delete(cluster, "small")
