@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ import pytest
 
 from gateway.sse import parse_events
 from sllm import runtime
+from sllm.etcd import Etcd
 
 
 @pytest.fixture(scope="session")
@@ -36,6 +37,13 @@ def etcd_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     finally:
         runtime.stop_pid(proc.pid)
 
+
+
+@pytest.fixture
+async def etcd(etcd_endpoint: str) -> AsyncIterator[Etcd]:
+    """A client of the session's etcd server."""
+    async with Etcd(etcd_endpoint) as client:
+        yield client
 
 @dataclass
 class Cluster:

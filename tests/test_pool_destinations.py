@@ -7,25 +7,15 @@ work (sending the loads) gets a turn, and closing the pool cancels that work."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
-import pytest
-
 from controller.pool import InstancePool, LiveInstance
 from sllm.errors import FunctionNotFound
 from sllm.etcd import Etcd
 from sllm.manifest import FunctionManifest
-from sllm.messages import BandwidthRecord, InstanceRecord, InvokerRecord
+from sllm.messages import InvokerRecord
 from sllm.states import InstanceState as S
+from tests.pools import GIB, add, invoker
 
-GIB = 1 << 30
 NOW = 1000.0
-
-
-def invoker(inv_id: str) -> InvokerRecord:
-    return InvokerRecord(id=inv_id, url=f"http://{inv_id}", device="cpu", memory_bytes=2 * GIB,
-                         started=0.0, pid=1, bandwidths=BandwidthRecord(
-                             dram_bps=10 * GIB, ssd_bps=2 * GIB, network_bps=GIB))
 
 
 def fn(name: str, model: str) -> FunctionManifest:
@@ -34,21 +24,6 @@ def fn(name: str, model: str) -> FunctionManifest:
         "spec": {"model": model, "resources": {"memory": "1Gi"},
                  "generation": {"maxTokens": 100}},
     })
-
-
-def busy(pool: InstancePool, iid: str, function: str, model: str, inv_id: str, in_flight: int
-         ) -> None:
-    pool.instances[iid] = LiveInstance(
-        record=InstanceRecord(id=iid, function=function, model=model, invoker_id=inv_id,
-                              invoker_url=f"http://{inv_id}", state=S.ACTIVE, created=0.0,
-                              memory_bytes=GIB, last_used=1.0),
-        in_flight=in_flight, max_tokens=100, nbytes=GIB)
-
-
-@pytest.fixture
-async def etcd(etcd_endpoint: str) -> AsyncIterator[Etcd]:
-    async with Etcd(etcd_endpoint) as client:
-        yield client
 
 
 def cluster(etcd: Etcd, known: dict[str, FunctionManifest]
@@ -71,9 +46,9 @@ def cluster(etcd: Etcd, known: dict[str, FunctionManifest]
     pool = InstancePool(etcd, None, list_invokers, lambda model: sizes.get(model, GIB),  # type: ignore[arg-type]
                         manifest_of=manifest_of, clock=lambda: NOW)
     pool.tiers = {"fm": {"a": "dram"}}
-    busy(pool, "g-1", "g", "gm", "a", 1)
-    busy(pool, "h-1", "h", "hm", "a", 4)
-    busy(pool, "k-1", "k", "km", "b", 1)
+    add(pool, "g-1", "g", "gm", "a", in_flight=1)
+    add(pool, "h-1", "h", "hm", "a", in_flight=4)
+    add(pool, "k-1", "k", "km", "b", in_flight=1)
     return pool, invokers
 
 

@@ -10,17 +10,16 @@ that work."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 import pytest
 
 from controller.pool import InstancePool, LiveInstance
 from sllm.etcd import Etcd
 from sllm.manifest import FunctionManifest
-from sllm.messages import Assignment, BandwidthRecord, InstanceRecord, InvokerRecord
+from sllm.messages import Assignment, InvokerRecord
 from sllm.states import InstanceState as S
-
-GIB = 1 << 30
+from tests.pools import GIB, add, invoker
 
 
 def fn(name: str, max_instances: int) -> FunctionManifest:
@@ -31,29 +30,17 @@ def fn(name: str, max_instances: int) -> FunctionManifest:
     })
 
 
-@pytest.fixture
-async def etcd(etcd_endpoint: str) -> AsyncIterator[Etcd]:
-    async with Etcd(etcd_endpoint) as client:
-        yield client
-
-
 def pool_with(etcd: Etcd, memory_gib: int, busy: dict[str, str]) -> InstancePool:
     """A pool over one invoker of ``memory_gib`` GiB running ``busy`` (instance id -> function),
     each instance 1 GiB with one call in flight."""
-    invokers = [InvokerRecord(id="a", url="http://a", device="cpu", memory_bytes=memory_gib * GIB,
-                              started=0.0, pid=1, bandwidths=BandwidthRecord(
-                                  dram_bps=10 * GIB, ssd_bps=2 * GIB, network_bps=GIB))]
+    invokers = [invoker("a", memory=memory_gib * GIB)]
 
     async def list_invokers() -> list[InvokerRecord]:
         return invokers
 
     pool = InstancePool(etcd, None, list_invokers, lambda model: GIB)  # type: ignore[arg-type]
     for iid, function in busy.items():
-        pool.instances[iid] = LiveInstance(
-            record=InstanceRecord(id=iid, function=function, model=f"{function}m",
-                                  invoker_id="a", invoker_url="http://a", state=S.ACTIVE,
-                                  created=0.0, memory_bytes=GIB, last_used=1.0),
-            in_flight=1, max_tokens=100, nbytes=GIB)
+        add(pool, iid, function, f"{function}m", "a", in_flight=1)
     return pool
 
 

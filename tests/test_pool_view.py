@@ -6,45 +6,29 @@ from __future__ import annotations
 
 import pytest
 
-from controller.pool import InstancePool, LiveInstance
-from sllm.messages import BandwidthRecord, InstanceRecord, InvokerRecord
+from controller.pool import InstancePool
 from sllm.states import InstanceState as S
+from tests.pools import GIB, add, invoker
 
-GB = 10**9
 NOW = 1000.0
 
 
-def invoker(inv_id: str) -> InvokerRecord:
-    return InvokerRecord(id=inv_id, url=f"http://{inv_id}", device="cpu", memory_bytes=2 * GB,
-                         started=0.0, pid=1, bandwidths=BandwidthRecord(
-                             dram_bps=10 * GB, ssd_bps=2 * GB, network_bps=1 * GB))
-
-
-def add(pool: InstancePool, iid: str, function: str, model: str, inv_id: str, state: S, *,
-        memory: int = GB, in_flight: int = 0) -> None:
-    pool.instances[iid] = LiveInstance(
-        record=InstanceRecord(id=iid, function=function, model=model, invoker_id=inv_id,
-                              invoker_url=f"http://{inv_id}", state=state, created=0.0,
-                              memory_bytes=memory, last_used=1.0),
-        in_flight=in_flight, max_tokens=100, nbytes=GB)
-
-
 def test_a_busy_instances_move_counts_the_load_where_its_destination_would_start() -> None:
-    """Invoker a runs ``f`` (1 GB checkpoint); b holds that checkpoint on SSD but is full, so a
+    """Invoker a runs ``f`` (1 GiB checkpoint); b holds that checkpoint on SSD but is full, so a
     destination would start on c with a copy of it (network 1 s + SSD 0.5 s), not read b's SSD
     (0.5 s). With an idle instance of ``f`` on c, the destination is loaded already."""
-    pool = InstancePool(None, None, list, lambda model: GB, clock=lambda: NOW)  # type: ignore[arg-type]
+    pool = InstancePool(None, None, list, lambda model: GIB, clock=lambda: NOW)  # type: ignore[arg-type]
     invokers = [invoker("a"), invoker("b"), invoker("c")]
     pool.tiers = {"big": {"a": "dram", "b": "ssd"}}
     add(pool, "f-1", "f", "big", "a", S.ACTIVE, in_flight=1)
-    add(pool, "g-1", "g", "other", "b", S.ACTIVE, memory=2 * GB, in_flight=1)
+    add(pool, "g-1", "g", "other", "b", S.ACTIVE, memory=2 * GIB, in_flight=1)
     view = pool.view(invokers, "new")
     assert view.invokers["a"].slots["f-1"].kind == "busy"
     assert view.invokers["a"].slots["f-1"].move_s == pytest.approx(1.5)
     assert view.invokers["a"].busy_move_s == pytest.approx(1.5)
 
     pool.instances["g-1"].record = pool.instances["g-1"].record.model_copy(
-        update={"memory_bytes": GB})  # b has room now: its SSD copy is the destination's
+        update={"memory_bytes": GIB})  # b has room now: its SSD copy is the destination's
     assert pool.view(invokers, "new").invokers["a"].slots["f-1"].move_s == pytest.approx(0.5)
 
     add(pool, "f-2", "f", "big", "c", S.IDLE)
@@ -58,7 +42,7 @@ def test_a_busy_instances_move_counts_the_load_where_its_destination_would_start
 def test_a_starting_instance_tells_placement_which_checkpoint_it_loads() -> None:
     """A pending or loading instance's slot names its model and its estimated end, so that a
     second load of that checkpoint on the invoker is estimated as joining it."""
-    pool = InstancePool(None, None, list, lambda model: GB, clock=lambda: NOW)  # type: ignore[arg-type]
+    pool = InstancePool(None, None, list, lambda model: GIB, clock=lambda: NOW)  # type: ignore[arg-type]
     add(pool, "f-1", "f", "big", "a", S.LOADING)
     pool.instances["f-1"].record = pool.instances["f-1"].record.model_copy(
         update={"ready_by": NOW + 2.0})
@@ -72,7 +56,7 @@ def test_a_migrations_destination_is_never_moved_itself() -> None:
     """An instance holding slots for generations migrating to it (here an idle one taken as
     the destination) is pinned: a placement that moved it would send those generations after
     it, into an instance that is draining."""
-    pool = InstancePool(None, None, list, lambda model: GB, clock=lambda: NOW)  # type: ignore[arg-type]
+    pool = InstancePool(None, None, list, lambda model: GIB, clock=lambda: NOW)  # type: ignore[arg-type]
     add(pool, "f-1", "f", "big", "a", S.ACTIVE, in_flight=1)
     assert pool.view([invoker("a")], "new").invokers["a"].slots["f-1"].kind == "busy"
     pool.instances["f-1"].reserved = 1  # its one slot is held for a generation on its way
