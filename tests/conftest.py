@@ -38,12 +38,12 @@ def etcd_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         runtime.stop_pid(proc.pid)
 
 
-
 @pytest.fixture
 async def etcd(etcd_endpoint: str) -> AsyncIterator[Etcd]:
     """A client of the session's etcd server."""
     async with Etcd(etcd_endpoint) as client:
         yield client
+
 
 @dataclass
 class Cluster:

@@ -31,4 +31,3 @@ def add(pool: InstancePool, iid: str, function: str, model: str, inv_id: str,
         in_flight=in_flight, max_tokens=100, nbytes=nbytes)
     pool.instances[iid] = live
     return live
-
