@@ -408,7 +408,7 @@ class InstancePool:
         to it (module docstring: the oldest call first). Its oldest call's start counts one
         mean service time of ``function`` earlier when it has no instance at all (unknown mean:
         it always goes first). The oldest such function is returned."""
-        others = [f for f in self._waiting if f != function and f in self._manifests]
+        others = [f for f in self._waiting if f != function]  # each queued with its manifest
         if not others:
             return None
         count: dict[str, int] = {}

@@ -19,15 +19,14 @@ from sllm.etcd import Etcd
 from sllm.manifest import FunctionManifest
 from sllm.messages import Assignment, InvokerRecord
 from sllm.states import InstanceState as S
+from tests.conftest import manifest
 from tests.pools import GIB, add, invoker
 
 
 def fn(name: str, max_instances: int) -> FunctionManifest:
-    return FunctionManifest.model_validate({
-        "apiVersion": "sllm.dev/v1", "kind": "Function", "metadata": {"name": name},
-        "spec": {"model": f"{name}m", "resources": {"memory": "1Gi"},
-                 "scaling": {"maxInstances": max_instances, "targetConcurrency": 1}},
-    })
+    return FunctionManifest.model_validate(manifest(
+        name, f"{name}m", resources={"memory": "1Gi"},
+        scaling={"maxInstances": max_instances, "targetConcurrency": 1}))
 
 
 def pool_with(etcd: Etcd, memory_gib: int, busy: dict[str, str]) -> InstancePool:

@@ -8,13 +8,13 @@ import asyncio
 
 import pytest
 
-from controller.pool import InstancePool, LiveInstance
+from controller.pool import InstancePool
 from sllm.errors import Unavailable
 from sllm.manifest import FunctionManifest
-from sllm.messages import InstanceRecord, InvokerRecord
+from sllm.messages import InvokerRecord
 from sllm.states import InstanceState as S
-
-GB = 1 << 30
+from tests.conftest import manifest
+from tests.pools import GIB, add, invoker
 
 
 async def test_waiters_of_a_function_that_found_no_room_do_not_all_place_again() -> None:
@@ -26,17 +26,12 @@ async def test_waiters_of_a_function_that_found_no_room_do_not_all_place_again()
     async def list_invokers() -> list[InvokerRecord]:
         nonlocal listed
         listed += 1
-        return [InvokerRecord(id="a", url="http://a", device="cpu", memory_bytes=2 * GB,
-                              started=0.0, pid=1)]
+        return [invoker("a", memory=2 * GIB)]
 
-    pool = InstancePool(None, None, list_invokers, lambda model: GB)  # type: ignore[arg-type]
-    pool.instances["g-1"] = LiveInstance(record=InstanceRecord(
-        id="g-1", function="g", model="other", invoker_id="a", invoker_url="http://a",
-        state=S.ACTIVE, created=0.0, memory_bytes=2 * GB), in_flight=10, max_tokens=100)
-    f = FunctionManifest.model_validate({
-        "apiVersion": "sllm.dev/v1", "kind": "Function", "metadata": {"name": "f"},
-        "spec": {"model": "m", "resources": {"memory": "1Gi"}, "scaling": {"maxInstances": 5}},
-    })
+    pool = InstancePool(None, None, list_invokers, lambda model: GIB)  # type: ignore[arg-type]
+    add(pool, "g-1", "g", "other", "a", memory=2 * GIB, in_flight=10)
+    f = FunctionManifest.model_validate(manifest(
+        "f", "m", resources={"memory": "1Gi"}, scaling={"maxInstances": 5}))
     calls = [asyncio.create_task(pool.acquire(f, deadline_s=1.6)) for _ in range(5)]
     await asyncio.sleep(0.05)
     assert pool.waiting("f") == 5 and listed == 1
@@ -62,18 +57,13 @@ async def test_a_slot_freed_while_placing_is_taken_warm_not_unloaded_for_a_new_i
     async def list_invokers() -> list[InvokerRecord]:
         listing.set()
         await listed.wait()
-        return [InvokerRecord(id="a", url="http://a", device="cpu", memory_bytes=GB,
-                              started=0.0, pid=1)]
+        return [invoker("a", memory=GIB)]
 
-    pool = InstancePool(None, None, list_invokers, lambda model: GB)  # type: ignore[arg-type]
-    pool.instances["f-1"] = LiveInstance(record=InstanceRecord(
-        id="f-1", function="f", model="m", invoker_id="a", invoker_url="http://a",
-        state=S.ACTIVE, created=0.0, memory_bytes=GB), in_flight=1, max_tokens=100)
-    f = FunctionManifest.model_validate({
-        "apiVersion": "sllm.dev/v1", "kind": "Function", "metadata": {"name": "f"},
-        "spec": {"model": "m", "resources": {"memory": "1Gi"},
-                 "scaling": {"maxInstances": 2, "targetConcurrency": 1}},
-    })
+    pool = InstancePool(None, None, list_invokers, lambda model: GIB)  # type: ignore[arg-type]
+    add(pool, "f-1", "f", "m", "a", in_flight=1)
+    f = FunctionManifest.model_validate(manifest(
+        "f", "m", resources={"memory": "1Gi"},
+        scaling={"maxInstances": 2, "targetConcurrency": 1}))
     call = asyncio.create_task(pool.acquire(f, deadline_s=5))
     await listing.wait()
     await pool.release("f-1")
