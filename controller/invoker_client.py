@@ -18,6 +18,7 @@ from sllm.messages import (
     MigrateResponse,
     ReplicateRequest,
     ReplicateResponse,
+    ReplicationPaused,
 )
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,22 @@ class InvokerClient:
         """
         return await self._call("PUT", invoker_url, f"/v1/checkpoints/{model}",
                                 ReplicateRequest(sources=sources), ReplicateResponse, "replicate")
+
+    async def pause_replication(self, invoker_url: str, model: str) -> bool:
+        """Have the invoker pause its replication of ``model`` (its partial data is kept; the
+        waiting :meth:`replicate` raises Unavailable). Returns whether one was running and is
+        paused now (False: none was, or a load waits on that fetch).
+
+        Raises:
+            sllm.errors.SllmError: what the invoker raised (InvalidRequest for a bad name).
+            InvokerError: the invoker is unreachable or answered nonsense.
+        """
+        try:
+            r = await self._http.delete(f"{invoker_url}/v1/checkpoints/{model}/replication")
+        except httpx.HTTPError as e:
+            raise InvokerError(f"invoker at {invoker_url} failed to pause a replication: {e!r}"
+                               ) from e
+        return _answer(r, ReplicationPaused, invoker_url, "pause a replication").paused
 
     async def _call(self, method: str, invoker_url: str, path: str, body: BaseModel,
                     answer: type[M], what: str) -> M:

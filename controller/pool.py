@@ -210,6 +210,8 @@ class InstancePool:
         # function -> (self._changes, monotonic seconds) when a placement of it found no room
         self._no_room: dict[str, tuple[int, float]] = {}
         self._manifests: dict[str, FunctionManifest] = {}  # the last seen, per function
+        # called when an invocation starts waiting for capacity (the replicator pauses copies)
+        self.on_queue: Callable[[], None] | None = None
         self.service = ServiceTimes()
         self._dirty: set[str] = set()
         self._flush_wakeup = asyncio.Event()
@@ -364,6 +366,8 @@ class InstancePool:
                     self._waiting.setdefault(manifest.name, []).append(start)
                     self._manifests[manifest.name] = manifest
                     queued = True
+                    if self.on_queue is not None:
+                        self.on_queue()
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise Unavailable(

@@ -12,13 +12,25 @@ The rule (:func:`plan`): a function with at least one loaded instance (it is in 
 checkpoint held by invokers that together can host ``maxInstances`` of its instances
 (``floor(invoker memory / instance memory)`` each) -- or by every invoker that can host one.
 While it has fewer, one more copy is made, to the invoker that can host the most instances of
-it. Copies are made in calm periods only: none starts while an invocation waits for an instance
-(a burst is on: a copy's reads, checksums and writes would take the cores and disks its calls
-need), none goes to an invoker that is loading an instance (its disk and network serve a cold
-start now) or already receiving a copy, and at most :data:`COPIES_IN_FLIGHT` run at once. Busier functions (more loaded instances) come
-first. A copy is a real transfer from a peer holding the checkpoint (DRAM tier first) or the
-store root (``PUT /v1/checkpoints/{model}`` on the invoker, :mod:`invoker.transfer`: resumable,
-checksummed); the invoker then publishes the new tier in etcd like any other copy.
+it. Busier functions (more loaded instances) come first. A copy is a real transfer from a peer
+holding the checkpoint (DRAM tier first) or the store root (``PUT /v1/checkpoints/{model}`` on
+the invoker, :mod:`invoker.transfer`: resumable, checksummed); the invoker then publishes the
+new tier in etcd like any other copy.
+
+Copies are background work and give way to invocations (:class:`Replicator`):
+
+- none starts while an invocation waits for an instance (a burst is on: a copy's reads,
+  checksums and writes take the cores and disks its calls need), nor until :data:`CALM_S`
+  seconds after the last one waited (a burst comes in waves);
+- the moment an invocation starts waiting, the copies running are paused
+  (``DELETE /v1/checkpoints/{model}/replication``); each keeps its partial data, and is planned
+  again once calm, when the transfer continues where it stopped. A copy a load has joined is
+  not paused (the load needs it);
+- none goes to an invoker that is loading an instance (its disk and network serve a cold
+  start now) or already receiving a copy, and at most :data:`COPIES_IN_FLIGHT` run at once.
+
+Batch AA of docs/benchmarks.md §4 is why copies pause: a 404 MB copy running through a burst
+on the 2-core bench machine, and that burst's last call spent 6.5 s in prefill.
 
 This is not in ServerlessLLM, which fetches a checkpoint into a server's SSD on a miss (§4-6);
 it trades disk space and idle network time for fewer remote starts. A copy failing is logged
@@ -37,7 +49,7 @@ from controller.estimator import Tier
 from controller.invoker_client import InvokerClient
 from controller.placement import holder_urls
 from controller.pool import InstancePool
-from sllm.errors import SllmError
+from sllm.errors import SllmError, Unavailable
 from sllm.manifest import FunctionManifest
 from sllm.messages import InvokerRecord
 from sllm.states import LOADED, STARTING
@@ -49,6 +61,9 @@ COPIES_IN_FLIGHT = 4
 
 RETRY_S = 60.0
 """Seconds before a copy that failed is tried again."""
+
+CALM_S = 5.0
+"""Seconds without an invocation waiting for an instance before copies start again."""
 
 
 @dataclass(frozen=True)
@@ -137,16 +152,27 @@ class Replicator:
         self._pool = pool
         self._clock = clock
         self.running: dict[tuple[str, str], asyncio.Task[None]] = {}  # (model, invoker id)
+        self._copies: dict[tuple[str, str], Copy] = {}  # the copy each running task makes
+        self._pausing: set[tuple[str, str]] = set()  # running copies asked to pause
         self._failed: dict[tuple[str, str], float] = {}  # -> monotonic seconds it failed
+        self._busy_at = -CALM_S  # monotonic seconds an invocation was last seen waiting
+        self._pauses: set[asyncio.Task[None]] = set()
         self.made = 0  # copies completed (for logs and tests)
+        self.paused = 0  # copies paused (for logs and tests)
+        pool.on_queue = self.pause
 
     def tick(self, invokers: Sequence[InvokerRecord],
              functions: Mapping[str, FunctionManifest]) -> list[Copy]:
-        """Start the copies :func:`plan` gives for the pool's state now (none while an
-        invocation waits for an instance); returns them."""
-        if self._pool.queued():
-            return []
+        """Start the copies :func:`plan` gives for the pool's state now, when calm (module
+        docstring: none while an invocation waits for an instance, nor :data:`CALM_S` seconds
+        after; the copies running are paused then); returns them."""
         now = self._clock()
+        if self._pool.queued():
+            self._busy_at = now
+            self.pause()
+            return []
+        if now - self._busy_at < CALM_S:
+            return []
         self._failed = {k: t for k, t in self._failed.items() if now - t < RETRY_S}
         loaded: dict[str, int] = {}
         busy = {inv for _, inv in self.running}
@@ -161,18 +187,52 @@ class Replicator:
             key = (c.model, c.invoker_id)
             task = asyncio.create_task(self._copy(c))
             self.running[key] = task
-            task.add_done_callback(lambda _, key=key: self.running.pop(key, None))  # type: ignore[misc]
+            self._copies[key] = c
+
+            def done(_: object, key: tuple[str, str] = key) -> None:
+                self.running.pop(key, None)
+                self._copies.pop(key, None)
+                self._pausing.discard(key)
+
+            task.add_done_callback(done)
         return copies
 
+    def pause(self) -> None:
+        """Ask the invokers to pause the copies running (each once; module docstring). Called
+        by the pool the moment an invocation starts waiting for an instance, and by
+        :meth:`tick` while one waits. Returns at once: the requests run in tasks."""
+        self._busy_at = self._clock()
+        for key, c in self._copies.items():
+            if key not in self._pausing:
+                self._pausing.add(key)
+                task = asyncio.create_task(self._pause(c))
+                self._pauses.add(task)
+                task.add_done_callback(self._pauses.discard)
+
+    async def _pause(self, c: Copy) -> None:
+        try:
+            paused = await self._client.pause_replication(c.url, c.model)
+        except SllmError as e:
+            log.warning("could not pause the replication of %s to %s: %s", c.model,
+                        c.invoker_id, e.message)
+            return
+        if paused:
+            log.info("paused the replication of %s to %s: an invocation waits for an instance",
+                     c.model, c.invoker_id)
+
     async def _copy(self, c: Copy) -> None:
+        key = (c.model, c.invoker_id)
         log.info("replicating %s (function %s) to %s: its holders host %d instances; sources: %s",
                  c.model, c.function, c.invoker_id, c.hosts, ", ".join(c.sources) or "the store root")
         try:
             resp = await self._client.replicate(c.url, c.model, list(c.sources))
         except SllmError as e:
+            if key in self._pausing and isinstance(e, Unavailable):
+                self.paused += 1  # not a failure: planned again once calm, and continued
+                return
             log.warning("replicating %s to %s failed (retried in %.0f s): %s", c.model,
                         c.invoker_id, RETRY_S, e.message)
-            self._failed[(c.model, c.invoker_id)] = self._clock()
+            self._failed[key] = self._clock()
             return
         self._pool.note_copy(c.model, c.invoker_id)
         self.made += 1
@@ -180,8 +240,11 @@ class Replicator:
                  resp.transferred_bytes, resp.source or "(current already)", resp.seconds)
 
     async def close(self) -> None:
-        """Stop waiting for the copies running (the invokers finish them regardless)."""
-        tasks = list(self.running.values())
+        """Stop waiting for the copies running (the invokers finish them regardless) and stop
+        being told of waiting invocations."""
+        if self._pool.on_queue == self.pause:
+            self._pool.on_queue = None
+        tasks = [*self.running.values(), *self._pauses]
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

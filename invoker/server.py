@@ -13,7 +13,9 @@ HTTP API (JSON; errors in the OpenAI-shaped envelope of :mod:`sllm.errors`):
   the local checkpoints, for other invokers to fetch (:mod:`invoker.files_api`);
   ``PUT /v1/checkpoints/{model}`` (:class:`~sllm.messages.ReplicateRequest`) ->
   :class:`~sllm.messages.ReplicateResponse`: fetch a copy ahead of any load (the controller's
-  burst-ready replication), joining a fetch of the model in progress
+  burst-ready replication), joining a fetch of the model in progress;
+  ``DELETE /v1/checkpoints/{model}/replication`` -> :class:`~sllm.messages.ReplicationPaused`:
+  pause that copy (a burst needs the cores and disks; its partial data is kept)
 - ``POST /v1/instances/{id}/generate`` (:class:`~sllm.messages.GenerateRequest`): a stream of
   newline-delimited JSON, one :class:`~sllm.messages.TokenMessage` per token, then a
   :class:`~sllm.messages.DoneMessage` (or an :class:`~sllm.messages.ErrorMessage` when generation
@@ -66,7 +68,7 @@ from invoker.files_api import checkpoint_file_routes
 from invoker.generation import Generation, Resume, SamplingParams
 from invoker.instance import ModelInstance
 from invoker.migration import Run, Sessions, Target, migrate_instance
-from invoker.store import ModelStore
+from invoker.store import ModelStore, validate_name
 from invoker.tiers import TierPublisher
 from invoker.transfer import TransferResult, fetch_checkpoint
 from invoker.warmup import warm_up
@@ -98,6 +100,7 @@ from sllm.messages import (
     PrefillResponse,
     ReplicateRequest,
     ReplicateResponse,
+    ReplicationPaused,
     TokenMessage,
 )
 
@@ -207,6 +210,8 @@ class Invoker:
         self.instances: dict[str, LoadedInstance] = {}
         self._loading: dict[str, asyncio.Task[LoadResponse]] = {}
         self._fetching: dict[str, asyncio.Task[TransferResult]] = {}
+        # model -> the cancel event of its fetch while only replications wait on it (pausable)
+        self._pausable: dict[str, threading.Event] = {}
         # the store root, unless it is this invoker's own store (then nothing is ever fetched)
         origin = config.origin
         self._origin = (None if origin is None or origin.resolve() == self.store.root.resolve()
@@ -353,13 +358,17 @@ class Invoker:
         except OSError:
             return False  # not in the root (any more): the local copy is all there is
 
-    async def fetch(self, model: str, peers: list[str]) -> TransferResult | None:
+    async def fetch(self, model: str, peers: list[str], *,
+                    background: bool = False) -> TransferResult | None:
         """Make sure the local store holds a current copy of ``model``: None when it already
         did, else the transfer that fetched it (from ``peers`` in order, then the store root).
-        Concurrent calls for one model share one transfer.
+        Concurrent calls for one model share one transfer. A ``background`` fetch (a
+        replication's) can be paused (:meth:`pause_replication`) until a foreground caller (a
+        load) joins it; from then on it runs to the end.
 
         Raises:
-            ModelNotFound, CheckpointError, Unavailable: see invoker.transfer.fetch_checkpoint.
+            ModelNotFound, CheckpointError, Unavailable: see invoker.transfer.fetch_checkpoint
+            (Unavailable too when the fetch was paused).
         """
         if not self._stale(model):
             return None
@@ -368,10 +377,21 @@ class Invoker:
             sources: list[str | Path] = [*peers]
             if self._origin is not None:
                 sources.append(self._origin)
+            cancel = threading.Event()
             task = asyncio.create_task(asyncio.to_thread(
-                fetch_checkpoint, model, self.store, sources, rate_bps=self.config.network_bps))
+                fetch_checkpoint, model, self.store, sources, cancel=cancel,
+                rate_bps=self.config.network_bps))
             self._fetching[model] = task
-            task.add_done_callback(lambda _: self._fetching.pop(model, None))
+            if background:
+                self._pausable[model] = cancel
+
+            def done(_: object) -> None:
+                self._fetching.pop(model, None)
+                self._pausable.pop(model, None)
+
+            task.add_done_callback(done)
+        elif not background:
+            self._pausable.pop(model, None)  # a load waits on it now: it runs to the end
         result = await asyncio.shield(task)
         if self.meter is not None and self.meter.observe("network", result.transferred, result.seconds):
             self.publish_record_soon()
@@ -381,21 +401,38 @@ class Invoker:
     async def replicate(self, model: str, req: ReplicateRequest) -> ReplicateResponse:
         """Hold a current copy of ``model`` in the local store ahead of any load of it (the
         controller's burst-ready replication, :mod:`controller.replication`): :meth:`fetch`
-        from ``req.sources`` in order, then the store root. Idempotent: a current copy moves
-        nothing, and a fetch of the model in progress (a load's or another replication's) is
-        joined, not repeated.
+        from ``req.sources`` in order, then the store root, in the background (pausable).
+        Idempotent: a current copy moves nothing, and a fetch of the model in progress (a
+        load's or another replication's) is joined, not repeated.
 
         Raises:
             InvalidRequest: a bad model name.
-            ModelNotFound, CheckpointError, Unavailable: see :meth:`fetch`.
+            ModelNotFound, CheckpointError: see :meth:`fetch`.
+            Unavailable: see :meth:`fetch`; also when :meth:`pause_replication` paused it (its
+                partial data is kept: the next replication or load continues it).
         """
-        result = await self.fetch(model, req.sources)  # the store's lookup checks the name
+        result = await self.fetch(model, req.sources, background=True)  # the store checks the name
         if result is None:
             return ReplicateResponse(model=model, transferred_bytes=0, seconds=0.0)
         log.info("replicated %s: %d bytes from %s in %.3f s", model, result.transferred,
                  result.source, result.seconds)
         return ReplicateResponse(model=model, transferred_bytes=result.transferred,
                                  seconds=result.seconds, source=result.source)
+
+    def pause_replication(self, model: str) -> ReplicationPaused:
+        """Pause the replication of ``model`` in progress: its fetch stops at its next piece
+        (the waiting :meth:`replicate` raises Unavailable) and keeps its partial data. A fetch
+        a load waits on is never paused: ``paused`` is False then, and when none runs.
+
+        Raises:
+            InvalidRequest: a bad model name.
+        """
+        validate_name(model)
+        cancel = self._pausable.pop(model, None)
+        if cancel is not None:
+            cancel.set()
+            log.info("replication of %s paused", model)
+        return ReplicationPaused(model=model, paused=cancel is not None)
 
     def _load_blocking(
         self, path: Path, device: str, pool: DramPool | None
@@ -624,6 +661,9 @@ def create_app(config: InvokerConfig) -> Starlette:
         req = await read_model(request, ReplicateRequest)
         return model_response(await inv.replicate(request.path_params["model"], req))
 
+    async def pause_replication(request: Request) -> Response:
+        return model_response(inv.pause_replication(request.path_params["model"]))
+
     async def drop_session(request: Request) -> Response:
         dropped = inv.sessions.drop(request.path_params["session"])
         return JSONResponse({"dropped": dropped})
@@ -674,6 +714,7 @@ def create_app(config: InvokerConfig) -> Starlette:
         Route("/v1/instances/{id}/migrations", prefill, methods=["POST"]),
         Route("/v1/instances/{id}/migrations/{session}", drop_session, methods=["DELETE"]),
         Route("/v1/checkpoints/{model}", replicate, methods=["PUT"]),
+        Route("/v1/checkpoints/{model}/replication", pause_replication, methods=["DELETE"]),
         *checkpoint_file_routes(inv.store),
     ]
     return Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)

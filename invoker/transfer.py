@@ -388,7 +388,8 @@ class _Fetch:
                 logger.debug("fetching %s of model %s from %s at byte %d", name, self.model,
                              origin.label, have)
                 with open(path, "ab", buffering=self.chunk_bytes) as out:
-                    sink = out if self.rate_bps is None else _Paced(out, self.rate_bps)
+                    sink = (out if self.rate_bps is None
+                            else _Paced(out, self.rate_bps, self.cancel))
                     moved += origin.copy(name, sink, have, self.cancel)  # type: ignore[arg-type]
                     out.flush()
                     os.fsync(out.fileno())
@@ -423,10 +424,11 @@ class _Fetch:
 
 class _Paced:
     """Writes to ``out`` at most ``bps`` bytes per second on average (sleeping after a write
-    that got ahead): an emulated network link."""
+    that got ahead, until ``cancel`` is set): an emulated network link."""
 
-    def __init__(self, out: BinaryIO, bps: float) -> None:
+    def __init__(self, out: BinaryIO, bps: float, cancel: threading.Event | None) -> None:
         self._out, self._bps = out, bps
+        self._cancel = cancel or threading.Event()
         self._t0, self._written = time.monotonic(), 0
 
     def write(self, data: bytes | memoryview) -> int:
@@ -434,7 +436,7 @@ class _Paced:
         self._written += len(data)
         ahead = self._written / self._bps - (time.monotonic() - self._t0)
         if ahead > 0:
-            time.sleep(ahead)
+            self._cancel.wait(ahead)
         return n
 
 

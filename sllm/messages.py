@@ -258,6 +258,15 @@ class ReplicateResponse(Wire):
     source: str | None = None  # the peer URL or store root it came from
 
 
+class ReplicationPaused(Wire):
+    """Invoker -> controller (``DELETE /v1/checkpoints/{model}/replication``): whether a
+    replication of ``model`` was running and is now paused (False: none ran, or a load waits
+    on that fetch, so it goes on)."""
+
+    model: str
+    paused: bool
+
+
 # --- gateway <-> invoker ------------------------------------------------------------------------
 
 

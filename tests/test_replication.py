@@ -5,8 +5,10 @@ tests/test_e2e_replication.py."""
 
 from __future__ import annotations
 
+import asyncio
+
 from controller.pool import InstancePool, LiveInstance
-from controller.replication import Replicator, plan
+from controller.replication import CALM_S, Replicator, plan
 from sllm.manifest import FunctionManifest
 from sllm.messages import InstanceRecord, InvokerRecord
 from sllm.states import InstanceState as S
@@ -122,7 +124,39 @@ async def test_the_replicator_copies_in_calm_periods_only() -> None:
         pool._waiting["f"] = [0.0]  # an invocation waits for an instance (as acquire lists it)
         assert pool.queued() == 1 and rep.tick(INVOKERS, functions) == []  # not calm
         del pool._waiting["f"]
+        now[0] += CALM_S - 0.1
+        assert rep.tick(INVOKERS, functions) == []  # calm for less than CALM_S
+        now[0] += 0.1
         assert [c.invoker_id for c in rep.tick(INVOKERS, functions)] == ["c"]
         await rep.close()
     finally:
         await client.close()
+
+
+async def test_a_waiting_invocation_pauses_the_copies_running_once_each() -> None:
+    """The pool tells the replicator the moment an invocation starts waiting; each copy
+    running is then asked to pause once (here the request fails: nothing listens), and no
+    copy starts until CALM_S seconds later. Closing the replicator unhooks it."""
+    from controller.invoker_client import InvokerClient
+
+    pool = InstancePool(None, None, list, lambda model: MI, clock=lambda: 0.0)  # type: ignore[arg-type]
+    pool.tiers = {"m": {"a": "ssd"}}
+    add(pool, "f-1", "f", "m", "a", S.ACTIVE)
+    functions = {"f": function("f", "m")}
+    client = InvokerClient()
+    now = [100.0]
+    rep = Replicator(client, pool, clock=lambda: now[0])
+    try:
+        assert pool.on_queue == rep.pause
+        (c,) = rep.tick(INVOKERS, functions)
+        pool.on_queue()  # as acquire does when a call starts waiting
+        assert rep._pausing == {(c.model, c.invoker_id)} and len(rep._pauses) == 1
+        rep.pause()  # asked once only
+        assert len(rep._pauses) == 1
+        await asyncio.gather(*rep.running.values(), *rep._pauses)
+        now[0] += CALM_S - 0.1
+        assert rep.tick(INVOKERS, functions) == []  # not calm yet
+    finally:
+        await rep.close()
+        await client.close()
+    assert pool.on_queue is None

@@ -357,3 +357,17 @@ def test_a_rate_cap_paces_the_fetch(source: ModelStore, dest: ModelStore) -> Non
     assert _files(dest.path("m")) == _files(source.path("m"))
     with pytest.raises(ValueError):
         fetch_checkpoint("m", dest, [source.root], rate_bps=0)
+
+
+def test_a_cancel_cuts_a_paced_fetch_short(source: ModelStore, dest: ModelStore) -> None:
+    """A fetch on a slow emulated link stops soon after ``cancel`` is set (a paused
+    replication), not after the pacing sleep; what it wrote is kept."""
+    rate = _size(source.path("m")) / 60  # the checkpoint in no less than 60 s
+    cancel = threading.Event()
+    timer = threading.Timer(0.3, cancel.set)
+    timer.start()
+    t0 = time.monotonic()
+    with pytest.raises(Unavailable, match="cancelled"):
+        fetch_checkpoint("m", dest, [source.root], rate_bps=rate, cancel=cancel)
+    assert time.monotonic() - t0 < 30  # far less than the 60 s the pacing asks for
+    assert dest.partial_dir("m").exists() and not dest.exists("m")
