@@ -135,14 +135,16 @@ def plan(functions: Iterable[FunctionManifest], loaded: Mapping[str, int],
 
 
 class Replicator:
-    """Makes the copies :func:`plan` asks for, in background tasks; the leading controller
-    calls :meth:`tick` once per reconcile pass.
+    """Makes the copies :func:`plan` asks for, in background tasks, and pauses them when an
+    invocation starts waiting for an instance (module docstring); the leading controller calls
+    :meth:`tick` once per reconcile pass, and :meth:`close` when it stops leading.
 
     Args:
         client: the HTTP client for invokers.
         pool: the leader's instance pool: its instances say which functions are in use and
             which invokers are loading; a finished copy is added to its checkpoint map, so the
-            next decision sees it before the invoker's etcd record is read back.
+            next decision sees it before the invoker's etcd record is read back. Its
+            ``on_queue`` hook is set to :meth:`pause` (until :meth:`close`).
         clock: monotonic seconds; a parameter so tests can drive time.
     """
 

@@ -210,8 +210,8 @@ class Invoker:
         self.instances: dict[str, LoadedInstance] = {}
         self._loading: dict[str, asyncio.Task[LoadResponse]] = {}
         self._fetching: dict[str, asyncio.Task[TransferResult]] = {}
-        # model -> the cancel event of its fetch while only replications wait on it (pausable)
-        self._pausable: dict[str, threading.Event] = {}
+        self._cancels: dict[str, threading.Event] = {}  # model -> its fetch's cancel flag
+        self._pausable: set[str] = set()  # models whose fetch only replications wait on
         # the store root, unless it is this invoker's own store (then nothing is ever fetched)
         origin = config.origin
         self._origin = (None if origin is None or origin.resolve() == self.store.root.resolve()
@@ -364,7 +364,8 @@ class Invoker:
         did, else the transfer that fetched it (from ``peers`` in order, then the store root).
         Concurrent calls for one model share one transfer. A ``background`` fetch (a
         replication's) can be paused (:meth:`pause_replication`) until a foreground caller (a
-        load) joins it; from then on it runs to the end.
+        load) joins it; from then on it runs to the end. A caller that finds a paused fetch
+        still stopping waits for it to stop, then fetches anew (continuing its partial data).
 
         Raises:
             ModelNotFound, CheckpointError, Unavailable: see invoker.transfer.fetch_checkpoint
@@ -373,6 +374,11 @@ class Invoker:
         if not self._stale(model):
             return None
         task = self._fetching.get(model)
+        if task is not None and self._cancels[model].is_set():
+            # a paused replication, stopping: let it stop (its partial data stays), then
+            # fetch anew, continuing that data
+            await asyncio.wait([task])
+            return await self.fetch(model, peers, background=background)
         if task is None:
             sources: list[str | Path] = [*peers]
             if self._origin is not None:
@@ -381,17 +387,18 @@ class Invoker:
             task = asyncio.create_task(asyncio.to_thread(
                 fetch_checkpoint, model, self.store, sources, cancel=cancel,
                 rate_bps=self.config.network_bps))
-            self._fetching[model] = task
+            self._fetching[model], self._cancels[model] = task, cancel
             if background:
-                self._pausable[model] = cancel
+                self._pausable.add(model)
 
             def done(_: object) -> None:
                 self._fetching.pop(model, None)
-                self._pausable.pop(model, None)
+                self._cancels.pop(model, None)
+                self._pausable.discard(model)
 
             task.add_done_callback(done)
         elif not background:
-            self._pausable.pop(model, None)  # a load waits on it now: it runs to the end
+            self._pausable.discard(model)  # a load waits on it now: it runs to the end
         result = await asyncio.shield(task)
         if self.meter is not None and self.meter.observe("network", result.transferred, result.seconds):
             self.publish_record_soon()
@@ -428,11 +435,12 @@ class Invoker:
             InvalidRequest: a bad model name.
         """
         validate_name(model)
-        cancel = self._pausable.pop(model, None)
-        if cancel is not None:
-            cancel.set()
+        paused = model in self._pausable
+        if paused:
+            self._pausable.discard(model)
+            self._cancels[model].set()
             log.info("replication of %s paused", model)
-        return ReplicationPaused(model=model, paused=cancel is not None)
+        return ReplicationPaused(model=model, paused=paused)
 
     def _load_blocking(
         self, path: Path, device: str, pool: DramPool | None
