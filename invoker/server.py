@@ -186,6 +186,15 @@ class TokenizerCache:
         return tok
 
 
+@dataclass
+class _Fetching:
+    """A fetch of a checkpoint into the local store, in progress."""
+
+    task: asyncio.Task[TransferResult]
+    cancel: threading.Event  # set: the fetch stops at its next piece (a pause)
+    pausable: bool  # only replications wait on it (no load has joined)
+
+
 def resolve_device(requested: str, default: str) -> str:
     """The torch device for an instance: ``auto`` -> the invoker's device; ``cuda`` -> ``cuda:0``.
     Raises Unavailable when CUDA is asked for on an invoker without it."""
@@ -209,9 +218,7 @@ class Invoker:
         self.etcd = Etcd(config.etcd_endpoint)
         self.instances: dict[str, LoadedInstance] = {}
         self._loading: dict[str, asyncio.Task[LoadResponse]] = {}
-        self._fetching: dict[str, asyncio.Task[TransferResult]] = {}
-        self._cancels: dict[str, threading.Event] = {}  # model -> its fetch's cancel flag
-        self._pausable: set[str] = set()  # models whose fetch only replications wait on
+        self._fetching: dict[str, _Fetching] = {}  # model -> its fetch in progress
         # the store root, unless it is this invoker's own store (then nothing is ever fetched)
         origin = config.origin
         self._origin = (None if origin is None or origin.resolve() == self.store.root.resolve()
@@ -373,13 +380,13 @@ class Invoker:
         """
         if not self._stale(model):
             return None
-        task = self._fetching.get(model)
-        if task is not None and self._cancels[model].is_set():
+        fetching = self._fetching.get(model)
+        if fetching is not None and fetching.cancel.is_set():
             # a paused replication, stopping: let it stop (its partial data stays), then
             # fetch anew, continuing that data
-            await asyncio.wait([task])
+            await asyncio.wait([fetching.task])
             return await self.fetch(model, peers, background=background)
-        if task is None:
+        if fetching is None:
             sources: list[str | Path] = [*peers]
             if self._origin is not None:
                 sources.append(self._origin)
@@ -387,19 +394,11 @@ class Invoker:
             task = asyncio.create_task(asyncio.to_thread(
                 fetch_checkpoint, model, self.store, sources, cancel=cancel,
                 rate_bps=self.config.network_bps))
-            self._fetching[model], self._cancels[model] = task, cancel
-            if background:
-                self._pausable.add(model)
-
-            def done(_: object) -> None:
-                self._fetching.pop(model, None)
-                self._cancels.pop(model, None)
-                self._pausable.discard(model)
-
-            task.add_done_callback(done)
+            fetching = self._fetching[model] = _Fetching(task, cancel, pausable=background)
+            task.add_done_callback(lambda _: self._fetching.pop(model, None))
         elif not background:
-            self._pausable.discard(model)  # a load waits on it now: it runs to the end
-        result = await asyncio.shield(task)
+            fetching.pausable = False  # a load waits on it now: it runs to the end
+        result = await asyncio.shield(fetching.task)
         if self.meter is not None and self.meter.observe("network", result.transferred, result.seconds):
             self.publish_record_soon()
         await self.publish_tiers()
@@ -435,12 +434,13 @@ class Invoker:
             InvalidRequest: a bad model name.
         """
         validate_name(model)
-        paused = model in self._pausable
-        if paused:
-            self._pausable.discard(model)
-            self._cancels[model].set()
-            log.info("replication of %s paused", model)
-        return ReplicationPaused(model=model, paused=paused)
+        fetching = self._fetching.get(model)
+        if fetching is None or not fetching.pausable:
+            return ReplicationPaused(model=model, paused=False)
+        fetching.pausable = False
+        fetching.cancel.set()
+        log.info("replication of %s paused", model)
+        return ReplicationPaused(model=model, paused=True)
 
     def _load_blocking(
         self, path: Path, device: str, pool: DramPool | None
