@@ -160,7 +160,6 @@ class Replicator:
         self._busy_at = -CALM_S  # monotonic seconds an invocation was last seen waiting
         self._pauses: set[asyncio.Task[None]] = set()
         self.made = 0  # copies completed (for logs and tests)
-        self.paused = 0  # copies paused (for logs and tests)
         pool.on_queue = self.pause
 
     def tick(self, invokers: Sequence[InvokerRecord],
@@ -170,8 +169,7 @@ class Replicator:
         after; the copies running are paused then); returns them."""
         now = self._clock()
         if self._pool.queued():
-            self._busy_at = now
-            self.pause()
+            self.pause()  # notes the time too
             return []
         if now - self._busy_at < CALM_S:
             return []
@@ -230,8 +228,7 @@ class Replicator:
             resp = await self._client.replicate(c.url, c.model, list(c.sources))
         except SllmError as e:
             if key in self._pausing and isinstance(e, Unavailable):
-                self.paused += 1  # not a failure: planned again once calm, and continued
-                return
+                return  # paused, not failed: planned again once calm, and continued
             log.warning("replicating %s to %s failed (retried in %.0f s): %s", c.model,
                         c.invoker_id, RETRY_S, e.message)
             self._failed[key] = self._clock()

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import asyncio
 
-from controller.pool import InstancePool, LiveInstance
+from controller.pool import InstancePool
 from controller.replication import CALM_S, Replicator, plan
 from sllm.manifest import FunctionManifest
-from sllm.messages import InstanceRecord, InvokerRecord
+from sllm.messages import InvokerRecord
 from sllm.states import InstanceState as S
+from tests.pools import add
 
 MI = 1 << 20
 
@@ -89,12 +90,6 @@ def test_two_functions_of_one_model_make_one_copy_at_a_time() -> None:
     assert [(c.function, c.invoker_id) for c in got] == [("f", "b")]
 
 
-def add(pool: InstancePool, iid: str, function: str, model: str, inv_id: str, state: S) -> None:
-    pool.instances[iid] = LiveInstance(record=InstanceRecord(
-        id=iid, function=function, model=model, invoker_id=inv_id, invoker_url=f"http://{inv_id}",
-        state=state, created=0.0, memory_bytes=256 * MI))
-
-
 async def test_the_replicator_copies_in_calm_periods_only() -> None:
     """Only loaded instances make a function in use; an invoker with a starting instance gets
     no copy (its disk and network serve that cold start), and nothing starts while a call
@@ -104,8 +99,8 @@ async def test_the_replicator_copies_in_calm_periods_only() -> None:
 
     pool = InstancePool(None, None, list, lambda model: MI, clock=lambda: 0.0)  # type: ignore[arg-type]
     pool.tiers = {"m": {"a": "ssd"}, "n": {"a": "ssd"}}
-    add(pool, "f-1", "f", "m", "a", S.ACTIVE)
-    add(pool, "g-1", "g", "n", "b", S.LOADING)  # g is not in use yet; b is loading
+    add(pool, "f-1", "f", "m", "a", S.ACTIVE, memory=256 * MI)
+    add(pool, "g-1", "g", "n", "b", S.LOADING, memory=256 * MI)  # g is not in use yet; b is loading
     functions = {"f": function("f", "m"), "g": function("g", "n")}
     client = InvokerClient()
     now = [0.0]
@@ -141,7 +136,7 @@ async def test_a_waiting_invocation_pauses_the_copies_running_once_each() -> Non
 
     pool = InstancePool(None, None, list, lambda model: MI, clock=lambda: 0.0)  # type: ignore[arg-type]
     pool.tiers = {"m": {"a": "ssd"}}
-    add(pool, "f-1", "f", "m", "a", S.ACTIVE)
+    add(pool, "f-1", "f", "m", "a", S.ACTIVE, memory=256 * MI)
     functions = {"f": function("f", "m")}
     client = InvokerClient()
     now = [100.0]
