@@ -38,7 +38,8 @@ instances in 3 s to three newcomers while eleven of its calls waited, and they t
 to 17 s (batch Y, seed 7).
 
 When the best candidate must first move running inferences away (ServerlessLLM §5-6), what
-happens depends on the pool's ``migration`` mode:
+happens depends on the pool's ``migration`` mode; in ``live`` and ``preempt``, while any call
+waits for capacity the best place without migration is taken (:meth:`InstancePool.decide` says why):
 
 - ``live`` (default): each running instance there migrates: in the same step as the decision
   (no await between them), a destination instance of its function is found idle or started
@@ -588,9 +589,17 @@ class InstancePool:
                may_migrate: bool = True) -> Placement | None:
         """The placement decision for a new instance of ``manifest``, or None when it must wait
         for capacity. A decision that needs running instances moved away is kept in ``live``
-        and ``preempt`` modes (unless ``may_migrate`` is false, or a migration failed in the last
-        :data:`MIGRATION_BACKOFF_S`); otherwise it is replaced by the best one without, and with
-        none the instance waits.
+        and ``preempt`` modes, unless ``may_migrate`` is false, a migration failed in the last
+        :data:`MIGRATION_BACKOFF_S`, or any call waits for capacity (this one included, once it
+        has waited); otherwise it is replaced by the best one without, and with none the
+        instance waits.
+
+        Why not while calls wait: ServerlessLLM §5-6 charges a migration to the new instance's
+        startup estimate only, as if the moved inference's destination and its KV-cache
+        recompute used capacity nobody else wants. A waiting call says there is none: the
+        destination's load and the recompute then take compute and memory from the calls in
+        flight and the ones waiting (docs/benchmarks.md §4, batches AE-AG: in the overloads,
+        with migration on, local loads took two to three times as long).
 
         Raises:
             Unavailable: no invoker's memory budget could ever hold it.
@@ -608,9 +617,12 @@ class InstancePool:
                                memory_bytes=need)
         decision = place(view, req, policy=self.policy, migration=self.migration)
         if decision is not None and decision.migrate and not (
-                may_migrate and self.mode != "off" and time.monotonic() >= self._no_migration_until):
+                may_migrate and self.mode != "off" and not self._waiting
+                and time.monotonic() >= self._no_migration_until):
             log.info("best place for %s needs migrating %s away (%.3f s); taking the best place "
-                     "without", manifest.name, ", ".join(decision.migrate), decision.chosen.total_s)
+                     "without%s", manifest.name, ", ".join(decision.migrate),
+                     decision.chosen.total_s,
+                     f" ({self.queued()} calls wait for capacity)" if self._waiting else "")
             fallback = place(view, req, policy=self.policy, migration=None)
             if fallback is not None:
                 # keep every candidate's estimate, migration ones included

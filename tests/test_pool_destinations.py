@@ -7,12 +7,17 @@ work (sending the loads) gets a turn, and closing the pool cancels that work."""
 
 from __future__ import annotations
 
+import asyncio
+
+import pytest
+
 from controller.pool import InstancePool, LiveInstance
-from sllm.errors import FunctionNotFound
+from sllm.errors import FunctionNotFound, Unavailable
 from sllm.etcd import Etcd
 from sllm.manifest import FunctionManifest
 from sllm.messages import InvokerRecord
 from sllm.states import InstanceState as S
+from tests.conftest import manifest
 from tests.pools import GIB, add, invoker
 
 NOW = 1000.0
@@ -101,5 +106,35 @@ async def test_preempt_mode_unloads_the_movers_and_reserves_nothing(etcd: Etcd) 
         assert live is not None and live.record.invoker_id == "a"
         assert "g-1" not in pool.instances and others_of(pool, "g", but="g-1") == []
         assert live.after == []
+    finally:
+        await pool.close()
+
+
+async def test_no_instance_is_moved_away_while_a_call_waits_for_capacity(etcd: Etcd) -> None:
+    """A call of h waits (h-1 runs its 4 calls at h's maxInstances 1). f's best place is
+    still a by moving g-1 away, but a moved instance's load and recompute would take capacity
+    from the calls in flight and the one waiting: f takes b (the copy) and g-1 keeps running.
+    Once the call stops waiting, f's next placement moves g-1 again."""
+    pool, _ = cluster(etcd, {"g": fn("g", "gm")})
+    h = FunctionManifest.model_validate(manifest(
+        "h", "hm", resources={"memory": "1Gi"},
+        scaling={"maxInstances": 1, "targetConcurrency": 4}))
+    try:
+        call = asyncio.create_task(pool.acquire(h, deadline_s=0.3))
+        await asyncio.sleep(0.05)
+        assert pool.waiting("h") == 1
+        live = await pool.start_instance(fn("f", "fm"), reserve=True)
+        assert live is not None and live.record.invoker_id == "b"
+        placement = live.record.placement
+        assert placement is not None and placement.migrate == []
+        assert any(c.invoker_id == "a" and c.migrates for c in placement.candidates)
+        assert pool.instances["g-1"].state == S.ACTIVE and live.after == []
+        with pytest.raises(Unavailable):
+            await call
+        assert pool.queued() == 0
+        pool._retire(live.record.id, "placed again below")  # b's GiB is free again
+        again = await pool.start_instance(fn("f", "fm"), reserve=True)
+        assert again is not None and again.record.invoker_id == "a"
+        assert pool.instances["g-1"].state == S.MIGRATING
     finally:
         await pool.close()
