@@ -9,7 +9,7 @@ import click
 import uvicorn
 
 from gateway.app import GatewayConfig, create_app
-from sllm.config import CONTROLLER_PORT, GATEWAY_PORT, HOST
+from sllm.config import CONTROLLER_PORT, GATEWAY_KEEPALIVE_S, GATEWAY_PORT, HOST
 
 
 @click.command()
@@ -25,7 +25,8 @@ def main(host: str, port: int, controller_urls: tuple[str, ...], api_key: str | 
     """Run the gateway: auth, routing, SSE streaming, OpenAI-compatible API."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     app = create_app(GatewayConfig(controller_urls=tuple(controller_urls), api_key=api_key or None))
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False,
+                timeout_keep_alive=GATEWAY_KEEPALIVE_S)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ OpenAI endpoints (with the official ``openai`` client) and the CLI.
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import os
 import subprocess
@@ -201,6 +202,26 @@ def test_openai_stream_ends_with_done(cluster: Cluster) -> None:
             "model": "tiny", "messages": user("hi"), "max_tokens": 3, "stream": True}) as r:
         events = sse(r)
     assert events[-1] == ("message", "[DONE]")
+
+
+def test_an_idle_client_connection_outlasts_the_clients_own_keep_alive(cluster: Cluster) -> None:
+    """A client's keep-alive connection, idle for 6 s (longer than httpx's and so the OpenAI
+    SDK's 5 s expiry), still carries the next request: the gateway does not close it first.
+    With uvicorn's default (5 s) the server closes it, and a request sent at that moment fails
+    with a read error (GATEWAY_KEEPALIVE_S)."""
+    url = httpx.URL(cluster.gateway)
+    conn = http.client.HTTPConnection(url.host, url.port, timeout=10)
+    try:
+        conn.request("GET", "/health")
+        assert conn.getresponse().read() and conn.sock is not None
+        port = conn.sock.getsockname()[1]
+        time.sleep(6.0)
+        conn.request("GET", "/health")
+        r = conn.getresponse()
+        assert r.status == 200 and r.read()
+        assert conn.sock.getsockname()[1] == port  # the same connection, not a new one
+    finally:
+        conn.close()
 
 
 def test_models_lists_functions_in_openai_shape(cluster: Cluster) -> None:
