@@ -19,10 +19,10 @@ Policies (``policy`` argument):
   (``ClusterView.copies``; our addition: §6 counts each at full bandwidth, and in
   docs/benchmarks.md batch AH two concurrent copies estimated at 6.9 and 7.1 s took 11.5 and
   11.6 s). Pick the minimum; estimates within :data:`TIE_FRACTION` + :data:`TIE_SECONDS`
-  of it are ties, settled by no eviction or migration first, then the fewest invocations in flight and loads starting (instances on one
-  invoker share its compute: a GPU, or on a CPU invoker its cores; the startup estimate does
-  not model that, and the first token of the new instance's call waits for it), then the most
-  free memory.
+  of it are ties, settled by no eviction or migration first, then the fewest invocations in
+  flight and loads starting (instances on one invoker share its compute: a GPU, or on a CPU
+  invoker its cores; the startup estimate does not model that, and the first token of the new
+  instance's call waits for it), then the most free memory.
 - ``locality``: the fastest tier holding the checkpoint (DRAM, then SSD, then none), ties to the
   invoker with the most free memory; never migrates and ignores queued loads.
 - ``least-loaded``: the invoker with the fewest invocations in flight and loads starting, ties
