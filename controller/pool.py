@@ -39,7 +39,8 @@ to 17 s (batch Y, seed 7).
 
 When the best candidate must first move running inferences away (ServerlessLLM §5-6), what
 happens depends on the pool's ``migration`` mode; in ``live`` and ``preempt``, while any call
-waits for capacity the best place without migration is taken (:meth:`InstancePool.decide` says why):
+waits for capacity the best place without migration is taken (:meth:`InstancePool.decide`
+says why):
 
 - ``live`` (default): each running instance there migrates: in the same step as the decision
   (no await between them), a destination instance of its function is found idle or started
