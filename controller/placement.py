@@ -14,15 +14,12 @@ Policies (``policy`` argument):
   first: token-based recompute ``a * tokens + b`` plus the destinations' loads of the moved
   instances' models (``Slot.move_s``), as in §6. A load of a checkpoint already starting on
   the invoker is shared (the invoker fetches and reads a checkpoint once): the new load waits
-  for that one only, then maps the checkpoint from the DRAM tier. A copy shares its sources'
-  network bandwidth with the copies of the same checkpoint already running
-  (``ClusterView.copies``; our addition: §6 counts each at full bandwidth, and in
-  docs/benchmarks.md batch AH two concurrent copies estimated at 6.9 and 7.1 s took 11.5 and
-  11.6 s). Pick the minimum; estimates within :data:`TIE_FRACTION` + :data:`TIE_SECONDS`
-  of it are ties, settled by no eviction or migration first, then the fewest invocations in
-  flight and loads starting (instances on one invoker share its compute: a GPU, or on a CPU
-  invoker its cores; the startup estimate does not model that, and the first token of the new
-  instance's call waits for it), then the most free memory.
+  for that one only, then maps the checkpoint from the DRAM tier. Pick the minimum; estimates
+  within :data:`TIE_FRACTION` + :data:`TIE_SECONDS` of it are ties, settled by no eviction or
+  migration first, then the fewest invocations in flight and loads starting (instances on one
+  invoker share its compute: a GPU, or on a CPU invoker its cores; the startup estimate does
+  not model that, and the first token of the new instance's call waits for it), then the most
+  free memory.
 - ``locality``: the fastest tier holding the checkpoint (DRAM, then SSD, then none), ties to the
   invoker with the most free memory; never migrates and ignores queued loads.
 - ``least-loaded``: the invoker with the fewest invocations in flight and loads starting, ties
@@ -116,14 +113,11 @@ class InvokerState:
     seconds_per_byte: tuple[float, ...] = field(init=False)
     """Seconds per checkpoint byte from each tier, in _TIER_ORDER (one multiply per candidate);
     from ``bandwidths`` at construction, which is why those are fixed for the state's life."""
-    network_s_per_byte: float = field(init=False)
-    """Seconds per byte of the copy over the network alone (the ``remote`` tier's first part)."""
 
     def __post_init__(self) -> None:
         # raises ValueError for a bandwidth that is not positive
         self.seconds_per_byte = tuple(load_seconds(1, t, self.bandwidths)
                                       for t in ("dram", "ssd", "remote"))
-        self.network_s_per_byte = 1.0 / self.bandwidths.network_bps
 
     def put(self, instance_id: str, slot: Slot) -> None:
         """Add or replace an instance's slot."""
@@ -183,14 +177,10 @@ class ClusterView:
     Attributes:
         invokers: invoker id -> its state.
         tiers: model -> {invoker id -> the fastest tier holding its checkpoint there}.
-        copies: model -> loads starting now that copy its checkpoint from elsewhere (placed on
-            the ``remote`` tier). A new copy of that checkpoint fetches from the same holders
-            (:func:`holder_urls`' order), so it shares their bandwidth with these.
     """
 
     invokers: dict[str, InvokerState] = field(default_factory=dict)
     tiers: dict[str, dict[str, Tier]] = field(default_factory=dict)
-    copies: dict[str, int] = field(default_factory=dict)
 
     def set_tier(self, model: str, invoker_id: str, tier: Tier | None) -> None:
         """Record where ``model``'s checkpoint is on an invoker (None: no local copy)."""
@@ -276,9 +266,6 @@ def place(
     order = _TIER_ORDER
     join = policy == "ours"
     model = req.model
-    # copies of this checkpoint already running share its sources: with k of them, a new one
-    # gets 1/(k + 1) of the network bandwidth (an upper bound: they may be part done)
-    sharing = view.copies.get(model, 0)
     # candidates that need instances moved away (kept apart: the room check after the loop may
     # drop them) and the others. ``ours`` keeps only the others that may be among the ``keep``
     # best: once ``keep`` of them total at most ``bound`` seconds, a candidate above it cannot
@@ -316,8 +303,6 @@ def place(
             t = order[held.get(inv.id, "remote")]
             queue_s = inv.ready_by - now if inv.ready_by > now else 0.0
         load_s = nbytes * inv.seconds_per_byte[t]
-        if t == 2 and sharing:
-            load_s += nbytes * sharing * inv.network_s_per_byte
         if migrate and migration is not None:  # (migrate implies a migration cost)
             mig_s = migration.seconds(inv.busy_tokens) + inv.busy_move_s
             movers.append((queue_s + load_s + mig_s, t, inv.id, queue_s, load_s, mig_s, evict,

@@ -535,9 +535,6 @@ class InstancePool:
             if live.state in STARTING:
                 slot = Slot(live.record.memory_bytes, "starting", ready_by=live.record.ready_by or 0.0,
                             model=live.record.model)
-                placed = live.record.placement
-                if placed is not None and placed.chosen.tier == "remote":
-                    view.copies[live.record.model] = view.copies.get(live.record.model, 0) + 1
             elif live.state == S.IDLE and live.in_flight == 0:
                 slot = Slot(live.record.memory_bytes, "idle", last_used=live.record.last_used or 0.0)
                 idle_at.setdefault(live.record.function, set()).add(inv.id)

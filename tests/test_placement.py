@@ -123,25 +123,6 @@ def test_queued_loads_make_ours_look_elsewhere_but_not_locality() -> None:
     assert p is not None and p.invoker.id == "a"
 
 
-def test_a_copy_shares_its_sources_bandwidth_with_the_copies_of_its_checkpoint_running() -> None:
-    """a holds m on SSD behind 2 s of another load (2.5 s); b has no copy: alone, the copy at
-    1 GB/s and the SSD load take 1.5 s, and ours takes b. With two copies of m running, the
-    new one gets a third of the bandwidth (3 s + 0.5 s): ours waits behind a's load instead.
-    Copies of another checkpoint share nothing."""
-    view = cluster(("a", 4 * GB), ("b", 4 * GB), tiers={"a": "ssd"})
-    view.invokers["a"].put("x-1", Slot(GB, "starting", ready_by=2.0, model="x"))
-    p = place(view, REQ, policy="ours", now=0.0)
-    assert p is not None and p.invoker.id == "b" and p.chosen.load_s == pytest.approx(1.5)
-    view.copies = {"x": 2}
-    p = place(view, REQ, policy="ours", now=0.0)
-    assert p is not None and p.invoker.id == "b" and p.chosen.load_s == pytest.approx(1.5)
-    view.copies = {"m": 2}
-    p = place(view, REQ, policy="ours", now=0.0)
-    assert p is not None and p.invoker.id == "a" and p.chosen.total_s == pytest.approx(2.5)
-    b = next(e for e in p.candidates if e.invoker_id == "b")
-    assert b.tier == "remote" and b.load_s == pytest.approx(3.5)
-
-
 def test_a_load_of_a_checkpoint_already_starting_there_joins_it() -> None:
     """The invoker fetches and reads a checkpoint once: a second instance of ``m`` on a, where
     a copy of ``m`` is starting (due at 1.0), waits for that load only, not for a later load of

@@ -7,7 +7,6 @@ from __future__ import annotations
 import pytest
 
 from controller.pool import InstancePool
-from sllm.messages import EstimateRecord, PlacementRecord
 from sllm.states import InstanceState as S
 from tests.pools import GIB, add, invoker
 
@@ -51,29 +50,6 @@ def test_a_starting_instance_tells_placement_which_checkpoint_it_loads() -> None
     view = pool.view([invoker("a")], "big")
     assert view.invokers["a"].loading == {"big": NOW + 2.0, "small": 0.0}
     assert view.invokers["a"].starting == 2
-
-
-def test_starting_instances_placed_on_a_copy_are_counted_per_checkpoint() -> None:
-    """Placement shares a new copy's bandwidth with the copies of its checkpoint running: the
-    view counts the starting instances whose decision chose the ``remote`` tier, per model
-    (not those reading a local copy, nor loaded ones)."""
-    def placed(iid: str, tier: str) -> None:
-        est = EstimateRecord(invoker_id="a", tier=tier, queue_s=0.0, load_s=1.0,  # type: ignore[arg-type]
-                             migration_s=0.0, total_s=1.0)
-        live = pool.instances[iid]
-        live.record = live.record.model_copy(update={"placement": PlacementRecord(
-            policy="ours", chosen=est, candidates=[est], considered=1, decided_at=NOW,
-            decision_seconds=0.0)})
-
-    pool = InstancePool(None, None, list, lambda model: GIB, clock=lambda: NOW)  # type: ignore[arg-type]
-    for iid, model, state, tier in (("f-1", "big", S.LOADING, "remote"),
-                                    ("f-2", "big", S.PENDING, "remote"),
-                                    ("f-3", "big", S.LOADING, "ssd"),
-                                    ("f-4", "big", S.ACTIVE, "remote"),
-                                    ("g-1", "small", S.PENDING, "remote")):
-        add(pool, iid, iid[0], model, "a", state, memory=GIB // 8)
-        placed(iid, tier)
-    assert pool.view([invoker("a")], "big").copies == {"big": 2, "small": 1}
 
 
 def test_a_migrations_destination_is_never_moved_itself() -> None:
