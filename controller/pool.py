@@ -11,6 +11,10 @@ How an invocation gets an instance (:meth:`InstancePool.acquire`):
 1. a loaded instance of the function with fewer than ``targetConcurrency`` invocations in flight
    (the least busy) -> a warm start;
 2. else an instance of it that is still starting and has a free slot -> join that cold start;
+   while the load runs, the call still takes a slot that a loaded instance frees first (then
+   its slot on the starting instance is given back and the load goes on for later calls): a
+   call is never bound to a slow load, such as a copy of a big checkpoint from another invoker
+   (docs/benchmarks.md §4, batch AH: 6 of ``ours``' 9 slowest calls waited 8.7-11.6 s for one);
 3. else, below ``maxInstances``, place a new instance (:func:`controller.placement.place`),
    unloading the least recently used idle instances the decision names -> a cold start; with
    the ``ours`` policy, unless waiting for one of the function's busy instances is expected to
@@ -309,11 +313,23 @@ class InstancePool:
         target = scaling.targetConcurrency
         queue_s = 0.0
         queued = False
+        joined: LiveInstance | None = None  # a starting instance holding a slot for this call
+        t_join = 0.0
         try:
             while True:
                 if self._closed:
                     raise NotLeader("this controller stopped leading; ask the new leader",
                                     retry_after=1)
+                if joined is not None and joined.loaded.is_set():
+                    live, joined = joined, None
+                    live.in_flight -= 1
+                    if live.error is not None:
+                        raise live.error
+                    if live.state in LOADED:
+                        self._take(live)
+                        return self._assignment(manifest, live, cold=True, queue_s=queue_s,
+                                                load_s=time.monotonic() - t_join)
+                    continue  # its invoker died while loading: place again
                 cands = self._candidates(manifest)
                 loaded = _with_free_slot(cands, target)
                 blocker = self._blocker(manifest.name, start) if cands else None
@@ -322,42 +338,44 @@ class InstancePool:
                     need = self._manifests[blocker].spec.resources.memory
                     loaded = [i for i in loaded if i.in_flight or i.record.memory_bytes < need]
                 if loaded:
+                    if joined is not None:  # a loaded instance freed a slot before the load ended
+                        joined.in_flight -= 1
+                        queue_s += time.monotonic() - t_join
+                        joined = None
                     live = min(loaded, key=lambda i: i.in_flight)
                     self._take(live)
                     return self._assignment(manifest, live, cold=False, queue_s=queue_s, load_s=0.0)
-                loading = [i for i in cands if i.state in STARTING and i.in_flight < target]
-                live = min(loading, key=lambda i: i.in_flight) if loading else None
-                if live is not None:
-                    live.in_flight += 1  # before any await: the slot is this call's
-                elif (len(cands) < scaling.maxInstances and blocker is None
-                      and not self._known_full(manifest.name)):
-                    # reserves a slot on the new instance before its first await
-                    live = await self.start_instance(
-                        manifest, reserve=True, may_migrate=may_migrate,
-                        unless_wait=self._expected_wait(manifest, cands, queued), waited_s=queue_s)
-                    now = self._candidates(manifest)
-                    if live is None and (len(now) > len(cands) or _with_free_slot(now, target)):
-                        continue  # another call started one, or a slot freed, meanwhile
-                if live is not None:
-                    t_load = time.monotonic()
-                    try:
-                        async with asyncio.timeout(max(0.0, deadline - t_load)):
-                            await live.loaded.wait()
-                    except TimeoutError:
-                        live.in_flight -= 1
+                if joined is None:
+                    loading = [i for i in cands if i.state in STARTING and i.in_flight < target]
+                    live = min(loading, key=lambda i: i.in_flight) if loading else None
+                    if live is not None:
+                        live.in_flight += 1  # before any await: the slot is this call's
+                    elif (len(cands) < scaling.maxInstances and blocker is None
+                          and not self._known_full(manifest.name)):
+                        # reserves a slot on the new instance before its first await
+                        live = await self.start_instance(
+                            manifest, reserve=True, may_migrate=may_migrate,
+                            unless_wait=self._expected_wait(manifest, cands, queued),
+                            waited_s=queue_s)
+                        now = self._candidates(manifest)
+                        if live is None and (len(now) > len(cands) or _with_free_slot(now, target)):
+                            continue  # another call started one, or a slot freed, meanwhile
+                    if live is not None:
+                        joined, t_join = live, time.monotonic()
+                        continue  # it may have loaded (or failed) during start_instance's awaits
+                if joined is not None:
+                    # Wait for its load, or for a loaded instance to free a slot first (then
+                    # the load goes on for later calls, with this call's slot given back).
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        joined.in_flight -= 1
+                        joined = None
                         raise Unavailable(
                             f"function {manifest.name!r} is still loading after {deadline_s:.0f} s",
                             retry_after=5,
-                        ) from None
-                    live.in_flight -= 1
-                    if live.error is not None:
-                        raise live.error
-                    if live.state not in LOADED:  # its invoker died while loading: place again
-                        continue
-                    self._take(live)
-                    return self._assignment(
-                        manifest, live, cold=True, queue_s=queue_s, load_s=time.monotonic() - t_load
-                    )
+                        )
+                    await self._wait_for_change(min(remaining, 1.0), also=joined.loaded)
+                    continue
                 # No capacity: wait for a release or a state change.
                 if not queued:
                     if self.waiting(manifest.name) >= scaling.maxQueue:
@@ -377,18 +395,39 @@ class InstancePool:
                         retry_after=1,
                     )
                 t_wait = time.monotonic()
-                async with self._changed:
-                    with contextlib.suppress(TimeoutError):
-                        # bounded, so a notification lost between check and wait costs <= 1 s
-                        async with asyncio.timeout(min(remaining, 1.0)):
-                            await self._changed.wait()
+                # bounded, so a notification lost between check and wait costs <= 1 s
+                await self._wait_for_change(min(remaining, 1.0))
                 queue_s += time.monotonic() - t_wait
         finally:
+            if joined is not None:  # cancelled while waiting for the load
+                joined.in_flight -= 1
             if queued:
                 self._waiting[manifest.name].remove(start)
                 if not self._waiting[manifest.name]:  # only functions with waiters stay listed
                     del self._waiting[manifest.name]
                     self._no_room.pop(manifest.name, None)
+
+    async def _wait_for_change(self, timeout_s: float, *, also: asyncio.Event | None = None
+                               ) -> None:
+        """Wait until the pool notifies a change, ``also`` is set, or ``timeout_s`` seconds
+        pass."""
+        if also is None:
+            async with self._changed:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(timeout_s):
+                        await self._changed.wait()
+            return
+
+        async def changed() -> None:
+            async with self._changed:
+                await self._changed.wait()
+
+        waits = [asyncio.ensure_future(changed()), asyncio.ensure_future(also.wait())]
+        try:
+            await asyncio.wait(waits, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
 
     def _known_full(self, function: str) -> bool:
         """Whether a placement of ``function`` found no room since the last change (and less

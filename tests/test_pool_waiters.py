@@ -71,3 +71,55 @@ async def test_a_slot_freed_while_placing_is_taken_warm_not_unloaded_for_a_new_i
     assignment = await call
     assert assignment.instance_id == "f-1" and not assignment.cold
     assert list(pool.instances) == ["f-1"] and pool.instances["f-1"].state == S.ACTIVE
+
+
+async def test_a_call_waiting_for_a_load_takes_a_slot_a_loaded_instance_frees_first() -> None:
+    """f-1 is loaded and busy (targetConcurrency 1); f-2 is still loading. A new call of f
+    joins f-2's cold start, then f-1's call ends before f-2 has loaded: the call takes f-1, a
+    warm start after a wait, and gives its slot on f-2 back; f-2's load goes on."""
+    pool = InstancePool(None, None, None, lambda model: GIB)  # type: ignore[arg-type]
+    add(pool, "f-1", "f", "m", "a", in_flight=1)
+    loading = add(pool, "f-2", "f", "m", "b", S.LOADING)
+    f = FunctionManifest.model_validate(manifest(
+        "f", "m", resources={"memory": "1Gi"},
+        scaling={"maxInstances": 2, "targetConcurrency": 1}))
+    call = asyncio.create_task(pool.acquire(f, deadline_s=5))
+    await asyncio.sleep(0.05)
+    assert loading.in_flight == 1 and not call.done()  # joined f-2's cold start
+    await pool.release("f-1")
+    assignment = await asyncio.wait_for(call, 1.0)
+    assert assignment.instance_id == "f-1" and not assignment.cold
+    assert assignment.queue_seconds >= 0.05 and assignment.load_seconds == 0.0
+    assert loading.in_flight == 0 and pool.instances["f-2"].state == S.LOADING
+
+
+async def test_a_call_waiting_for_a_load_takes_that_instance_when_it_loads_first() -> None:
+    """As above, but f-2 loads while f-1 is still busy: the call takes f-2, a cold start."""
+    pool = InstancePool(None, None, None, lambda model: GIB)  # type: ignore[arg-type]
+    add(pool, "f-1", "f", "m", "a", in_flight=1)
+    loading = add(pool, "f-2", "f", "m", "b", S.LOADING)
+    f = FunctionManifest.model_validate(manifest(
+        "f", "m", resources={"memory": "1Gi"},
+        scaling={"maxInstances": 2, "targetConcurrency": 1}))
+    call = asyncio.create_task(pool.acquire(f, deadline_s=5))
+    await asyncio.sleep(0.05)
+    pool._set_state(loading, S.IDLE)
+    loading.loaded.set()  # as the pool's load does, without a notification
+    assignment = await asyncio.wait_for(call, 0.5)
+    assert assignment.instance_id == "f-2" and assignment.cold
+    assert assignment.load_seconds >= 0.05
+    assert loading.in_flight == 1 and pool.instances["f-1"].in_flight == 1
+
+
+async def test_a_call_that_gives_up_waiting_for_a_load_gives_its_slot_back() -> None:
+    """A call that joined a cold start and reaches its deadline first gets 503 (Unavailable)
+    and leaves the loading instance's slots as they were."""
+    pool = InstancePool(None, None, None, lambda model: GIB)  # type: ignore[arg-type]
+    add(pool, "f-1", "f", "m", "a", in_flight=1)
+    loading = add(pool, "f-2", "f", "m", "b", S.LOADING)
+    f = FunctionManifest.model_validate(manifest(
+        "f", "m", resources={"memory": "1Gi"},
+        scaling={"maxInstances": 2, "targetConcurrency": 1}))
+    with pytest.raises(Unavailable, match="still loading"):
+        await pool.acquire(f, deadline_s=0.2)
+    assert loading.in_flight == 0
