@@ -8,7 +8,7 @@ import asyncio
 
 import pytest
 
-from controller.pool import InstancePool
+from controller.pool import InstancePool, LiveInstance
 from sllm.errors import Unavailable
 from sllm.manifest import FunctionManifest
 from sllm.messages import InvokerRecord
@@ -73,16 +73,23 @@ async def test_a_slot_freed_while_placing_is_taken_warm_not_unloaded_for_a_new_i
     assert list(pool.instances) == ["f-1"] and pool.instances["f-1"].state == S.ACTIVE
 
 
-async def test_a_call_waiting_for_a_load_takes_a_slot_a_loaded_instance_frees_first() -> None:
-    """f-1 is loaded and busy (targetConcurrency 1); f-2 is still loading. A new call of f
-    joins f-2's cold start, then f-1's call ends before f-2 has loaded: the call takes f-1, a
-    warm start after a wait, and gives its slot on f-2 back; f-2's load goes on."""
+def _busy_and_loading() -> tuple[InstancePool, FunctionManifest, LiveInstance]:
+    """A pool with two instances of f (targetConcurrency 1, maxInstances 2): f-1 loaded on
+    invoker a with one call in flight, f-2 still loading on b (returned)."""
     pool = InstancePool(None, None, None, lambda model: GIB)  # type: ignore[arg-type]
     add(pool, "f-1", "f", "m", "a", in_flight=1)
     loading = add(pool, "f-2", "f", "m", "b", S.LOADING)
     f = FunctionManifest.model_validate(manifest(
         "f", "m", resources={"memory": "1Gi"},
         scaling={"maxInstances": 2, "targetConcurrency": 1}))
+    return pool, f, loading
+
+
+async def test_a_call_waiting_for_a_load_takes_a_slot_a_loaded_instance_frees_first() -> None:
+    """f-1 is loaded and busy (targetConcurrency 1); f-2 is still loading. A new call of f
+    joins f-2's cold start, then f-1's call ends before f-2 has loaded: the call takes f-1, a
+    warm start after a wait, and gives its slot on f-2 back; f-2's load goes on."""
+    pool, f, loading = _busy_and_loading()
     call = asyncio.create_task(pool.acquire(f, deadline_s=5))
     await asyncio.sleep(0.05)
     assert loading.in_flight == 1 and not call.done()  # joined f-2's cold start
@@ -95,12 +102,7 @@ async def test_a_call_waiting_for_a_load_takes_a_slot_a_loaded_instance_frees_fi
 
 async def test_a_call_waiting_for_a_load_takes_that_instance_when_it_loads_first() -> None:
     """As above, but f-2 loads while f-1 is still busy: the call takes f-2, a cold start."""
-    pool = InstancePool(None, None, None, lambda model: GIB)  # type: ignore[arg-type]
-    add(pool, "f-1", "f", "m", "a", in_flight=1)
-    loading = add(pool, "f-2", "f", "m", "b", S.LOADING)
-    f = FunctionManifest.model_validate(manifest(
-        "f", "m", resources={"memory": "1Gi"},
-        scaling={"maxInstances": 2, "targetConcurrency": 1}))
+    pool, f, loading = _busy_and_loading()
     call = asyncio.create_task(pool.acquire(f, deadline_s=5))
     await asyncio.sleep(0.05)
     pool._set_state(loading, S.IDLE)
@@ -114,12 +116,7 @@ async def test_a_call_waiting_for_a_load_takes_that_instance_when_it_loads_first
 async def test_a_call_that_gives_up_waiting_for_a_load_gives_its_slot_back() -> None:
     """A call that joined a cold start and reaches its deadline first gets 503 (Unavailable)
     and leaves the loading instance's slots as they were."""
-    pool = InstancePool(None, None, None, lambda model: GIB)  # type: ignore[arg-type]
-    add(pool, "f-1", "f", "m", "a", in_flight=1)
-    loading = add(pool, "f-2", "f", "m", "b", S.LOADING)
-    f = FunctionManifest.model_validate(manifest(
-        "f", "m", resources={"memory": "1Gi"},
-        scaling={"maxInstances": 2, "targetConcurrency": 1}))
+    pool, f, loading = _busy_and_loading()
     with pytest.raises(Unavailable, match="still loading"):
         await pool.acquire(f, deadline_s=0.2)
     assert loading.in_flight == 0
