@@ -374,7 +374,7 @@ class InstancePool:
                             f"function {manifest.name!r} is still loading after {deadline_s:.0f} s",
                             retry_after=5,
                         )
-                    await self._wait_for_change(min(remaining, 1.0), also=joined.loaded)
+                    await self._wait_for_change(min(remaining, 1.0))
                     continue
                 # No capacity: wait for a release or a state change.
                 if not queued:
@@ -407,27 +407,13 @@ class InstancePool:
                     del self._waiting[manifest.name]
                     self._no_room.pop(manifest.name, None)
 
-    async def _wait_for_change(self, timeout_s: float, *, also: asyncio.Event | None = None
-                               ) -> None:
-        """Wait until the pool notifies a change, ``also`` is set, or ``timeout_s`` seconds
-        pass."""
-        if also is None:
-            async with self._changed:
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(timeout_s):
-                        await self._changed.wait()
-            return
-
-        async def changed() -> None:
-            async with self._changed:
-                await self._changed.wait()
-
-        waits = [asyncio.ensure_future(changed()), asyncio.ensure_future(also.wait())]
-        try:
-            await asyncio.wait(waits, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for w in waits:
-                w.cancel()
+    async def _wait_for_change(self, timeout_s: float) -> None:
+        """Wait until the pool notifies a change (every release, state change and end of a
+        load notifies) or ``timeout_s`` seconds pass."""
+        async with self._changed:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout_s):
+                    await self._changed.wait()
 
     def _known_full(self, function: str) -> bool:
         """Whether a placement of ``function`` found no room since the last change (and less
@@ -849,6 +835,7 @@ class InstancePool:
                 live.error = Unavailable(f"instance {rec.id} was stopped before it loaded",
                                          retry_after=1)
             live.loaded.set()
+            await self._notify()
             return
         if live.state == S.PENDING:
             self._set_state(live, S.LOADING)
@@ -1149,6 +1136,8 @@ class InstancePool:
             log.warning("instance %s lost: %s", live.record.id, reason)
         for by_inv in self.tiers.values():
             by_inv.pop(invoker_id, None)
+        if gone:  # calls that joined their loads place again
+            self._spawn(self._notify())
         return [live.record.id for live in gone]
 
     def expire_lost(self) -> None:

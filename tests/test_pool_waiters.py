@@ -106,7 +106,8 @@ async def test_a_call_waiting_for_a_load_takes_that_instance_when_it_loads_first
     call = asyncio.create_task(pool.acquire(f, deadline_s=5))
     await asyncio.sleep(0.05)
     pool._set_state(loading, S.IDLE)
-    loading.loaded.set()  # as the pool's load does, without a notification
+    loading.loaded.set()  # as the pool's load does at its end
+    await pool._notify()
     assignment = await asyncio.wait_for(call, 0.5)
     assert assignment.instance_id == "f-2" and assignment.cold
     assert assignment.load_seconds >= 0.05
