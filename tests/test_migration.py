@@ -16,6 +16,7 @@ from invoker.instance import ModelInstance
 from invoker.migration import Sessions
 from sllm.errors import Conflict, InvalidRequest
 from sllm.messages import PrefillRequest
+from tests.kv_rounds import prefill_in_two_rounds
 from tests.tiny_model import make_tiny_llama
 
 N = 40  # tokens generated; seed 0's tiny model does not emit EOS within them
@@ -58,13 +59,8 @@ def test_greedy_resume_continues_exactly(instance: ModelInstance, prompt_ids: li
     ids, text = reference
     cache, cached = None, 0
     if prepared:  # two rounds, as a destination's session computes them (the last id left out)
-        sessions, lock = Sessions(), threading.Lock()
         full = [*prompt_ids, *ids[:at]]
-        half = len(full) // 2
-        for start, part in ((0, full[:half]), (half, full[half:])):
-            sessions.prefill("i", instance, lock, PrefillRequest(session="s", start=start,
-                                                                 ids=part))
-        cache, cached = sessions.take("s", "i", full)
+        cache, cached = prefill_in_two_rounds(instance, full)
         assert cached == len(full) - 1
     gen, rest, rest_text = generate(instance, prompt_ids, SamplingParams(max_tokens=N),
                                     Resume(ids[:at], emitted=at, cache=cache, cached=cached))
