@@ -18,8 +18,10 @@ Rows (seconds unless stated):
   second (another function, same model) finds it in the DRAM tier;
 - ``sllm warm``: later invocations: time to first token, time per output token, decode tokens/s;
 - ``from_pretrained``: a fresh Python process that imports transformers, loads the same weights
-  from safetensors with ``AutoModelForCausalLM.from_pretrained`` and produces the first token;
-  the time after imports is the fair comparison with sllm's load + first token;
+  from safetensors with ``AutoModelForCausalLM.from_pretrained`` onto the device the invoker's
+  instances use (``device_map="cuda:0"`` where torch sees a GPU, as the invoker's default
+  device; the CUDA context is created inside this load) and produces the first token; the time
+  after imports is the fair comparison with sllm's load + first token;
 - ``limit``: checkpoint bytes over the measured sequential O_DIRECT read bandwidth of its files
   (the SSD limit, as fio measures it) and over memcpy bandwidth (the DRAM limit).
 
@@ -106,13 +108,14 @@ BASELINE = textwrap.dedent("""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     t1 = time.perf_counter()
-    path = sys.argv[1]
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    path, device = sys.argv[1], sys.argv[3]
+    kw = {} if device == "cpu" else {"device_map": device}
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kw).eval()
     tok = AutoTokenizer.from_pretrained(path)
     t2 = time.perf_counter()
     ids = tok.apply_chat_template([{"role": "user", "content": sys.argv[2]}], add_generation_prompt=True,
                                   return_tensors="pt")
-    ids = ids if isinstance(ids, torch.Tensor) else ids["input_ids"]
+    ids = (ids if isinstance(ids, torch.Tensor) else ids["input_ids"]).to(device)
     with torch.inference_mode():
         model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, do_sample=False)
     t3 = time.perf_counter()
@@ -120,8 +123,10 @@ BASELINE = textwrap.dedent("""
 """)
 
 
-def baseline(model_dir: Path, safetensors_dir: Path, runs: int, drop: bool) -> list[dict[str, float]]:
-    """transformers from_pretrained on a safetensors copy of the same weights, in fresh processes."""
+def baseline(model_dir: Path, safetensors_dir: Path, runs: int, drop: bool,
+             device: str) -> list[dict[str, float]]:
+    """transformers from_pretrained onto ``device`` from a safetensors copy of the same weights,
+    in fresh processes."""
     if not (safetensors_dir / "config.json").exists():
         from invoker.checkpoint import load_checkpoint
         from invoker.instance import ModelInstance
@@ -136,7 +141,7 @@ def baseline(model_dir: Path, safetensors_dir: Path, runs: int, drop: bool) -> l
             drop_caches()
         else:
             evict(sorted(safetensors_dir.glob("*.safetensors")))
-        r = subprocess.run([sys.executable, "-c", BASELINE, str(safetensors_dir), PROMPT],
+        r = subprocess.run([sys.executable, "-c", BASELINE, str(safetensors_dir), PROMPT, device],
                            capture_output=True, text=True, check=True)
         out.append(json.loads(r.stdout.strip().splitlines()[-1]))
     return out
@@ -204,6 +209,9 @@ def main() -> None:
     ap.add_argument("--json", action="store_true", help="one JSON line per row")
     args = ap.parse_args()
 
+    import torch
+
+    device = "cuda:0" if torch.cuda.is_available() else "cpu"  # the invoker's default device
     store = store_with(args.model)
     model_dir = store.path(args.model)
     dropped = drop_caches() if args.drop_caches else False
@@ -247,7 +255,8 @@ def main() -> None:
                     warms = [invoke(gw, "bench-warm", args.max_tokens) for _ in range(args.warm)]
             finally:
                 runtime.stop(state)
-        base = baseline(model_dir, home / "safetensors", args.baseline_runs, args.drop_caches)
+        base = baseline(model_dir, home / "safetensors", args.baseline_runs, args.drop_caches,
+                        device)
         lim = limits(model_dir, args.drop_caches)
 
     ckpt_bytes = lim["bytes"]
@@ -278,7 +287,7 @@ def main() -> None:
         "tokens": median([float(w["client_tokens"]) for w in warms]),
     })
     rows.append({
-        "row": "from_pretrained", "runs": len(base),
+        "row": "from_pretrained", "runs": len(base), "device": device,
         "page_cache": "dropped" if args.drop_caches and dropped else "checkpoint evicted",
         "import": median([b["import"] for b in base]),
         "load": median([b["load"] for b in base]),
@@ -297,7 +306,8 @@ def main() -> None:
         return
     cs, cd, w, b, lm = rows
     print(f"model {args.model}: {ckpt_bytes / 1e6:.0f} MB checkpoint; before each cold load "
-          f"{'the whole page cache was dropped' if dropped else 'its files were evicted from the page cache'}")
+          f"{'the whole page cache was dropped' if dropped else 'its files were evicted from the page cache'}; "
+          f"instances and the baseline on {device}")
     print(f"{'':<38}{'seconds':>9}")
     for c in (cs, cd):
         print(f"{'sllm cold start from ' + c['tier'] + ', TTFT':<38}{c['ttft']:>9.3f}  "

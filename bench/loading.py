@@ -3,6 +3,7 @@ user would pick instead, and against this machine's limits measured in the same 
 
     .venv/bin/python bench/loading.py [--models smollm2,synthetic] [--synthetic-gb 2.2]
                                       [--repeat 3] [--data DIR] [--skip-peers] [--json]
+                                      [--device cpu|cuda:N]
 
 Run it as root: cold rows drop the page cache (``sync; echo 3 > /proc/sys/vm/drop_caches``)
 before each timed load; where the machine refuses, the cold rows are left out and the output says
@@ -52,6 +53,18 @@ untimed, so one-time costs (lazy imports, first calls) are not counted as loadin
 - ``limit`` tier ``dram``: ``numpy.copyto`` between two pre-faulted arrays of the model's size,
   best of 3.
 
+With ``--device cuda:N`` every loader puts the weights on that GPU: sllm's loader with
+``load_checkpoint(..., device=...)`` (SSD tier: read into the pool block and copied chunk by chunk
+as each is verified; DRAM tier: one copy from the pool; no pool: through the ring of page-locked
+staging chunks), ``safetensors`` with ``device=``, ``torch.load`` with ``map_location=``,
+``from_pretrained`` with ``device_map=``, the other peers' tensors moved with ``.to(device)``
+(fastsafetensors loads to the device itself). A row ends with ``torch.cuda.synchronize()``
+instead of the page touching (device memory is never mapped lazily), so ``touch_seconds`` is 0.
+The limits gain ``limit`` tier ``h2d``: ``Tensor.copy_`` of the model's bytes from page-locked
+host memory to the GPU, best of 3. Rows that read from memory are compared with it, and rows
+with tier ``ssd`` with the slower of fio and h2d (the bytes cross both). Target: the DRAM tier
+at least 80% of h2d.
+
 "Usable": some loaders map the file and read it only when a page is first touched
 (``safetensors`` on CPU, ``from_pretrained``), so every row, sllm's included, ends by reading one
 byte of every 4 KiB page of every tensor (and its last byte); that pass is inside the timed region
@@ -65,7 +78,7 @@ header reports what other processes did during the run (disk bytes read, CPU sec
 BUSY when they were enough to lower the figures.
 ``--json`` prints one JSON object per row (``loader``, ``tier``, ``cache``, ``model``, ``bytes``,
 ``seconds``, ``gbps``, ``limit``, ``pct_of_limit``, ``runs``, ``touch_seconds``, ``note``); the
-limit rows have ``loader: "limit"``.
+limit rows have ``loader: "limit"``; every row also has ``device``.
 """
 
 from __future__ import annotations
@@ -326,44 +339,45 @@ class Loaded:
     release: Callable[[], None] = lambda: None
 
 
-def load_native(m: Model, pool: DramPool | None = None) -> Loaded:
-    ckpt = load_checkpoint(m.sllm_dir, pool=pool)
+def load_native(m: Model, device: str = "cpu", pool: DramPool | None = None) -> Loaded:
+    ckpt = load_checkpoint(m.sllm_dir, device=device, pool=pool)
     return Loaded(list(ckpt.tensors.values()), ckpt.tier, ckpt, ckpt.release)
 
 
-def load_safetensors(m: Model) -> Loaded:
+def load_safetensors(m: Model, device: str) -> Loaded:
     from safetensors.torch import load_file
 
-    return Loaded(list(load_file(str(m.st_file), device="cpu").values()))
+    return Loaded(list(load_file(str(m.st_file), device=device).values()))
 
 
-def load_torch(m: Model) -> Loaded:
-    sd = torch.load(m.pt_file, map_location="cpu", weights_only=True)
+def load_torch(m: Model, device: str) -> Loaded:
+    sd = torch.load(m.pt_file, map_location=device, weights_only=True)
     return Loaded(list(sd.values()))
 
 
-def load_from_pretrained(m: Model) -> Loaded:
+def load_from_pretrained(m: Model, device: str) -> Loaded:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(m.hf_dir, dtype=m.dtype)
+    kw = {} if device == "cpu" else {"device_map": device}
+    model = AutoModelForCausalLM.from_pretrained(m.hf_dir, dtype=m.dtype, **kw)
     return Loaded(list(model.state_dict().values()), keep=model)
 
 
-def load_runai(m: Model) -> Loaded:
+def load_runai(m: Model, device: str) -> Loaded:
     from runai_model_streamer import SafetensorsStreamer
 
     tensors = []
     with SafetensorsStreamer() as streamer:
         streamer.stream_file(str(m.st_file))
         for _, t in streamer.get_tensors():
-            tensors.append(t)
+            tensors.append(t if device == "cpu" else t.to(device))
     return Loaded(tensors)
 
 
-def load_fastsafetensors(m: Model) -> Loaded:
+def load_fastsafetensors(m: Model, device: str) -> Loaded:
     from fastsafetensors import SafeTensorsFileLoader, SingleGroup
 
-    loader = SafeTensorsFileLoader(SingleGroup(), "cpu", nogds=True)
+    loader = SafeTensorsFileLoader(SingleGroup(), device, nogds=True)
     loader.add_filenames({0: [str(m.st_file)]})
     fb = loader.copy_files_to_device()
     tensors = [fb.get_tensor(k) for k in fb.key_to_rank_lidx]
@@ -375,7 +389,7 @@ def load_fastsafetensors(m: Model) -> Loaded:
     return Loaded(tensors, keep=(fb, loader), release=close)
 
 
-PEERS: dict[str, tuple[str, Callable[[Model], Loaded]]] = {
+PEERS: dict[str, tuple[str, Callable[[Model, str], Loaded]]] = {
     # loader name -> (module that must import, load function)
     "safetensors": ("safetensors.torch", load_safetensors),
     "torch.load": ("torch", load_torch),
@@ -398,8 +412,9 @@ class Row:
     runs: list[float] = field(default_factory=list)
     touches: list[float] = field(default_factory=list)
     note: str = ""
-    limit: str = ""  # "fio" or "memcpy"
+    limit: str = ""  # "fio", "memcpy" or "h2d"
     limit_bps: float = 0.0
+    device: str = "cpu"
 
     @property
     def seconds(self) -> float | None:
@@ -419,7 +434,8 @@ class Row:
         r = lambda x: None if x is None else round(x, 4)
         return {
             "loader": self.loader, "tier": self.tier, "cache": self.cache, "model": self.model,
-            "bytes": self.nbytes, "seconds": r(self.seconds), "gbps": r(self.gbps),
+            "device": self.device, "bytes": self.nbytes, "seconds": r(self.seconds),
+            "gbps": r(self.gbps),
             "limit": self.limit or None, "pct_of_limit": r(self.pct),
             "runs": [round(x, 4) for x in self.runs],
             "touch_seconds": r(statistics.median(self.touches)) if self.touches else None,
@@ -427,14 +443,18 @@ class Row:
         }
 
 
-def timed(load: Callable[[], Loaded]) -> tuple[float, float, Loaded]:
-    """(seconds until usable, of which touching, the loaded result)."""
+def timed(load: Callable[[], Loaded], device: str = "cpu") -> tuple[float, float, Loaded]:
+    """(seconds until usable, of which touching, the loaded result). On a GPU the load is
+    usable once the device has finished every copy: no touching, a synchronize."""
     t0 = time.perf_counter()
     out = load()
     t1 = time.perf_counter()
-    touch(out.tensors)
+    if device == "cpu":
+        touch(out.tensors)
+    else:
+        torch.cuda.synchronize(device)
     t2 = time.perf_counter()
-    return t2 - t0, t2 - t1, out
+    return t2 - t0, (t2 - t1 if device == "cpu" else 0.0), out
 
 
 def _time_once(row: Row, load: Callable[[], Loaded], cache: str) -> str | None:
@@ -442,7 +462,7 @@ def _time_once(row: Row, load: Callable[[], Loaded], cache: str) -> str | None:
     data is freed again. Returns the tier the loader reported."""
     if cache == "cold":
         drop_caches()
-    secs, touched, out = timed(load)
+    secs, touched, out = timed(load, row.device)
     row.runs.append(secs)
     row.touches.append(touched)
     tier = out.tier
@@ -454,12 +474,16 @@ def _free(out: Loaded | None) -> None:
     if out is not None:
         out.release()
     gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
-def measure_peer(name: str, module: str, fn: Callable[[Model], Loaded], m: Model,
-                 caches: list[str], repeat: int) -> list[Row]:
+def measure_peer(name: str, module: str, fn: Callable[[Model, str], Loaded], m: Model,
+                 caches: list[str], repeat: int, device: str = "cpu") -> list[Row]:
     """A peer's cold and warm rows; a peer that cannot import or fails keeps rows saying why."""
-    rows = [Row(name, "ssd" if c == "cold" else "page-cache", c, m.name, m.nbytes) for c in caches]
+    rows = [Row(name, "ssd" if c == "cold" else "page-cache", c, m.name, m.nbytes, device=device)
+            for c in caches]
+    fn = partial(fn, device=device)
     try:
         __import__(module)
     except Exception as e:  # noqa: BLE001 - any import failure means "not available here"
@@ -496,7 +520,7 @@ def _evict(pool: DramPool) -> None:
     lease.abort()
 
 
-def measure_native(m: Model, caches: list[str], repeat: int) -> list[Row]:
+def measure_native(m: Model, caches: list[str], repeat: int, device: str = "cpu") -> list[Row]:
     """sllm's loader: without a pool; through the pool when it does not hold the checkpoint
     (SSD tier); again on the pool (DRAM tier).
 
@@ -504,26 +528,26 @@ def measure_native(m: Model, caches: list[str], repeat: int) -> list[Row]:
     SSD-tier load. Its first load, into memory nothing had been read into yet, is not in the rows
     but in their note: on this VM such a read is slower than into memory read into before."""
     rows = []
-    _free(load_native(m))  # untimed: one-time code paths are not loading
+    _free(load_native(m, device))  # untimed: one-time code paths are not loading
     pool = DramPool(_pool_budget(m))  # allocated and pre-faulted outside the timing
     drop_caches()
-    first, _, out = timed(partial(load_native, m, pool))
+    first, _, out = timed(partial(load_native, m, device, pool), device)
     _free(out)
     del out
     for cache in caches:
-        nopool = Row("native_loader-nopool", "ssd", cache, m.name, m.nbytes)
-        ssd = Row("native_loader", "ssd", cache, m.name, m.nbytes,
+        nopool = Row("native_loader-nopool", "ssd", cache, m.name, m.nbytes, device=device)
+        ssd = Row("native_loader", "ssd", cache, m.name, m.nbytes, device=device,
                   note=f"first load into a new pool (cold): {first:.3f} s")
-        dram = Row("native_loader", "dram", cache, m.name, m.nbytes)
+        dram = Row("native_loader", "dram", cache, m.name, m.nbytes, device=device)
         rows += [ssd, dram, nopool]
         if cache == "warm":
-            _free(load_native(m))
+            _free(load_native(m, device))
         for _ in range(repeat):
-            _time_once(nopool, partial(load_native, m), cache)
+            _time_once(nopool, partial(load_native, m, device), cache)
         for _ in range(repeat):
             _evict(pool)
             for row in (ssd, dram):
-                tier = _time_once(row, partial(load_native, m, pool), cache)
+                tier = _time_once(row, partial(load_native, m, device, pool), cache)
                 if tier != row.tier:
                     row.note = f"load_checkpoint reported tier {tier!r}"
     del pool
@@ -567,19 +591,35 @@ def _fio(files: list[Path], variant: list[str]) -> tuple[int, float]:
     return nbytes, seconds
 
 
-def _python_direct_read(files: list[Path]) -> tuple[int, float]:
-    block = mmap.mmap(-1, 4 << 20)  # page-aligned, as O_DIRECT needs
+PY_DIRECT_THREADS = (1, 4, 16)
+"""Requests in flight tried by the Python O_DIRECT read that stands in for fio."""
+
+
+def _python_direct_read(files: list[Path], threads: int = 1) -> tuple[int, float]:
+    """Read ``files`` one after another with O_DIRECT in 4 MiB blocks, ``threads`` blocks in
+    flight (thread t reads blocks t, t + threads, ...; ``os.preadv`` lets go of the GIL).
+    Returns (bytes, seconds)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    block = 4 << 20
+
+    def worker(fd: int, size: int, first: int) -> int:
+        buf = mmap.mmap(-1, block)  # page-aligned, as O_DIRECT needs
+        n = 0
+        for off in range(first * block, size, threads * block):
+            n += os.preadv(fd, [buf], off)
+        return n
+
     total = 0
     t0 = time.perf_counter()
-    for f in files:
-        fd = os.open(f, os.O_RDONLY | os.O_DIRECT)
-        try:
-            while (n := os.readv(fd, [block])) > 0:
-                total += n
-                if n < len(block):
-                    break
-        finally:
-            os.close(fd)
+    with ThreadPoolExecutor(threads) as pool:
+        for f in files:
+            fd = os.open(f, os.O_RDONLY | os.O_DIRECT)
+            try:
+                size = os.fstat(fd).st_size
+                total += sum(pool.map(partial(worker, fd, size), range(threads)))
+            finally:
+                os.close(fd)
     return total, time.perf_counter() - t0
 
 
@@ -590,12 +630,19 @@ def ssd_limit(m: Model, repeat: int) -> Row:
     files = [m.sllm_dir / f.name for f in read_index(m.sllm_dir).files]
     row = Row("limit", "ssd", "cold", m.name, sum(f.stat().st_size for f in files), limit="fio")
     if shutil.which("fio") is None:
-        for _ in range(repeat):
+        tries = {}
+        for threads in PY_DIRECT_THREADS:
             drop_caches()
-            n, s = _python_direct_read(files)
-            row.runs.append(s)
-        row.nbytes = n
-        row.note = "fio not installed: Python O_DIRECT read, 4 MiB blocks, queue depth 1"
+            tries[threads] = _python_direct_read(files, threads)
+        best = max(tries, key=lambda k: tries[k][0] / tries[k][1])
+        row.nbytes, first = tries[best]
+        row.runs = [first]
+        for _ in range(repeat - 1):
+            drop_caches()
+            row.runs.append(_python_direct_read(files, best)[1])
+        tried = ", ".join(f"{k}: {n / s / 1e9:.2f}" for k, (n, s) in tries.items())
+        row.note = (f"fio not installed: Python O_DIRECT read, 4 MiB blocks, {best} in flight "
+                    f"(GB/s by requests in flight, one run each: {tried})")
         return row
     sweep: dict[str, tuple[int, float]] = {}
     failed = []
@@ -637,6 +684,25 @@ def dram_limit(m: Model) -> Row:
                note="numpy.copyto, pre-faulted, best of 3")
 
 
+def h2d_limit(m: Model, device: str) -> Row:
+    """``Tensor.copy_`` of the model's bytes from page-locked host memory to ``device``, best
+    of 3 (after one untimed copy): the host-to-device link's limit."""
+    src = torch.ones(m.nbytes, dtype=torch.uint8).pin_memory()
+    dst = torch.empty(m.nbytes, dtype=torch.uint8, device=device)
+    runs = []
+    for i in range(4):
+        torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        dst.copy_(src, non_blocking=True)
+        torch.cuda.synchronize(device)
+        if i:
+            runs.append(time.perf_counter() - t0)
+    del src, dst
+    _free(None)
+    return Row("limit", "h2d", "n/a", m.name, m.nbytes, [min(runs)], limit="h2d", device=device,
+               note="pinned host -> device copy_, best of 3")
+
+
 # --- output --------------------------------------------------------------------------------------
 
 
@@ -662,11 +728,11 @@ def targets(rows: list[Row]) -> list[str]:
         if r.loader != "native_loader" or r.pct is None:
             continue
         if r.tier == "ssd" and r.cache == "cold":
-            out.append(f"target SSD tier >= 90% of fio, {r.model}: {r.pct:.0f}% "
+            out.append(f"target SSD tier >= 90% of {r.limit}, {r.model}: {r.pct:.0f}% "
                        f"({'met' if r.pct >= 90 else 'NOT met'})")
         if r.tier == "dram":
-            out.append(f"target DRAM tier >= 80% of memcpy, {r.model} ({r.cache}): {r.pct:.0f}% "
-                       f"({'met' if r.pct >= 80 else 'NOT met'})")
+            out.append(f"target DRAM tier >= 80% of {r.limit}, {r.model} ({r.cache}): "
+                       f"{r.pct:.0f}% ({'met' if r.pct >= 80 else 'NOT met'})")
     return out
 
 
@@ -681,7 +747,11 @@ def main() -> None:
                     help="where the bench files are kept (default $SLLM_HOME/bench-data)")
     ap.add_argument("--skip-peers", action="store_true", help="only sllm's loader and the limits")
     ap.add_argument("--json", action="store_true", help="one JSON line per row")
+    ap.add_argument("--device", default="cpu", help="where the weights go: cpu or cuda:N")
     args = ap.parse_args()
+    device = args.device
+    if device != "cpu" and not (device.startswith("cuda") and torch.cuda.is_available()):
+        sys.exit(f"--device {device}: only cpu, or cuda:N where torch sees a GPU")
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     unknown = set(names) - {"smollm2", "synthetic"}
     if unknown:
@@ -715,15 +785,21 @@ def main() -> None:
         log(f"{m.name}: limits ...")
         fio, memcpy = ssd_limit(m, args.repeat), dram_limit(m)
         model_rows = [fio, memcpy]
+        from_memory, from_ssd = memcpy, fio
+        if device != "cpu":
+            h2d = h2d_limit(m, device)
+            model_rows.append(h2d)
+            from_memory = h2d
+            from_ssd = min(fio, h2d, key=lambda r: r.gbps or float("inf"))
         log(f"{m.name}: native_loader ...")
-        model_rows += measure_native(m, caches, args.repeat)
+        model_rows += measure_native(m, caches, args.repeat, device)
         if not args.skip_peers:
             for name, (module, fn) in PEERS.items():
                 log(f"{m.name}: {name} ...")
-                model_rows += measure_peer(name, module, fn, m, caches, args.repeat)
+                model_rows += measure_peer(name, module, fn, m, caches, args.repeat, device)
         for r in model_rows:
             if r.loader != "limit":
-                ref = fio if r.tier == "ssd" else memcpy
+                ref = from_ssd if r.tier == "ssd" else from_memory
                 r.limit, r.limit_bps = ref.limit, (ref.gbps or 0) * 1e9
             else:
                 r.limit_bps = (r.gbps or 0) * 1e9
@@ -737,10 +813,13 @@ def main() -> None:
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     header = [
         f"machine: {os.cpu_count()} CPUs, {mem:.1f} GiB memory; torch {torch.__version__}",
+        f"device: {device}" + (f" ({torch.cuda.get_device_name(device)})" if device != "cpu"
+                               else ""),
         f"native_loader engine: {engine}",
         "page cache: dropped before each cold load" if can_drop
         else "page cache: could NOT be dropped (needs root): cold rows left out",
-        f"seconds: median of {args.repeat}; every row includes touching one byte per 4 KiB page",
+        f"seconds: median of {args.repeat}; every row includes "
+        + ("touching one byte per 4 KiB page" if device == "cpu" else "torch.cuda.synchronize()"),
         f"other processes during the {wall:.0f} s run: {other_disk / 1e9:.1f} GB read from "
         f"disk, {other_cpu:.0f} CPU-seconds ({100 * other_cpu / (wall * cpus):.0f}% of the "
         f"machine)" + ("  BUSY: the figures are lower than on a quiet machine" if busy else ""),
