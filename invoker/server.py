@@ -680,7 +680,7 @@ def create_app(config: InvokerConfig) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         stop = asyncio.Event()
         inv.start_pool()  # pre-faults in a thread (~0.45 s per GiB here) while the warm-up runs
-        await asyncio.to_thread(warm_up)
+        await asyncio.to_thread(warm_up, config.device)
         seed = await asyncio.to_thread(probe, config.store_root)
         if config.network_bps is not None:  # a capped link is no faster than its cap
             seed = dataclasses.replace(seed, write_bps=min(seed.write_bps, config.network_bps))
