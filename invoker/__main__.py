@@ -56,6 +56,12 @@ def main(invoker_id: str, host: str, port: int, etcd_endpoint: str, store: str |
          compute_threads: int | None, log_level: str) -> None:
     """Run an invoker: loads instances from the model store and serves their generations."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if device and device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise click.BadParameter(f"{device!r}: torch sees no CUDA device here",
+                                     param_hint="--device")
     if compute_threads:
         import torch
 

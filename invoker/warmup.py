@@ -25,7 +25,7 @@ def warm_up(device: str = "cpu") -> float:
     first use). Returns its wall time (s).
 
     Raises:
-        RuntimeError: torch cannot use ``device``.
+        RuntimeError: ``device`` is a CUDA device and torch sees none, or torch cannot use it.
     """
     t0 = time.perf_counter()
     import torch
@@ -39,6 +39,8 @@ def warm_up(device: str = "cpu") -> float:
     from invoker.generation import SamplingParams, sample
 
     dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"cannot warm up on {device}: torch sees no CUDA device")
     config = LlamaConfig(
         vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
