@@ -367,9 +367,7 @@ class InstancePool:
                     # Wait for its load, or for a loaded instance to free a slot first (then
                     # the load goes on for later calls, with this call's slot given back).
                     remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        joined.in_flight -= 1
-                        joined = None
+                    if remaining <= 0:  # the finally gives the slot back
                         raise Unavailable(
                             f"function {manifest.name!r} is still loading after {deadline_s:.0f} s",
                             retry_after=5,
@@ -399,7 +397,7 @@ class InstancePool:
                 await self._wait_for_change(min(remaining, 1.0))
                 queue_s += time.monotonic() - t_wait
         finally:
-            if joined is not None:  # cancelled while waiting for the load
+            if joined is not None:  # gave up on the load (deadline, cancelled): the slot goes back
                 joined.in_flight -= 1
             if queued:
                 self._waiting[manifest.name].remove(start)
