@@ -56,6 +56,7 @@ sys.path.insert(0, str(ROOT))
 from pagecache import drop_caches, evict
 
 from gateway.sse import parse_events
+from invoker.__main__ import default_device
 from invoker.importer import import_model
 from invoker.store import ModelStore
 from sllm import config, runtime
@@ -209,9 +210,7 @@ def main() -> None:
     ap.add_argument("--json", action="store_true", help="one JSON line per row")
     args = ap.parse_args()
 
-    import torch
-
-    device = "cuda:0" if torch.cuda.is_available() else "cpu"  # the invoker's default device
+    device = default_device()  # the invoker's: where the runtime's instances go
     store = store_with(args.model)
     model_dir = store.path(args.model)
     dropped = drop_caches() if args.drop_caches else False

@@ -8,9 +8,10 @@ from pathlib import Path
 import click
 import uvicorn
 
-from invoker.server import InvokerConfig, create_app
+from invoker.server import InvokerConfig, create_app, resolve_device
 from native_loader import DEFAULT_CHUNK_BYTES, DEFAULT_THREADS
 from sllm.config import ETCD_CLIENT_PORT, HOST, INVOKER_BASE_PORT, INVOKER_LEASE_TTL_S, store_root
+from sllm.errors import Unavailable
 from sllm.manifest import parse_quantity
 
 
@@ -56,12 +57,11 @@ def main(invoker_id: str, host: str, port: int, etcd_endpoint: str, store: str |
          compute_threads: int | None, log_level: str) -> None:
     """Run an invoker: loads instances from the model store and serves their generations."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    if device and device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise click.BadParameter(f"{device!r}: torch sees no CUDA device here",
-                                     param_hint="--device")
+    if device:
+        try:
+            resolve_device(device, default=device)  # the check a load's requested device gets
+        except Unavailable as e:
+            raise click.BadParameter(str(e), param_hint="--device") from None
     if compute_threads:
         import torch
 
