@@ -57,18 +57,17 @@ def main(invoker_id: str, host: str, port: int, etcd_endpoint: str, store: str |
          compute_threads: int | None, log_level: str) -> None:
     """Run an invoker: loads instances from the model store and serves their generations."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    if device:
-        try:
-            resolve_device(device, default=device)  # the check a load's requested device gets
-        except Unavailable as e:
-            raise click.BadParameter(str(e), param_hint="--device") from None
+    try:  # resolved and checked as a load's requested device is
+        device = resolve_device(device or "auto", default=default_device())
+    except Unavailable as e:
+        raise click.BadParameter(str(e), param_hint="--device") from None
     if compute_threads:
         import torch
 
         torch.set_num_threads(compute_threads)
     config = InvokerConfig(
         invoker_id=invoker_id, url=advertise_url or f"http://{host}:{port}", etcd_endpoint=etcd_endpoint,
-        store_root=Path(store) if store else store_root(), device=device or default_device(),
+        store_root=Path(store) if store else store_root(), device=device,
         memory_bytes=parse_quantity(memory), verify_checksums=not no_verify,
         dram_pool_bytes=parse_quantity(dram_pool), read_threads=read_threads,
         read_chunk_bytes=parse_quantity(read_chunk), origin=Path(origin) if origin else None,
