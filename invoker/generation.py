@@ -177,16 +177,18 @@ def extend_cache(instance: ModelInstance, cache: DynamicCache | None, ids: Seque
     if cache.get_seq_length() + len(ids) > instance.context_window:
         raise InvalidRequest("the tokens overflow the context window")
     with torch.inference_mode():
-        return _forward(instance, cache, ids).past_key_values
+        return _forward(instance, cache, ids).cache
 
 
 def _forward(instance: ModelInstance, cache: DynamicCache, ids: Sequence[int]) -> Any:
     """One forward pass over ``ids`` after ``cache``, computing the logits of the last position
     only where the model allows it; call under ``torch.inference_mode()``. Returns the model's
-    output (``logits`` of shape (1, n, vocab), ``past_key_values``)."""
+    output (``logits`` of shape (1, n, vocab), ``cache``: the KV cache extended by ``len(ids)``
+    positions; transformers >= 5.24 names the argument and the field ``cache``, where earlier
+    releases said ``past_key_values``)."""
     input_ids = torch.tensor([list(ids)], dtype=torch.long, device=instance.device)
     extra = {"logits_to_keep": 1} if instance.accepts_logits_to_keep else {}
-    return instance.model(input_ids=input_ids, past_key_values=cache, use_cache=True, **extra)
+    return instance.model(input_ids=input_ids, cache=cache, use_cache=True, **extra)
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
@@ -300,7 +302,7 @@ class Generation:
         with torch.inference_mode():
             out = _forward(self.instance, self._cache, self._uncached)
             token = sample(out.logits[0, -1], self.params, self._generator)
-        self._cache = out.past_key_values
+        self._cache = out.cache
         return token
 
     def __iter__(self) -> Iterator[GeneratedToken]:

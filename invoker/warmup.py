@@ -54,10 +54,10 @@ def warm_up(device: str = "cpu") -> float:
         model = AutoModelForCausalLM.from_config(config).to(device=dev, dtype=dtype).eval()
         with torch.inference_mode():
             cache = DynamicCache(config=config)
-            out = model(input_ids=torch.tensor([[1, 2, 3]], device=dev), past_key_values=cache,
+            out = model(input_ids=torch.tensor([[1, 2, 3]], device=dev), cache=cache,
                         use_cache=True)
             nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-            out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+            out = model(input_ids=nxt, cache=cache, use_cache=True)
             for params in (SamplingParams(max_tokens=1),
                            SamplingParams(max_tokens=1, temperature=1.0, top_p=0.9)):
                 sample(out.logits[0, -1], params, generator)
