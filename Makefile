@@ -2,15 +2,30 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
+LOCK   := requirements/lock.txt
+LOCKED := $(VENV)/.locked
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test down clean
+# `make lock` and `make test-latest` run in venvs of their own, never in .venv
+PIP_TOOLS     := pip-tools==7.6.2
+LOCK_VENV     := .venv-lock
+LATEST_VENV   := .venv-latest
+# torch's newest release on PyPI is a CUDA build of several GB: test-latest keeps the CPU build
+# of the lock unless told otherwise (make test-latest LATEST_TORCH='torch')
+LATEST_TORCH  ?= torch==2.13.0
 
-$(STAMP): setup.cfg pyproject.toml setup.py native_loader/*.cpp native_loader/*.h
+.PHONY: install demo test test-latest lock down clean
+
+# every dependency at the version (and hash) of the lock, in a venv made anew when it changes
+$(LOCKED): $(LOCK)
+	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
-	# the CPU build of torch first: a bare `torch` requirement would pull CUDA packages
-	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet --require-hashes -r $(LOCK)
+	touch $(LOCKED)
+
+# sllm itself, editable, built (the native engine) with the lock's setuptools and pybind11
+$(STAMP): $(LOCKED) setup.cfg pyproject.toml setup.py native_loader/*.cpp native_loader/*.h
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -31,9 +46,28 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# Refresh the lock: the newest releases that setup.cfg's ranges and requirements/constraints.in
+# allow, every transitive dependency and build requirement pinned with its hashes.
+lock:
+	test -x $(LOCK_VENV)/bin/pip-compile || { $(PYTHON) -m venv $(LOCK_VENV) \
+		&& $(LOCK_VENV)/bin/pip install --quiet $(PIP_TOOLS); }
+	$(LOCK_VENV)/bin/pip-compile --quiet --upgrade --generate-hashes --extra test \
+		--all-build-deps --allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links \
+		-c requirements/constraints.in -o $(LOCK) setup.cfg
+
+# The suite against the newest release of every dependency (not CI's: it shows a coming
+# break before a user meets it). The lock's own test is left out: these are not its versions.
+test-latest:
+	rm -rf $(LATEST_VENV)
+	$(PYTHON) -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/pip install --quiet '$(LATEST_TORCH)'
+	$(LATEST_VENV)/bin/pip install --quiet --upgrade --upgrade-strategy eager -e '.[test]'
+	$(LATEST_VENV)/bin/python -m tests.lock $(LOCK)
+	$(LATEST_VENV)/bin/python -m pytest -q --deselect tests/test_lockfile.py
+
 down:
 	$(BIN)/sllm down
 
 clean:
 	-$(BIN)/sllm down
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(LOCK_VENV) $(LATEST_VENV) build *.egg-info
