@@ -50,7 +50,7 @@ from sllm import keys
 from sllm.config import AUTOSCALER_TICK_S, CONTROLLER_LEASE_TTL_S
 from sllm.errors import InvalidRequest, NotLeader, SllmError, Unavailable
 from sllm.etcd import Etcd
-from sllm.http import EXCEPTION_HANDLERS, model_response, read_json, read_model
+from sllm.http import EXCEPTION_HANDLERS, MIDDLEWARE, model_response, read_json, read_model
 from sllm.manifest import FunctionManifest, validate_manifest
 from sllm.messages import (
     AcquireRequest,
@@ -398,4 +398,5 @@ def create_app(config: ControllerConfig) -> Starlette:
         Route("/v1/invokers", leader_only(list_invokers)),
         Route("/v1/checkpoints", leader_only(list_checkpoints)),
     ]
-    return Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)
+    return Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS, middleware=MIDDLEWARE,
+                     lifespan=lifespan)

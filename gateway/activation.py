@@ -36,11 +36,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+from pydantic import ValidationError
 
 from gateway.metrics import METRICS
 from gateway.records import ACTIVATIONS
 from gateway.upstream import InvokerUnreachable, StreamBroken, Upstream
-from sllm.errors import InstanceNotFound, InvokerError, SllmError, from_body
+from sllm.errors import InstanceNotFound, InvalidRequest, InvokerError, SllmError, from_body
 from sllm.messages import (
     Assignment,
     ChatMessage,
@@ -50,7 +51,9 @@ from sllm.messages import (
     MigratedMessage,
     ResumeRequest,
     TokenMessage,
+    check_prompt,
 )
+from sllm.validation import describe
 
 log = logging.getLogger(__name__)
 
@@ -345,23 +348,33 @@ async def start(
     ``ignore_eos`` asks for exactly ``max_tokens`` tokens (EOS or not).
 
     Raises:
+        InvalidRequest: no prompt, or an empty one (``param`` names it), before anything is
+            sent upstream.
         SllmError: before any token, with its HTTP status (FunctionNotFound, TooManyRequests,
             Unavailable, PromptTooLong, InvokerError, ...).
     """
     t0 = time.monotonic()
     act_id = uuid.uuid4().hex
+    try:  # checked before the acquire: a request that cannot run never causes a cold start
+        check_prompt(prompt, messages)
+    except ValueError as e:
+        raise InvalidRequest(str(e), param="prompt" if messages is None else "messages") from None
     if seed is None:  # drawn here, so a generation resumed elsewhere samples as it would have
         seed = secrets.randbits(63)
 
     def request_for(assignment: Assignment) -> GenerateRequest:
         d = assignment.defaults
-        return GenerateRequest(
-            prompt=prompt, messages=messages, raw=raw,
-            max_tokens=max_tokens if max_tokens is not None else int(d.get("maxTokens", 128)),
-            temperature=temperature if temperature is not None else float(d.get("temperature", 0.0)),
-            top_p=top_p if top_p is not None else float(d.get("topP", 1.0)),
-            seed=seed, ignore_eos=ignore_eos,
-        )
+        try:
+            return GenerateRequest(
+                prompt=prompt, messages=messages, raw=raw,
+                max_tokens=max_tokens if max_tokens is not None else int(d.get("maxTokens", 128)),
+                temperature=temperature if temperature is not None else float(d.get("temperature", 0.0)),
+                top_p=top_p if top_p is not None else float(d.get("topP", 1.0)),
+                seed=seed, ignore_eos=ignore_eos,
+            )
+        except ValidationError as e:  # (the acquire's slot is given back by acquire_and_open)
+            message, param = describe(e)
+            raise InvalidRequest(f"invalid request: {message}", param=param) from None
 
     assignment, request, response, acquired_at = await acquire_and_open(
         upstream, function, request_for, resume=False, release=upstream.release_soon)

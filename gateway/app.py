@@ -35,7 +35,7 @@ from gateway.metrics import METRICS
 from gateway.records import ACTIVATIONS
 from gateway.upstream import Upstream
 from sllm.errors import InvalidRequest, Unauthorized
-from sllm.http import EXCEPTION_HANDLERS, MAX_BODY_BYTES, read_json
+from sllm.http import EXCEPTION_HANDLERS, MAX_BODY_BYTES, MIDDLEWARE, read_json
 from sllm.manifest import FunctionManifest, manifest_to_dict, parse_manifest, validate_manifest
 
 
@@ -141,4 +141,5 @@ def create_app(config: GatewayConfig) -> Starlette:
         Route("/v1/invokers", g(forward), methods=["GET"]),
         Route("/v1/checkpoints", g(forward), methods=["GET"]),
     ]
-    return Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)
+    return Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS, middleware=MIDDLEWARE,
+                     lifespan=lifespan)

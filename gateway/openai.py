@@ -2,9 +2,23 @@
 ``GET /v1/models``. The ``model`` field names the function. Standard OpenAI clients work against
 ``http://127.0.0.1:8080/v1`` unchanged.
 
-Request fields the runtime cannot honour in a way that changes the answer (``n`` > 1, ``stop``,
-``logprobs``, ``tools``) are refused with 400 rather than silently ignored; fields that are only
-hints (``user``, ``frequency_penalty`` = 0, ...) are accepted and ignored.
+Every request field is either honoured, or known to change nothing, or refused with 400 naming
+it (``param``), never accepted and silently ignored:
+
+- honoured: ``model``, ``messages`` / ``prompt``, ``max_tokens`` (``max_completion_tokens``),
+  ``temperature``, ``top_p``, ``seed``, ``stream``, ``stream_options.include_usage``, and vLLM's
+  ``ignore_eos``;
+- accepted because they change nothing here (:data:`NO_OP_FIELDS`): ``user``, ``metadata``,
+  ``store``, ...;
+- refused unless they hold their neutral value (:data:`REFUSED_FIELDS`): the sampling controls
+  the engine does not implement yet (``presence_penalty`` and ``frequency_penalty`` other than 0,
+  ``repetition_penalty`` other than 1, ``top_k``, ``min_p``, ``min_tokens``), ``n`` > 1,
+  ``stop``, ``logprobs``, ``suffix``, ``echo``, ``response_format`` other than text, tools and
+  ``tool_choice`` other than ``none``, ``logit_bias``;
+- refused: any other field, as OpenAI refuses an unrecognized argument.
+
+A whitespace-only ``prompt`` is refused (400, ``param: prompt``) like the native API's, before
+anything is sent upstream.
 """
 
 from __future__ import annotations
@@ -13,7 +27,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -27,9 +41,64 @@ from sllm.http import read_model
 from sllm.messages import ChatMessage
 
 
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _same(value: Any, neutral: Any) -> bool:
+    if neutral is None or isinstance(neutral, bool):
+        return value is neutral
+    if _number(neutral):  # 0 and 0.0 are the same; False is not 0
+        return _number(value) and value == neutral
+    return bool(value == neutral)
+
+
+def _is(*neutral: Any) -> Callable[[Any], bool]:
+    """A check that a value is one of ``neutral``."""
+    return lambda value: any(_same(value, n) for n in neutral)
+
+
+REFUSED_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "n": (_is(None, 1), "only n=1 is supported"),
+    "best_of": (_is(None, 1), "only best_of=1 is supported"),
+    "stop": (_is(None, "", []), "stop sequences are not supported yet"),
+    "presence_penalty": (_is(None, 0), "only 0 is supported (no presence penalty yet)"),
+    "frequency_penalty": (_is(None, 0), "only 0 is supported (no frequency penalty yet)"),
+    "repetition_penalty": (_is(None, 1), "only 1 is supported (no repetition penalty yet)"),
+    "top_k": (_is(None, 0, -1), "top-k sampling is not supported yet (use top_p)"),
+    "min_p": (_is(None, 0), "min-p sampling is not supported yet (use top_p)"),
+    "min_tokens": (_is(None, 0), "min_tokens is not supported yet"),
+    "logprobs": (_is(None, False), "log probabilities are not supported"),
+    "top_logprobs": (_is(None, 0), "log probabilities are not supported"),
+    "echo": (_is(None, False), "echo is not supported"),
+    "suffix": (_is(None, ""), "suffix (insertion) is not supported"),
+    "logit_bias": (_is(None, {}), "logit_bias is not supported"),
+    "response_format": (_is(None, {"type": "text"}), "only {\"type\": \"text\"} is supported "
+                        "(no JSON mode or structured output)"),
+    "tools": (_is(None, []), "tools are not supported"),
+    "functions": (_is(None, []), "functions are not supported"),
+    "tool_choice": (_is(None, "none"), "only \"none\" is supported (no tools)"),
+    "function_call": (_is(None, "none"), "only \"none\" is supported (no functions)"),
+    "modalities": (_is(None, ["text"]), "only [\"text\"] is supported"),
+    "audio": (_is(None), "audio output is not supported"),
+    "prediction": (_is(None), "predicted outputs are not supported"),
+    "reasoning_effort": (_is(None), "not a reasoning model"),
+}
+"""OpenAI (and vLLM) fields that would change the answer, each with the check that its value is
+neutral (changes nothing: accepted) and the reason given when it is not (400, ``param`` = the
+field)."""
+
+NO_OP_FIELDS = frozenset({
+    "user", "metadata", "store", "service_tier", "parallel_tool_calls", "prompt_cache_key",
+    "safety_identifier",
+})
+"""OpenAI fields that change nothing about the answer here (identifiers, storage and tier
+hints, a tool option with no tools): accepted."""
+
+
 class _OpenAIRequest(BaseModel):
-    # OpenAI clients send many optional fields; unknown ones are accepted (extra="allow") and
-    # those that would change the answer are refused in _refuse_unsupported.
+    # OpenAI clients send optional fields beyond the ones declared here: extra="allow" keeps
+    # them, and refuse_unsupported() checks each against REFUSED_FIELDS and NO_OP_FIELDS.
     model_config = ConfigDict(extra="allow")
 
     model: str = Field(min_length=1)
@@ -40,22 +109,21 @@ class _OpenAIRequest(BaseModel):
     ignore_eos: bool = False  # vLLM's extension: generate max_tokens tokens, EOS or not
     stream: bool = False
     stream_options: dict[str, Any] | None = None
-    n: int = 1
-    stop: str | list[str] | None = None
 
-    @model_validator(mode="after")
-    def _refuse_unsupported(self) -> _OpenAIRequest:
-        if self.n != 1:
-            raise ValueError("n: only n=1 is supported")
-        if self.stop:
-            raise ValueError("stop: stop sequences are not supported yet")
-        extra = self.model_extra or {}
-        for name in ("logprobs", "top_logprobs", "tools", "functions", "logit_bias", "echo"):
-            if extra.get(name):
-                raise ValueError(f"{name}: not supported")
-        if extra.get("best_of") not in (None, 1):
-            raise ValueError("best_of: only best_of=1 is supported")
-        return self
+    def refuse_unsupported(self) -> None:
+        """Refuse a field that would change the answer and is not honoured, or is unknown.
+
+        Raises:
+            InvalidRequest: naming the first such field in ``param``.
+        """
+        for name, value in (self.model_extra or {}).items():
+            if name in NO_OP_FIELDS:
+                continue
+            if name not in REFUSED_FIELDS:
+                raise InvalidRequest(f"{name}: unrecognized request argument", param=name)
+            neutral, why = REFUSED_FIELDS[name]
+            if not neutral(value):
+                raise InvalidRequest(f"{name}: {why}", param=name)
 
     def include_usage(self) -> bool:
         return bool((self.stream_options or {}).get("include_usage"))
@@ -90,14 +158,22 @@ class ChatCompletionRequest(_OpenAIRequest):
 
 
 class CompletionRequest(_OpenAIRequest):
-    prompt: str | list[str] = Field(max_length=MAX_PROMPT_CHARS)
+    prompt: str | list[str]
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, v: str | list[str]) -> str | list[str]:
+        if isinstance(v, list) and len(v) != 1:
+            raise ValueError("only one prompt per request is supported")
+        text = v[0] if isinstance(v, list) else v
+        if not text.strip():
+            raise ValueError("prompt must not be empty")
+        if len(text) > MAX_PROMPT_CHARS:
+            raise ValueError(f"prompt holds {len(text)} characters; the limit is {MAX_PROMPT_CHARS}")
+        return v
 
     def text(self) -> str:
-        if isinstance(self.prompt, list):
-            if len(self.prompt) != 1:
-                raise InvalidRequest("prompt: only one prompt per request is supported", param="prompt")
-            return self.prompt[0]
-        return self.prompt
+        return self.prompt[0] if isinstance(self.prompt, list) else self.prompt
 
 
 def _finish(reason: str | None) -> str | None:
@@ -145,6 +221,7 @@ def _extras(act: activation.Activation) -> dict[str, Any]:
 
 async def chat_completions(request: Request, upstream: Upstream) -> Response:
     req = await read_model(request, ChatCompletionRequest)
+    req.refuse_unsupported()
     act = await activation.start(
         upstream, req.model, messages=[m.to_message() for m in req.messages],
         max_tokens=req.max_completion_tokens or req.max_tokens, temperature=req.temperature,
@@ -177,6 +254,7 @@ async def chat_completions(request: Request, upstream: Upstream) -> Response:
 
 async def completions(request: Request, upstream: Upstream) -> Response:
     req = await read_model(request, CompletionRequest)
+    req.refuse_unsupported()
     prompt = req.text()
     act = await activation.start(
         upstream, req.model, prompt=prompt, raw=True, max_tokens=req.max_tokens,

@@ -12,8 +12,10 @@ from typing import Any, TypeVar
 import httpx
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sllm.errors import InternalError, InvalidRequest, NotFound, SllmError, from_body
 from sllm.validation import describe
@@ -45,17 +47,54 @@ async def handle_http_error(request: Request, exc: Exception) -> Response:
     return JSONResponse(err.to_body(), status_code=exc.status_code)
 
 
-async def handle_unexpected(request: Request, exc: Exception) -> Response:
-    log.exception("unhandled error on %s %s", request.method, request.url.path)
-    return error_response(InternalError(f"internal error: {type(exc).__name__}: {exc}"))
-
-
 EXCEPTION_HANDLERS: dict[Any, Any] = {
     SllmError: handle_sllm_error,
     HTTPException: handle_http_error,
-    Exception: handle_unexpected,
 }
-"""Pass as ``Starlette(exception_handlers=...)``: every service maps errors the same way."""
+"""Pass as ``Starlette(exception_handlers=...)``: every service maps errors the same way.
+Anything else is a bug, answered by :class:`UnexpectedErrors` (pass :data:`MIDDLEWARE` too)."""
+
+
+class UnexpectedErrors:
+    """ASGI middleware: an exception no handler maps (a bug) is logged and answered 500 with
+    the OpenAI error envelope (:class:`~sllm.errors.InternalError`), and the connection stays
+    usable for the client's next request.
+
+    Why not ``exception_handlers={Exception: ...}``: Starlette runs that handler in its
+    outermost middleware, which sends the response and then re-raises, and uvicorn answers an
+    exception from a response already started by closing the connection: the client's next
+    request on that kept-alive connection failed with "Connection reset by peer". When the
+    response had already started (a stream broken off by a bug), no status can be sent any
+    more: the exception goes on to the server, which closes the connection, the only way left to
+    tell the client that the body is incomplete.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception as exc:
+            if started:
+                raise
+            log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+            response = error_response(InternalError(f"internal error: {type(exc).__name__}: {exc}"))
+            await response(scope, receive, send)
+
+
+MIDDLEWARE = [Middleware(UnexpectedErrors)]
+"""Pass as ``Starlette(middleware=...)`` with :data:`EXCEPTION_HANDLERS`."""
 
 
 async def read_json(request: Request) -> Any:
