@@ -106,7 +106,7 @@ from sllm.errors import (
     Unavailable,
 )
 from sllm.etcd import Etcd
-from sllm.manifest import FunctionManifest
+from sllm.manifest import FunctionManifest, device_serves
 from sllm.messages import (
     Assignment,
     CheckpointRecord,
@@ -154,6 +154,7 @@ class LiveInstance:
     reserved: int = 0  # of which slots held for generations migrating here, not yet claimed
     max_tokens: int = 0  # the function's maxTokens: the migration estimate's bound per inference
     nbytes: int = 0  # its checkpoint's bytes (from its load's answer; 0 until known)
+    device: str = "auto"  # the function's spec.resources.device, which its load asks for
     loaded: asyncio.Event = field(default_factory=asyncio.Event)
     taken: deque[float] = field(default_factory=deque)  # unix seconds each slot was taken
     error: SllmError | None = None  # why the load failed, once ``loaded`` is set
@@ -625,18 +626,34 @@ class InstancePool:
         flight and the ones waiting (docs/benchmarks.md §4, batches AE-AG: in the overloads,
         with migration on, local loads took two to three times as long).
 
+        Only the invokers whose device serves the function's ``spec.resources.device`` are
+        candidates (:func:`sllm.manifest.device_serves`).
+
         Raises:
-            Unavailable: no invoker's memory budget could ever hold it.
+            Unavailable: no running invoker has the function's device, or no such invoker's
+                memory budget could ever hold it.
             ModelNotFound: the model left the store root.
         """
+        device = manifest.spec.resources.device
+        serving = [i for i in invokers if device_serves(device, i.device)]
+        if not serving:
+            raise Unavailable(
+                f"function {manifest.name!r} asks for device {device!r}; no running invoker has "
+                f"one (they run on {', '.join(sorted({i.device for i in invokers})) or 'nothing'})",
+                param="spec.resources.device", retry_after=30,
+            )
         need = manifest.spec.resources.memory
-        largest = max((i.memory_bytes for i in invokers), default=0)
+        largest = max(i.memory_bytes for i in serving)
         if need > largest:
             raise Unavailable(
                 f"function {manifest.name!r} needs {need} bytes of instance memory; the largest "
                 f"invoker has {largest}", retry_after=30,
             )
+        # built over every invoker (a checkpoint is fetched from any peer), placed among those
         view = self.view(invokers, manifest.spec.model)
+        for rec in invokers:
+            if not device_serves(device, rec.device):
+                view.invokers.pop(rec.id, None)
         req = PlacementRequest(model=manifest.spec.model, nbytes=self._model_bytes(manifest.spec.model),
                                memory_bytes=need)
         decision = place(view, req, policy=self.policy, migration=self.migration)
@@ -774,7 +791,8 @@ class InstancePool:
             placement=placement_record(decision, list(decision.evict), now, decision_s),
             ready_by=now + decision.chosen.total_s,
         )
-        live = LiveInstance(record, in_flight=int(reserve), max_tokens=manifest.spec.generation.maxTokens)
+        live = LiveInstance(record, in_flight=int(reserve), max_tokens=manifest.spec.generation.maxTokens,
+                            device=manifest.spec.resources.device)
         self.instances[record.id] = live
         log.info("cold start: instance %s of %s on %s; %d candidates, decided in %.2f ms; "
                  "next best: %s", record.id, manifest.name, decision.chosen.brief(),
@@ -838,7 +856,7 @@ class InstancePool:
         if live.state == S.PENDING:
             self._set_state(live, S.LOADING)
         req = LoadRequest(instance_id=rec.id, function=rec.function, model=rec.model,
-                          device="auto", sources=self._sources(rec.model, rec.invoker_id))
+                          device=live.device, sources=self._sources(rec.model, rec.invoker_id))
         try:
             resp = await self._invokers.load(rec.invoker_url, req)
         except SllmError as e:

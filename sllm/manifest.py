@@ -96,9 +96,22 @@ class Metadata(_Strict):
         return v
 
 
+def device_serves(requested: str, device: str) -> bool:
+    """Whether an invoker whose instances run on ``device`` (``cpu`` or ``cuda:N``, its record's
+    ``device``) serves a function asking for ``requested`` (``spec.resources.device``): ``auto``
+    takes any invoker, ``cpu`` the CPU ones, ``cuda`` any GPU one, ``cuda:N`` that GPU only."""
+    if requested == "auto":
+        return True
+    if requested == "cuda":
+        return device.startswith("cuda")
+    return device == requested
+
+
 class Resources(_Strict):
     device: str = "auto"
-    """``auto`` (a GPU when the invoker has one, else CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
+    """Where the function's instances run: ``auto`` (any invoker, on its own device: a GPU when
+    it has one, else CPU), ``cpu``, ``cuda`` (a GPU invoker) or ``cuda:N`` (an invoker on that
+    GPU); placement only considers the invokers that :func:`device_serves` it."""
     memory: int = 1 << 30
     """Bytes of device memory one instance may take; written as a quantity (``1Gi``)."""
 

@@ -10,10 +10,12 @@ from sllm.states import InstanceState as S
 GIB = 1 << 30
 
 
-def invoker(inv_id: str, *, memory: int = 2 * GIB, unit: int = GIB) -> InvokerRecord:
-    """A live invoker ``inv_id`` at ``http://<inv_id>`` with ``memory`` bytes for instances and
-    measured bandwidths of 10 ``unit``/s (DRAM), 2 (SSD) and 1 (network)."""
-    return InvokerRecord(id=inv_id, url=f"http://{inv_id}", device="cpu", memory_bytes=memory,
+def invoker(inv_id: str, *, memory: int = 2 * GIB, unit: int = GIB, device: str = "cpu"
+            ) -> InvokerRecord:
+    """A live invoker ``inv_id`` at ``http://<inv_id>`` running instances on ``device``, with
+    ``memory`` bytes for instances and measured bandwidths of 10 ``unit``/s (DRAM), 2 (SSD) and
+    1 (network)."""
+    return InvokerRecord(id=inv_id, url=f"http://{inv_id}", device=device, memory_bytes=memory,
                          started=0.0, pid=1, bandwidths=BandwidthRecord(
                              dram_bps=10 * unit, ssd_bps=2 * unit, network_bps=unit))
 
