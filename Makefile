@@ -57,11 +57,14 @@ lock:
 
 # The suite against the newest release of every dependency (not CI's: it shows a coming
 # break before a user meets it). The lock's own test is left out: these are not its versions.
+# (The editable install rebuilds the native engine in place, for the same Python as .venv's.)
 test-latest:
 	rm -rf $(LATEST_VENV)
 	$(PYTHON) -m venv $(LATEST_VENV)
-	$(LATEST_VENV)/bin/pip install --quiet '$(LATEST_TORCH)'
-	$(LATEST_VENV)/bin/pip install --quiet --upgrade --upgrade-strategy eager -e '.[test]'
+	echo '$(LATEST_TORCH)' > $(LATEST_VENV)/torch.txt
+	$(LATEST_VENV)/bin/pip install --quiet -c $(LATEST_VENV)/torch.txt torch
+	$(LATEST_VENV)/bin/pip install --quiet --upgrade --upgrade-strategy eager \
+		-c $(LATEST_VENV)/torch.txt -e '.[test]'
 	$(LATEST_VENV)/bin/python -m tests.lock $(LOCK)
 	$(LATEST_VENV)/bin/python -m pytest -q --deselect tests/test_lockfile.py
 

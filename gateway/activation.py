@@ -40,8 +40,16 @@ from pydantic import ValidationError
 
 from gateway.metrics import METRICS
 from gateway.records import ACTIVATIONS
-from gateway.upstream import InvokerUnreachable, StreamBroken, Upstream
-from sllm.errors import InstanceNotFound, InvalidRequest, InvokerError, SllmError, from_body
+from gateway.upstream import Upstream
+from sllm.errors import (
+    InstanceNotFound,
+    InvalidRequest,
+    InvokerError,
+    InvokerUnreachable,
+    SllmError,
+    StreamBroken,
+    from_body,
+)
 from sllm.messages import (
     Assignment,
     ChatMessage,

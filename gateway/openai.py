@@ -73,8 +73,8 @@ REFUSED_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "echo": (_is(None, False), "echo is not supported"),
     "suffix": (_is(None, ""), "suffix (insertion) is not supported"),
     "logit_bias": (_is(None, {}), "logit_bias is not supported"),
-    "response_format": (_is(None, {"type": "text"}), "only {\"type\": \"text\"} is supported "
-                        "(no JSON mode or structured output)"),
+    "response_format": (_is(None, {"type": "text"}),
+                        'only {"type": "text"} is supported (no JSON mode or structured output)'),
     "tools": (_is(None, []), "tools are not supported"),
     "functions": (_is(None, []), "functions are not supported"),
     "tool_choice": (_is(None, "none"), "only \"none\" is supported (no tools)"),

