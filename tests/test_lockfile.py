@@ -3,16 +3,32 @@ different, nothing installed by hand beside it (which could hide a missing lock 
 
 from __future__ import annotations
 
+from importlib import metadata
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
 from packaging.version import Version
 
-from tests.lock import LOCK, differences, installed, read_lock
+from tests.lock import LOCK, differences, installed, normalize, read_lock
 
 
 def test_installed_versions_are_the_locks() -> None:
     assert differences(read_lock(LOCK), installed()) == []
+
+
+def test_the_lock_satisfies_every_requirement_of_setup_cfg() -> None:
+    """Every requirement sllm declares (its own and the test extra's, as installed from
+    setup.cfg) has a pin in the lock inside its range: a dependency added to setup.cfg without
+    `make lock` fails here."""
+    lock = read_lock(LOCK)
+    wanted = [r for r in map(Requirement, metadata.requires("sllm") or [])
+              if r.marker is None or r.marker.evaluate({"extra": "test"})]
+    assert wanted
+    for req in wanted:
+        name = normalize(req.name)
+        assert name in lock, f"{req} is not in the lock: run make lock"
+        assert req.specifier.contains(lock[name], prereleases=True), f"{req}: locked {lock[name]}"
 
 
 def test_the_lock_pins_the_cpu_build_of_torch_and_the_build_requirements() -> None:
