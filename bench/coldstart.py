@@ -55,11 +55,12 @@ sys.path.insert(0, str(ROOT))
 
 from pagecache import drop_caches, evict
 
-from gateway.sse import parse_events
+from cli import launcher
 from invoker.__main__ import default_device
-from invoker.importer import import_model
-from invoker.store import ModelStore
-from sllm import config, runtime
+from sllm import config
+from sllm.sse import parse_events
+from store.importer import import_model
+from store.model_store import ModelStore
 
 PROMPT = "What is the capital of France?"
 
@@ -129,8 +130,8 @@ def baseline(model_dir: Path, safetensors_dir: Path, runs: int, drop: bool,
     """transformers from_pretrained onto ``device`` from a safetensors copy of the same weights,
     in fresh processes."""
     if not (safetensors_dir / "config.json").exists():
-        from invoker.checkpoint import load_checkpoint
         from invoker.instance import ModelInstance
+        from store.checkpoint import load_checkpoint
 
         ckpt = load_checkpoint(model_dir)
         inst = ModelInstance.from_tensors(model_dir, ckpt.tensors)
@@ -226,11 +227,11 @@ def main() -> None:
             # invoker's own store holds a copy of the checkpoint already (a node that has it on
             # its SSD), so no transfer from the store root is timed here: bench/replay.py
             # measures those ("remote" tier).
-            local = runtime.invoker_store(home / f"r{round_}", 0) / args.model
+            local = launcher.invoker_store(home / f"r{round_}", 0) / args.model
             shutil.copytree(model_dir, local)
             data_files = sorted(local.glob("data-*.bin"))
-            gport, cport, eport, pport, iport = runtime.free_ports(5)
-            state = runtime.start(
+            gport, cport, eport, pport, iport = launcher.free_ports(5)
+            state = launcher.start(
                 home / f"r{round_}", gateway_port=gport, controller_port=cport,
                 etcd_port=eport, etcd_peer_port=pport, invoker_ports=[iport],
                 store=config.store_root(), dram_pool=args.dram_pool, stop_at_exit=True,
@@ -253,7 +254,7 @@ def main() -> None:
                     invoke(gw, "bench-warm", args.max_tokens)  # the cold one, not counted
                     warms = [invoke(gw, "bench-warm", args.max_tokens) for _ in range(args.warm)]
             finally:
-                runtime.stop(state)
+                launcher.stop(state)
         base = baseline(model_dir, home / "safetensors", args.baseline_runs, args.drop_caches,
                         device)
         lim = limits(model_dir, args.drop_caches)

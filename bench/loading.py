@@ -109,17 +109,17 @@ sys.path.insert(0, str(ROOT))
 from pagecache import drop_caches
 
 import native_loader
-from invoker.checkpoint import (
+from sllm import config
+from store.checkpoint import (
     ALIGNMENT,
     load_checkpoint,
     read_index,
     write_checkpoint,
 )
-from invoker.checkpoint.format import align_up
-from invoker.dram_pool import DramPool
-from invoker.importer import import_model
-from invoker.store import ModelStore
-from sllm import config
+from store.checkpoint.format import align_up
+from store.dram_pool import DramPool
+from store.importer import import_model
+from store.model_store import ModelStore
 
 PAGE = 4096
 SMOLLM2 = "smollm2-135m-instruct"

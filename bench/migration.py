@@ -46,8 +46,8 @@ sys.path.insert(0, str(ROOT))
 
 from coldstart import store_with
 
-from gateway.sse import parse_events
-from sllm import runtime
+from cli import launcher
+from sllm.sse import parse_events
 
 FILLER = ("Serverless functions start on demand and scale to zero when idle; cold starts load "
           "the checkpoint from the fastest tier that holds it. ")
@@ -143,8 +143,8 @@ def main() -> None:
     store = store_with(args.model)
     rows = []
     with tempfile.TemporaryDirectory(prefix="sllm-bench-mig-") as tmp:
-        gport, cport, eport, pport, *iports = runtime.free_ports(6)
-        state = runtime.start(
+        gport, cport, eport, pport, *iports = launcher.free_ports(6)
+        state = launcher.start(
             Path(tmp), invokers=2, gateway_port=gport, controller_port=cport, etcd_port=eport,
             etcd_peer_port=pport, invoker_ports=iports, store=store.root,
             invoker_memory="1Gi", dram_pool="1Gi", stop_at_exit=True,
@@ -177,7 +177,7 @@ def main() -> None:
                 if not args.json:
                     print(f"  {row['prompt_tokens']} prompt tokens: done", file=sys.stderr)
         finally:
-            runtime.stop(state)
+            launcher.stop(state)
     if args.json:
         for row in rows:
             print(json.dumps({**row, "model": args.model, "at": args.at}))

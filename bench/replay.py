@@ -64,7 +64,7 @@ by an instance loaded for them, split by the tier the checkpoint was loaded from
 ``ssd``, ``remote`` = copied over the network, then loaded from SSD); ``evict`` = idle instances
 unloaded to make room; ``sim s`` = wall-clock seconds of the whole simulation.
 
-**Default mode (a real cluster)**: for each policy a fresh runtime (``sllm.runtime.start``: etcd,
+**Default mode (a real cluster)**: for each policy a fresh runtime (``cli.launcher.start``: etcd,
 controller with ``--placement <policy>``, gateway, ``--invokers`` (3) invokers, each with its
 own local store, DRAM pool of ``--dram-pool`` (512Mi) and share of the cores,
 ``--invoker-threads`` (cores / invokers, at least 1)) on free loopback ports, with the
@@ -158,6 +158,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from cli import launcher
 from controller.estimator import Bandwidths, MigrationCost
 from controller.placement import (
     POLICIES,
@@ -168,9 +169,9 @@ from controller.placement import (
     Slot,
     place,
 )
-from gateway.sse import parse_events
-from sllm import config, runtime
+from sllm import config
 from sllm.config import MIGRATION_FIXED_S, MIGRATION_PER_TOKEN_S
+from sllm.sse import parse_events
 
 
 def _bench_module(name: str) -> Any:
@@ -614,8 +615,8 @@ def build_models(root: Path, count: int, big: int = 0, big_layers: int = 40
     from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.utils import logging as hf_logging
 
-    from invoker.importer import import_model
-    from invoker.store import ModelStore
+    from store.importer import import_model
+    from store.model_store import ModelStore
     from tests.tiny_model import make_tokenizer
 
     hf_logging.disable_progress_bar()
@@ -750,7 +751,7 @@ def read_controller_log(path: Path) -> tuple[dict[str, str], list[float], int]:
     return reasons, decided, replicated
 
 
-def cpu_seconds(state: runtime.RuntimeState) -> dict[str, float]:
+def cpu_seconds(state: launcher.RuntimeState) -> dict[str, float]:
     """CPU seconds (user + system) each kind of process of a running runtime has used so far:
     ``controller``, ``gateway``, ``invokers`` (summed) and ``etcd``, from ``/proc/<pid>/stat``
     (Linux; empty elsewhere)."""
@@ -849,7 +850,7 @@ def preplace(home: Path, models: list[tuple[str, int]], invokers: int, copies: i
     rng = random.Random(seed)
     for name, _ in models:
         for i in sorted(rng.sample(range(invokers), min(copies, invokers))):
-            shutil.copytree(bench_dir() / "models" / name, runtime.invoker_store(home, i) / name,
+            shutil.copytree(bench_dir() / "models" / name, launcher.invoker_store(home, i) / name,
                             copy_function=_link_or_copy)
 
 
@@ -872,10 +873,10 @@ def run_cluster_policy(policy: Policy, migration: str, args: argparse.Namespace,
     # every policy's first copies come from the disk, not from the page cache the previous left
     evict_from_page_cache((bench_dir() / "models").glob("*/data-*.bin"))
     memory = args.per_invoker * INSTANCE_MEMORY
-    ports = runtime.free_ports(4 + args.invokers)
+    ports = launcher.free_ports(4 + args.invokers)
     t0 = time.perf_counter()
     replication = args.replication == "all" or (args.replication == "ours" and policy == "ours")
-    state = runtime.start(
+    state = launcher.start(
         home, invokers=args.invokers, placement=policy, migration=migration,
         replication=replication,
         gateway_port=ports[0], controller_port=ports[1], etcd_port=ports[2],
@@ -898,7 +899,7 @@ def run_cluster_policy(policy: Policy, migration: str, args: argparse.Namespace,
         replay_s = time.perf_counter() - t0
         cpu = {k: round(v - cpu0.get(k, 0.0), 2) for k, v in cpu_seconds(state).items()}
     finally:
-        runtime.stop(state)
+        launcher.stop(state)
         for bulky in ("invokers", "etcd"):  # checkpoint copies, etcd's preallocated WAL: not logs
             shutil.rmtree(home / bulky, ignore_errors=True)
     reasons, decided, replicated = read_controller_log(home / "run" / "controller.log")

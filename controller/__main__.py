@@ -41,7 +41,7 @@ def main(controller_id: str, host: str, port: int, advertise_url: str | None, et
          lease_ttl: int, log_level: str) -> None:
     """Run a controller: function registry, placement and autoscaling."""
     from controller.registry import CheckpointSizes
-    from invoker.store import ModelStore
+    from store.model_store import ModelStore
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     models = ModelStore(Path(store) if store else store_root())

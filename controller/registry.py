@@ -7,13 +7,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from invoker.checkpoint.format import INDEX_NAME
-from invoker.store import ModelStore
 from sllm import keys
 from sllm.errors import Conflict, FunctionNotFound, ManifestError, ModelNotFound
 from sllm.etcd import Etcd
 from sllm.manifest import FunctionManifest
 from sllm.messages import FunctionRecord
+from store.checkpoint.format import INDEX_NAME
+from store.model_store import ModelStore
 
 
 class FunctionRegistry:

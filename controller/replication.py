@@ -14,7 +14,7 @@ checkpoint held by invokers that together can host ``maxInstances`` of its insta
 While it has fewer, one more copy is made, to the invoker that can host the most instances of
 it. Busier functions (more loaded instances) come first. A copy is a real transfer from a peer
 holding the checkpoint (DRAM tier first) or the store root (``PUT /v1/checkpoints/{model}`` on
-the invoker, :mod:`invoker.transfer`: resumable, checksummed); the invoker then publishes the
+the invoker, :mod:`store.transfer`: resumable, checksummed); the invoker then publishes the
 new tier in etcd like any other copy.
 
 Copies are background work and give way to invocations (:class:`Replicator`):

@@ -20,11 +20,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from gateway import activation
-from gateway.sse import SSE_HEADERS, event
 from gateway.upstream import Upstream
 from sllm.errors import SllmError
 from sllm.http import read_model
 from sllm.messages import InvokeRequest
+from sllm.sse import SSE_HEADERS, event
 
 
 async def invoke(request: Request, upstream: Upstream) -> Response:

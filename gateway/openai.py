@@ -33,12 +33,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from gateway import activation
-from gateway.sse import SSE_HEADERS, event
 from gateway.upstream import Upstream
 from sllm.config import MAX_PROMPT_CHARS
 from sllm.errors import InvalidRequest, SllmError
 from sllm.http import read_model
 from sllm.messages import ChatMessage
+from sllm.sse import SSE_HEADERS, event
 
 
 def _number(value: Any) -> bool:

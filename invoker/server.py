@@ -6,11 +6,11 @@ HTTP API (JSON; errors in the OpenAI-shaped envelope of :mod:`sllm.errors`):
 - ``POST /v1/instances`` (:class:`~sllm.messages.LoadRequest`) -> :class:`~sllm.messages.LoadResponse`
   once the instance is loaded; ``GET /v1/instances``; ``DELETE /v1/instances/{id}``. A load
   first fetches the checkpoint into the local store when there is no copy (or a stale one) from
-  the peers the request names, then the store root (:mod:`invoker.transfer`). Loading is
+  the peers the request names, then the store root (:mod:`store.transfer`). Loading is
   idempotent: the same instance id again joins the load in progress, or gets the answer of the
   finished one (a controller that took over re-sends pending loads).
 - ``GET /v1/checkpoints/{model}`` and ``GET /v1/checkpoints/{model}/files/{path}`` (with Range):
-  the local checkpoints, for other invokers to fetch (:mod:`invoker.files_api`);
+  the local checkpoints, for other invokers to fetch (:mod:`store.files_api`);
   ``PUT /v1/checkpoints/{model}`` (:class:`~sllm.messages.ReplicateRequest`) ->
   :class:`~sllm.messages.ReplicateResponse`: fetch a copy ahead of any load (the controller's
   burst-ready replication), joining a fetch of the model in progress;
@@ -61,16 +61,10 @@ from starlette.routing import Route
 from transformers import AutoTokenizer
 
 from invoker.bandwidth import BandwidthMeter, probe
-from invoker.checkpoint import LoadedCheckpoint, load_checkpoint
-from invoker.checkpoint.format import INDEX_NAME
-from invoker.dram_pool import DramPool
-from invoker.files_api import checkpoint_file_routes
 from invoker.generation import Generation, Resume, SamplingParams
 from invoker.instance import ModelInstance
 from invoker.migration import Run, Sessions, Target, migrate_instance
-from invoker.store import ModelStore, validate_name
 from invoker.tiers import TierPublisher
-from invoker.transfer import TransferResult, fetch_checkpoint
 from invoker.warmup import warm_up
 from native_loader import DEFAULT_CHUNK_BYTES, DEFAULT_THREADS, choose_engine, default_reader
 from sllm import keys
@@ -103,6 +97,12 @@ from sllm.messages import (
     ReplicationPaused,
     TokenMessage,
 )
+from store.checkpoint import LoadedCheckpoint, load_checkpoint
+from store.checkpoint.format import INDEX_NAME
+from store.dram_pool import DramPool
+from store.files_api import checkpoint_file_routes
+from store.model_store import ModelStore, validate_name
+from store.transfer import TransferResult, fetch_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -388,7 +388,7 @@ class Invoker:
         still stopping waits for it to stop, then fetches anew (continuing its partial data).
 
         Raises:
-            ModelNotFound, CheckpointError, Unavailable: see invoker.transfer.fetch_checkpoint
+            ModelNotFound, CheckpointError, Unavailable: see store.transfer.fetch_checkpoint
             (Unavailable too when the fetch was paused).
         """
         if not self._stale(model):

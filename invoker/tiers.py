@@ -12,11 +12,11 @@ from __future__ import annotations
 import logging
 import time
 
-from invoker.dram_pool import DramPool
-from invoker.store import ModelStore
 from sllm import keys
 from sllm.etcd import Etcd
 from sllm.messages import CheckpointRecord
+from store.dram_pool import DramPool
+from store.model_store import ModelStore
 
 log = logging.getLogger(__name__)
 

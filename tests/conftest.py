@@ -16,26 +16,26 @@ from typing import Any
 import httpx
 import pytest
 
-from gateway.sse import parse_events
-from sllm import runtime
+from cli import launcher
 from sllm.etcd import Etcd
+from sllm.sse import parse_events
 
 
 @pytest.fixture(scope="session")
 def etcd_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """``host:port`` of a fresh etcd server for the whole test session."""
     data = tmp_path_factory.mktemp("etcd")
-    client, peer = runtime.free_ports(2)
+    client, peer = launcher.free_ports(2)
     h = "127.0.0.1"
-    proc = runtime.spawn("etcd", [str(runtime.etcd_binary()), "--name", "test", "--data-dir", str(data / "data"),
+    proc = launcher.spawn("etcd", [str(launcher.etcd_binary()), "--name", "test", "--data-dir", str(data / "data"),
          "--listen-client-urls", f"http://{h}:{client}", "--advertise-client-urls", f"http://{h}:{client}",
          "--listen-peer-urls", f"http://{h}:{peer}", "--initial-advertise-peer-urls", f"http://{h}:{peer}",
          "--initial-cluster", f"test=http://{h}:{peer}", "--log-level", "error"], data, stop_at_exit=True)
     try:
-        runtime.wait_healthy(f"http://{h}:{client}/health", proc, data / "etcd.log", timeout=30)
+        launcher.wait_healthy(f"http://{h}:{client}/health", proc, data / "etcd.log", timeout=30)
         yield f"{h}:{client}"
     finally:
-        runtime.stop_pid(proc.pid)
+        launcher.stop_pid(proc.pid)
 
 
 @pytest.fixture
@@ -49,7 +49,7 @@ async def etcd(etcd_endpoint: str) -> AsyncIterator[Etcd]:
 class Cluster:
     """A running embedded runtime for tests."""
 
-    state: runtime.RuntimeState
+    state: launcher.RuntimeState
     home: Path
     store: Path
 
@@ -74,13 +74,13 @@ def start_cluster(
     controllers: int = 1, **options: Any,
 ) -> Cluster:
     """Start a runtime on free ports with its store root under ``home/models``; ``options`` go
-    to :func:`sllm.runtime.start` (lease TTLs, placement policy). Replication is off unless
+    to :func:`cli.launcher.start` (lease TTLs, placement policy). Replication is off unless
     ``replication=True`` is passed: most tests pin where checkpoints are (one copy per load),
     and background copies would move them under the test."""
     options.setdefault("replication", False)
     store = home / "models"
-    gateway, etcd, peer, *ports = runtime.free_ports(3 + controllers + invokers)
-    state = runtime.start(
+    gateway, etcd, peer, *ports = launcher.free_ports(3 + controllers + invokers)
+    state = launcher.start(
         home, invokers=invokers, gateway_port=gateway,
         controller_ports=ports[:controllers], controllers=controllers,
         etcd_port=etcd, etcd_peer_port=peer,

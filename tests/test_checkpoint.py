@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from invoker.checkpoint import (
+from native_loader import ReadError, read_files
+from sllm.errors import CheckpointError
+from store.checkpoint import (
     ALIGNMENT,
     DTYPES,
     file_offsets,
@@ -19,8 +21,6 @@ from invoker.checkpoint import (
     read_index,
     write_checkpoint,
 )
-from native_loader import ReadError, read_files
-from sllm.errors import CheckpointError
 
 SHAPES = [(), (0,), (1,), (7, 13), (3, 0, 5), (2, 3, 5)]
 

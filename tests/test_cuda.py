@@ -12,13 +12,13 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from invoker.checkpoint.loader import LoadedCheckpoint, load_checkpoint
-from invoker.dram_pool import DramPool
 from invoker.generation import Generation, Resume, SamplingParams
-from invoker.importer import import_model
 from invoker.instance import ModelInstance
-from invoker.store import ModelStore
 from invoker.warmup import warm_up
+from store.checkpoint.loader import LoadedCheckpoint, load_checkpoint
+from store.dram_pool import DramPool
+from store.importer import import_model
+from store.model_store import ModelStore
 from tests.kv_rounds import prefill_in_two_rounds
 from tests.tiny_model import make_tiny_llama, save_tiny_llama
 

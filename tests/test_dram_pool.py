@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from invoker.dram_pool import ALIGNMENT, DramPool
+from store.dram_pool import ALIGNMENT, DramPool
 
 U = ALIGNMENT
 

@@ -17,11 +17,12 @@ from typing import Any
 import httpx
 import pytest
 
-from invoker.importer import import_model
-from invoker.store import ModelStore
-from sllm import config, keys, runtime
+from cli import launcher
+from sllm import config, keys
 from sllm.etcd import Etcd
 from sllm.messages import InstanceRecord
+from store.importer import import_model
+from store.model_store import ModelStore
 from tests.conftest import Cluster, manifest, start_cluster, wait_for
 from tests.tiny_model import save_tiny_llama
 
@@ -44,10 +45,10 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     try:
         yield c
     finally:
-        runtime.stop(c.state)
+        launcher.stop(c.state)
 
 
-def controller(cluster: Cluster, index: int) -> runtime.Process:
+def controller(cluster: Cluster, index: int) -> launcher.Process:
     name = f"controller-{index}" if index else "controller"
     return next(p for p in cluster.state.processes if p.name == name)
 
@@ -62,20 +63,20 @@ def role(cluster: Cluster, index: int) -> str | None:
 def kill_controller(cluster: Cluster, index: int) -> None:
     proc = controller(cluster, index)
     os.kill(proc.pid, signal.SIGKILL)
-    runtime.stop_pid(proc.pid, timeout=5)  # reap it
+    launcher.stop_pid(proc.pid, timeout=5)  # reap it
 
 
 def restart_controller(cluster: Cluster, index: int) -> None:
     """Start controller ``index`` again, under the same id and port."""
     old = controller(cluster, index)
     port = int(old.url.rsplit(":", 1)[1])
-    argv = runtime.controller_argv(index, port, cluster.state.etcd_endpoint, cluster.store, 0.2,
+    argv = launcher.controller_argv(index, port, cluster.state.etcd_endpoint, cluster.store, 0.2,
                                    "ours", TTL)
     env = {**os.environ, "SLLM_HOME": str(cluster.home)}
-    proc = runtime.spawn(old.name, argv, cluster.home / "run", env, stop_at_exit=True)
-    cluster.state.processes[cluster.state.processes.index(old)] = runtime.Process(
+    proc = launcher.spawn(old.name, argv, cluster.home / "run", env, stop_at_exit=True)
+    cluster.state.processes[cluster.state.processes.index(old)] = launcher.Process(
         name=old.name, pid=proc.pid, url=old.url, log=old.log)
-    runtime.wait_healthy(f"{old.url}/health", proc, Path(old.log))
+    launcher.wait_healthy(f"{old.url}/health", proc, Path(old.log))
 
 
 def invoke(c: httpx.Client, function: str, max_tokens: int = 2) -> dict[str, Any]:
@@ -186,4 +187,4 @@ def test_etcd_briefly_away_warm_invocations_flow_and_the_controller_catches_up(
             assert invoke(c, "later")["timings"]["cold_start"]  # and cold starts work again
             assert {r.function for r in etcd_instances(cluster)} == {"steady", "later"}
     finally:
-        runtime.stop(cluster.state)
+        launcher.stop(cluster.state)

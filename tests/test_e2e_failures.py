@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from invoker.importer import import_model
-from invoker.store import ModelStore
-from sllm import runtime
+from cli import launcher
+from store.importer import import_model
+from store.model_store import ModelStore
 from tests.conftest import Cluster, manifest, start_cluster, wait_for
 from tests.tiny_model import save_tiny_llama
 
@@ -27,7 +27,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         c.deploy(manifest("tiny", "tiny-llama", generation={"maxTokens": 200}))
         yield c
     finally:
-        runtime.stop(c.state)
+        launcher.stop(c.state)
 
 
 def test_first_cold_start_fetches_the_checkpoint_then_it_is_on_the_dram_tier(cluster: Cluster) -> None:

@@ -19,10 +19,10 @@ from typing import Any
 import httpx
 import pytest
 
-from gateway.sse import parse_events
-from invoker.importer import import_model
-from invoker.store import ModelStore
-from sllm import runtime
+from cli import launcher
+from sllm.sse import parse_events
+from store.importer import import_model
+from store.model_store import ModelStore
 from tests.conftest import Cluster, manifest, start_cluster, wait_for
 from tests.tiny_model import save_tiny_llama
 
@@ -46,7 +46,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             wait_for(lambda: len(loaded(client)) == 2, timeout=60)
         yield c
     finally:
-        runtime.stop(c.state)
+        launcher.stop(c.state)
 
 
 def loaded(c: httpx.Client, function: str = "mig") -> list[dict[str, Any]]:

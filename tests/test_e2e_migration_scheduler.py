@@ -24,9 +24,9 @@ from typing import Any
 import httpx
 import pytest
 
-from invoker.importer import import_model
-from invoker.store import ModelStore
-from sllm import runtime
+from cli import launcher
+from store.importer import import_model
+from store.model_store import ModelStore
 from tests.conftest import Cluster, manifest, start_cluster, stream, wait_for
 from tests.tiny_model import save_tiny_llama
 
@@ -52,7 +52,7 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     try:
         yield c
     finally:
-        runtime.stop(c.state)
+        launcher.stop(c.state)
 
 
 def test_the_scheduler_migrates_a_running_instance_to_make_room(pair: Cluster) -> None:
@@ -140,7 +140,7 @@ def test_a_stream_with_nowhere_to_go_ends_with_an_error_event_and_a_record(
             [m] = record["migrations"]
             assert m["reason"] == "failed" and m["to_instance"] is None and m["at_token"] >= 10
     finally:
-        runtime.stop(cluster.state)
+        launcher.stop(cluster.state)
 
 
 def test_two_generations_on_one_instance_move_one_by_one(pair: Cluster) -> None:

@@ -15,9 +15,9 @@ from typing import Any
 import httpx
 import pytest
 
-from invoker.importer import import_model
-from invoker.store import ModelStore
-from sllm import runtime
+from cli import launcher
+from store.importer import import_model
+from store.model_store import ModelStore
 from tests.conftest import Cluster, manifest, start_cluster, wait_for
 from tests.tiny_model import save_tiny_llama
 
@@ -32,7 +32,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     try:
         yield c
     finally:
-        runtime.stop(c.state)
+        launcher.stop(c.state)
 
 
 def holders(c: httpx.Client, model: str) -> set[str]:

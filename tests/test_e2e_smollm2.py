@@ -9,10 +9,10 @@ from pathlib import Path
 import openai
 import pytest
 
-from invoker.importer import import_model
-from invoker.store import ModelStore
-from sllm import runtime
+from cli import launcher
 from sllm.manifest import manifest_to_dict, parse_manifest
+from store.importer import import_model
+from store.model_store import ModelStore
 from tests.conftest import Cluster, start_cluster
 
 pytestmark = pytest.mark.slow
@@ -31,7 +31,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         c.deploy(manifest_to_dict(parse_manifest(MANIFEST.read_text())))
         yield c
     finally:
-        runtime.stop(c.state)
+        launcher.stop(c.state)
 
 
 def test_the_answer_to_the_france_question_names_paris(cluster: Cluster) -> None:

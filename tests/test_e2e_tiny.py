@@ -25,13 +25,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from cli import launcher
 from gateway.openai import NO_OP_FIELDS, REFUSED_FIELDS
-from gateway.sse import parse_events
-from invoker.importer import import_model
-from invoker.store import ModelStore
-from sllm import keys, runtime
+from sllm import keys
 from sllm.etcd import Etcd
 from sllm.messages import InstanceRecord
+from sllm.sse import parse_events
+from store.importer import import_model
+from store.model_store import ModelStore
 from tests.conftest import Cluster, manifest, start_cluster, wait_for
 from tests.tiny_model import save_tiny_llama
 
@@ -59,7 +60,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, src: Path) -> Iterator[Clu
         c.deploy(manifest("tiny-eos", "tiny-eos"))
         yield c
     finally:
-        runtime.stop(c.state)
+        launcher.stop(c.state)
 
 
 @pytest.fixture(scope="module")
@@ -551,7 +552,7 @@ def test_function_lifecycle_through_the_cli(cluster: Cluster, tmp_path: Path) ->
     env = {**os.environ, "SLLM_GATEWAY": cluster.gateway, "SLLM_HOME": str(cluster.home)}
 
     def sllm(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "sllm", *args], check=False, env=env, capture_output=True,
+        return subprocess.run([sys.executable, "-m", "cli", *args], check=False, env=env, capture_output=True,
                               text=True, timeout=120)
 
     assert sllm("fn", "create", "-f", str(path)).returncode == 0

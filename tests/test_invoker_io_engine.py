@@ -13,7 +13,8 @@ import httpx
 import pytest
 
 import native_loader
-from sllm import keys, runtime
+from cli import launcher
+from sllm import keys
 from sllm.etcd import Etcd
 from sllm.messages import InvokerRecord
 
@@ -35,14 +36,14 @@ sys.meta_path.insert(0, _NoEngine())
 def start_invoker(tmp_path: Path, etcd_endpoint: str, name: str, env: dict[str, str]
                   ) -> tuple[dict[str, object], str, InvokerRecord]:
     """Run an invoker until healthy; returns its /health body, its log, and its etcd record."""
-    port = runtime.free_port()
-    proc = runtime.spawn(name, [
+    port = launcher.free_port()
+    proc = launcher.spawn(name, [
         sys.executable, "-m", "invoker", "--id", name, "--port", str(port), "--etcd", etcd_endpoint,
         "--store", str(tmp_path / name / "models"), "--memory", "1Gi", "--dram-pool", "0",
     ], tmp_path, env={**os.environ, **env}, stop_at_exit=True)
     try:
         url = f"http://127.0.0.1:{port}/health"
-        runtime.wait_healthy(url, proc, tmp_path / f"{name}.log", expect={"id": name})
+        launcher.wait_healthy(url, proc, tmp_path / f"{name}.log", expect={"id": name})
         health = httpx.get(url).json()
 
         async def record() -> InvokerRecord:
@@ -53,7 +54,7 @@ def start_invoker(tmp_path: Path, etcd_endpoint: str, name: str, env: dict[str, 
 
         return health, (tmp_path / f"{name}.log").read_text(), asyncio.run(record())
     finally:
-        runtime.stop_pid(proc.pid)
+        launcher.stop_pid(proc.pid)
 
 
 def test_an_invoker_built_for_the_native_engine_that_cannot_load_it_says_so(

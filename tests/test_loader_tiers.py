@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from invoker.checkpoint import load_checkpoint, read_index, write_checkpoint
-from invoker.checkpoint.loader import _read_staged, _Source, file_offsets
-from invoker.dram_pool import DramPool
 from native_loader import PyReader, default_reader
 from sllm.errors import CheckpointError
+from store.checkpoint import load_checkpoint, read_index, write_checkpoint
+from store.checkpoint.loader import _read_staged, _Source, file_offsets
+from store.dram_pool import DramPool
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gateway.sse import event, parse_events
+from sllm.sse import event, parse_events
 
 
 def test_events_written_parse_back() -> None:

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from invoker.checkpoint import write_tensors
-from invoker.store import ModelInfo, ModelStore, sanitize_name, validate_name
 from sllm.errors import CheckpointError, Conflict, InvalidRequest, ModelNotFound
+from store.checkpoint import write_tensors
+from store.model_store import ModelInfo, ModelStore, sanitize_name, validate_name
 
 
 def _put(store: ModelStore, name: str, n: int = 10, *, replace: bool = False) -> ModelInfo:

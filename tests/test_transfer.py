@@ -17,13 +17,13 @@ import torch
 import uvicorn
 from starlette.applications import Starlette
 
-from invoker.checkpoint import load_checkpoint, write_config, write_tensors
-from invoker.files_api import checkpoint_file_routes, index_sha256
-from invoker.store import ModelStore
-from invoker.transfer import fetch_checkpoint
+from cli.launcher import free_port
 from sllm.errors import CheckpointError, ModelNotFound, Unavailable
 from sllm.http import EXCEPTION_HANDLERS
-from sllm.runtime import free_port
+from store.checkpoint import load_checkpoint, write_config, write_tensors
+from store.files_api import checkpoint_file_routes, index_sha256
+from store.model_store import ModelStore
+from store.transfer import fetch_checkpoint
 
 Serve = Callable[[ModelStore], str]
 

@@ -28,11 +28,11 @@ from typing import Any
 
 import torch
 
-from invoker.checkpoint.format import dtype_name
-from invoker.checkpoint.writer import write_config, write_tensors
-from invoker.store import ModelInfo, ModelStore, sanitize_name, validate_name
 from sllm.config import cache_dir
 from sllm.errors import Conflict, InvalidRequest, ModelNotFound, Unavailable
+from store.checkpoint.format import dtype_name
+from store.checkpoint.writer import write_config, write_tensors
+from store.model_store import ModelInfo, ModelStore, sanitize_name, validate_name
 
 logger = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ Layout: ``<root>/<name>/`` is a complete checkpoint (it has ``index.json``). New
 written into ``<root>/.staging-<name>-<random>/`` and renamed into place by
 :meth:`ModelStore.commit`, so a name never points at half a model; staging leftovers (dot
 folders) and folders without an index are never listed. A checkpoint fetched from another node
-(:mod:`invoker.transfer`) collects its files in ``<root>/.partial-<name>/`` across attempts and is
+(:mod:`store.transfer`) collects its files in ``<root>/.partial-<name>/`` across attempts and is
 moved to a staging folder (:meth:`ModelStore.stage`) once complete.
 
 Model names: lowercase letters, digits, ``-``, ``.`` and ``_``, starting with a letter or digit,
@@ -21,10 +21,10 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from invoker.checkpoint.format import INDEX_NAME
-from invoker.checkpoint.loader import read_index
-from invoker.checkpoint.writer import fsync_dir
 from sllm.errors import CheckpointError, Conflict, InvalidRequest, ModelNotFound
+from store.checkpoint.format import INDEX_NAME
+from store.checkpoint.loader import read_index
+from store.checkpoint.writer import fsync_dir
 
 logger = logging.getLogger(__name__)
 

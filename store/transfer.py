@@ -5,7 +5,7 @@ calls :func:`fetch_checkpoint` (blocking: run it in a thread) with the places th
 order of preference:
 
 - a peer invoker's base URL (``"http://10.0.0.7:8081"``), read through its checkpoint file API
-  (:mod:`invoker.files_api`): ``GET /v1/checkpoints/<model>`` lists the files with their sizes
+  (:mod:`store.files_api`): ``GET /v1/checkpoints/<model>`` lists the files with their sizes
   and the sha256 of ``index.json``; ``GET /v1/checkpoints/<model>/files/<path>`` serves one file
   and honours ``Range``;
 - a :class:`~pathlib.Path`: the root of the origin store (a model store mounted on every node),
@@ -22,7 +22,7 @@ For each source in turn:
 3. Fetch the rest of every file (``Range: bytes=N-`` from a peer, a seek in a folder), written
    with buffered I/O in pieces of ``chunk_bytes`` and fsynced. A data file must then match the
    index: its size and every chunk's xxh3-64 checksum
-   (:func:`~invoker.checkpoint.loader.verify_data_file`); any other file (config, tokenizer) must
+   (:func:`~store.checkpoint.loader.verify_data_file`); any other file (config, tokenizer) must
    have the listed size. A file that fails is deleted and fetched once more from the start; when
    it fails again the source is given up.
 4. Move the complete folder to a staging folder and commit it (replacing a stale local copy), so
@@ -60,11 +60,6 @@ from urllib.parse import quote
 import httpx
 from pydantic import ValidationError
 
-from invoker.checkpoint.format import INDEX_NAME, DataFile
-from invoker.checkpoint.loader import read_index, verify_data_file
-from invoker.checkpoint.writer import fsync_dir
-from invoker.files_api import check_relpath, checkpoint_files, index_sha256, resolve_file
-from invoker.store import ModelStore, validate_name
 from sllm.errors import (
     CheckpointError,
     InvalidRequest,
@@ -76,6 +71,11 @@ from sllm.errors import (
 )
 from sllm.http import raise_for_error
 from sllm.messages import CheckpointListing
+from store.checkpoint.format import INDEX_NAME, DataFile
+from store.checkpoint.loader import read_index, verify_data_file
+from store.checkpoint.writer import fsync_dir
+from store.files_api import check_relpath, checkpoint_files, index_sha256, resolve_file
+from store.model_store import ModelStore, validate_name
 
 logger = logging.getLogger(__name__)
 

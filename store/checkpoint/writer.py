@@ -1,4 +1,4 @@
-"""Write tensors as a loading-optimized checkpoint (layout in :mod:`invoker.checkpoint.format`).
+"""Write tensors as a loading-optimized checkpoint (layout in :mod:`store.checkpoint.format`).
 
 Tensors are grouped by the torch storage they view; each group's byte span (from the lowest to the
 highest byte any of its views touches) is written once at an ALIGNMENT-aligned offset, so tied
@@ -22,7 +22,7 @@ from typing import Any, BinaryIO
 import torch
 import xxhash
 
-from invoker.checkpoint.format import (
+from store.checkpoint.format import (
     CONFIG_NAME,
     DEFAULT_CHUNK_BYTES,
     DEFAULT_FILE_BYTES,

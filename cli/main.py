@@ -28,11 +28,12 @@ import click
 import httpx
 import yaml
 
-from gateway.sse import parse_events
-from sllm import config, runtime
+from cli import launcher
+from sllm import config
 from sllm.errors import InvalidRequest, SllmError, Unavailable, from_body
 from sllm.http import raise_for_error
 from sllm.manifest import manifest_to_dict, parse_manifest
+from sllm.sse import parse_events
 
 
 def _gateway_url(explicit: str | None) -> str:
@@ -40,7 +41,7 @@ def _gateway_url(explicit: str | None) -> str:
         return explicit.rstrip("/")
     if os.environ.get("SLLM_GATEWAY"):
         return os.environ["SLLM_GATEWAY"].rstrip("/")
-    state = runtime.RuntimeState.load(runtime.state_path(config.sllm_home()))
+    state = launcher.RuntimeState.load(launcher.state_path(config.sllm_home()))
     return state.gateway_url if state else f"http://{config.HOST}:{config.GATEWAY_PORT}"
 
 
@@ -120,23 +121,23 @@ def up(detach: bool, invokers: int, invoker_memory: str, dram_pool: str,
     """Start the embedded runtime: etcd, controllers, gateway and invokers (each invoker with
     its own model store, DRAM tier and memory budget, as if on its own server)."""
     home = config.sllm_home()
-    state = runtime.RuntimeState.load(runtime.state_path(home))
-    if state and runtime.is_running(state):
+    state = launcher.RuntimeState.load(launcher.state_path(home))
+    if state and launcher.is_running(state):
         click.echo(f"sllm is already running: gateway {state.gateway_url}")
         return
     if state:  # stale state from a crash: clean up whatever is left
-        runtime.stop(state)
-    busy = [p for p in (port, config.CONTROLLER_PORT, config.ETCD_CLIENT_PORT) if runtime.port_in_use(p)]
+        launcher.stop(state)
+    busy = [p for p in (port, config.CONTROLLER_PORT, config.ETCD_CLIENT_PORT) if launcher.port_in_use(p)]
     if busy:
         raise click.ClickException(f"port(s) {busy} already in use; stop what holds them first")
     click.echo(f"starting sllm in {home} ({invokers} invoker(s)) ...")
     t0 = time.monotonic()
     try:
-        state = runtime.start(home, invokers=invokers, gateway_port=port, invoker_memory=invoker_memory,
+        state = launcher.start(home, invokers=invokers, gateway_port=port, invoker_memory=invoker_memory,
                               dram_pool=dram_pool, invoker_threads=invoker_threads,
                               controllers=controllers, placement=placement, migration=migration,
                               replication=replication)
-    except runtime.RuntimeStartError as e:
+    except launcher.RuntimeStartError as e:
         raise click.ClickException(str(e)) from None
     click.echo(f"sllm is up in {time.monotonic() - t0:.1f} s: gateway {state.gateway_url}, logs in {home / 'run'}")
     if detach:
@@ -148,18 +149,18 @@ def up(detach: bool, invokers: int, invoker_memory: str, dram_pool: str,
     except KeyboardInterrupt:
         pass
     finally:
-        runtime.stop(state)
+        launcher.stop(state)
         click.echo("sllm stopped")
 
 
 @cli.command()
 def down() -> None:
     """Stop the embedded runtime."""
-    state = runtime.RuntimeState.load(runtime.state_path(config.sllm_home()))
+    state = launcher.RuntimeState.load(launcher.state_path(config.sllm_home()))
     if state is None:
         click.echo("sllm is not running")
         return
-    runtime.stop(state)
+    launcher.stop(state)
     click.echo("sllm stopped")
 
 
@@ -197,7 +198,7 @@ def model() -> None:
 
 
 def _store() -> Any:
-    from invoker.store import ModelStore
+    from store.model_store import ModelStore
 
     return ModelStore(config.store_root())
 
@@ -210,7 +211,7 @@ def _store() -> Any:
 @click.option("--replace", is_flag=True, help="replace a model of the same name")
 def model_import(source: str, name: str | None, dtype: str | None, replace: bool) -> None:
     """Import SOURCE (a Hugging Face folder, a .gguf file, or `smollm2`) into the model store."""
-    from invoker.importer import import_model
+    from store.importer import import_model
 
     os.environ["TQDM_DISABLE"] = "1"  # transformers' GGUF conversion bar: the CLI reports one line
     t0 = time.monotonic()

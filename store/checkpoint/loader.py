@@ -2,7 +2,7 @@
 
 Loading (ServerlessLLM, OSDI'24 §4: a loading-optimized format read by a multi-tier loader):
 
-1. **Where the bytes come from.** With a :class:`~invoker.dram_pool.DramPool`, a checkpoint that is
+1. **Where the bytes come from.** With a :class:`~store.dram_pool.DramPool`, a checkpoint that is
    already cached is a DRAM-tier hit: nothing is read. Otherwise it is an SSD-tier load, read
    into a block reserved in the pool (it is then cached for the next load) or, without a pool or
    when the pool cannot fit it, into a private buffer.
@@ -33,7 +33,9 @@ import torch
 import xxhash
 from pydantic import ValidationError
 
-from invoker.checkpoint.format import (
+from native_loader import DEFAULT_CHUNK_BYTES, Reader, ReadError, buffer_address, default_reader
+from sllm.errors import CheckpointError
+from store.checkpoint.format import (
     ALIGNMENT,
     CONFIG_NAME,
     INDEX_NAME,
@@ -43,9 +45,7 @@ from invoker.checkpoint.format import (
     align_up,
     torch_dtype,
 )
-from invoker.dram_pool import DramPool, Lease
-from native_loader import DEFAULT_CHUNK_BYTES, Reader, ReadError, buffer_address, default_reader
-from sllm.errors import CheckpointError
+from store.dram_pool import DramPool, Lease
 
 STAGING_SLOTS = 4
 """Page-locked staging chunks in flight on the CUDA path without a pool."""

@@ -8,7 +8,7 @@
     GET /v1/checkpoints/{model}/files/{path}  the file's bytes; honours ``Range: bytes=N-``
                                               (206 with Content-Range), so a fetch can resume
 
-The client is :func:`invoker.transfer.fetch_checkpoint`. File bytes are streamed by starlette's
+The client is :func:`store.transfer.fetch_checkpoint`. File bytes are streamed by starlette's
 ``FileResponse``, which reads in a worker thread; the listing, hashing and path checks run in a
 thread as well, so the event loop never waits on the disk.
 
@@ -29,11 +29,11 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import Route
 
-from invoker.checkpoint.format import INDEX_NAME
-from invoker.store import ModelStore
 from sllm.errors import CheckpointError, InvalidRequest, ModelNotFound, SllmError
 from sllm.http import model_response
 from sllm.messages import CheckpointFile, CheckpointListing
+from store.checkpoint.format import INDEX_NAME
+from store.model_store import ModelStore
 
 
 def index_sha256(path: Path) -> str:

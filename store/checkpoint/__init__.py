@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from invoker.checkpoint.format import (
+from store.checkpoint.format import (
     ALIGNMENT,
     DEFAULT_CHUNK_BYTES,
     DEFAULT_FILE_BYTES,
@@ -14,8 +14,8 @@ from invoker.checkpoint.format import (
     dtype_name,
     torch_dtype,
 )
-from invoker.checkpoint.loader import LoadedCheckpoint, file_offsets, load_checkpoint, read_index
-from invoker.checkpoint.writer import write_checkpoint, write_config, write_tensors
+from store.checkpoint.loader import LoadedCheckpoint, file_offsets, load_checkpoint, read_index
+from store.checkpoint.writer import write_checkpoint, write_config, write_tensors
 
 __all__ = [
     "ALIGNMENT",

@@ -1,0 +1,19 @@
+"""Every import points down a layer: the contract in pyproject.toml (``[tool.importlinter]``),
+checked by import-linter over the installed packages. ``cli`` over the three services, which
+never import one another, over ``store``, over the ground floor (``sllm``, ``native_loader``)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_imports_follow_the_layers() -> None:
+    done = subprocess.run([sys.executable, "-c", "from importlinter.cli import lint_imports_command;"
+                           " lint_imports_command()", "--no-cache"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "0 broken" in done.stdout, done.stdout
