@@ -2,7 +2,7 @@
 a user would otherwise run (transformers ``from_pretrained`` on safetensors) and the machine's
 limits.
 
-    .venv/bin/python bench/coldstart.py [--model smollm2-135m-instruct] [--cold 3] [--warm 10]
+    .venv/bin/python -m bench.coldstart [--model smollm2-135m-instruct] [--cold 3] [--warm 10]
                                         [--max-tokens 64] [--drop-caches] [--json]
 
 It starts its own runtime (etcd, controller, gateway, one invoker) on free loopback ports, reading
@@ -38,7 +38,6 @@ import json
 import mmap
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -50,11 +49,8 @@ from typing import Any
 import httpx
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from pagecache import drop_caches, evict
-
+from bench.pagecache import drop_caches, evict
+from bench.stats import median
 from cli import launcher
 from invoker.__main__ import default_device
 from sllm import config
@@ -182,10 +178,6 @@ def limits(model_dir: Path, drop: bool) -> dict[str, float]:
     return {"bytes": nbytes, "read_bps": read_bw, "memcpy_bps": copy_bw}
 
 
-def median(xs: list[float]) -> float:
-    return statistics.median(xs) if xs else float("nan")
-
-
 def store_with(model: str) -> ModelStore:
     """The store root of ``$SLLM_HOME``, with ``model`` in it: SmolLM2 is imported when missing;
     another missing model ends the benchmark."""
@@ -198,7 +190,8 @@ def store_with(model: str) -> ModelStore:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m bench.coldstart", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--cold", type=int, default=3,
                     help="rounds: each starts a fresh runtime and measures one SSD-tier and one "
@@ -225,7 +218,7 @@ def main() -> None:
             # a fresh runtime each round: its invoker's DRAM pool is empty, so the first cold
             # start reads from SSD (page cache dropped) and the second from the DRAM tier. The
             # invoker's own store holds a copy of the checkpoint already (a node that has it on
-            # its SSD), so no transfer from the store root is timed here: bench/replay.py
+            # its SSD), so no transfer from the store root is timed here: bench.replay
             # measures those ("remote" tier).
             local = launcher.invoker_store(home / f"r{round_}", 0) / args.model
             shutil.copytree(model_dir, local)

@@ -1,12 +1,12 @@
 """Pool recorded trace replays across batches and say how sure a p99 comparison is.
 
-One batch of ``bench/replay.py --seeds 1,2,3`` gives each policy a p99 over ~900 invocations,
-and on a shared machine that p99 moves by up to 2x between batches of the same code
+One batch of ``python -m bench.replay --seeds 1,2,3`` gives each policy a p99 over ~900
+invocations, and on a shared machine that p99 moves by up to 2x between batches of the same code
 (docs/benchmarks.md §4). This pools every run recorded with ``--record DIR`` from any number
 of batches::
 
-    .venv/bin/python bench/replay.py --seeds 1,2,3 --max-instances 6 --record runs/R --json
-    .venv/bin/python bench/compare.py runs/R runs/S [--json]
+    .venv/bin/python -m bench.replay --seeds 1,2,3 --max-instances 6 --record runs/R --json
+    .venv/bin/python -m bench.compare runs/R runs/S [--json]
 
 A *unit* is one (batch, seed): every policy replayed the same trace in it, back to back. Per
 policy it prints the TTFT (seconds, client side, successful invocations after each run's
@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from bench.stats import bootstrap_draws, ci95, pct
+
 OURS = "ours"
 
 
@@ -46,7 +48,8 @@ def load_units(dirs: list[Path]) -> dict[tuple[str, str], dict[str, dict[str, An
     for d in dirs:
         runs = sorted(d.glob("*/row.json"))
         if not runs:
-            raise FileNotFoundError(f"no recorded run under {d} (bench/replay.py --record {d})")
+            raise FileNotFoundError(
+                f"no recorded run under {d} (python -m bench.replay --record {d})")
         for row_path in runs:
             row = json.loads(row_path.read_text())
             if row.get("migration", "live") != "live":
@@ -67,11 +70,6 @@ def load_units(dirs: list[Path]) -> dict[tuple[str, str], dict[str, dict[str, An
     return units
 
 
-def p99(xs: np.ndarray) -> float:
-    """The 99th percentile (linear interpolation), NaN for no sample."""
-    return float(np.percentile(xs, 99)) if len(xs) else float("nan")
-
-
 def compare(units: dict[tuple[str, str], dict[str, dict[str, Any]]], resamples: int = 2000,
             seed: int = 0) -> dict[str, Any]:
     """Pooled figures per policy and ``ours``' p99 against the others (module docstring).
@@ -89,36 +87,35 @@ def compare(units: dict[tuple[str, str], dict[str, dict[str, Any]]], resamples: 
     if not keys:
         raise ValueError(f"no batch and seed in which every policy of {policies} ran")
     per = {p: [units[k][p]["ttft"] for k in keys] for p in policies}
-    run_p99 = {p: [p99(x) for x in per[p]] for p in policies}
-    lowest = [min(policies, key=lambda p, i=i: run_p99[p][i]) for i in range(len(keys))]
+    run_p99 = {p: [pct(x, 99) for x in per[p]] for p in policies}
+    lowest = [min(policies, key=lambda p: run_p99[p][i]) for i in range(len(keys))]
     out: dict[str, Any] = {"units": len(keys), "unit_names": [f"{b}:{s}" for b, s in keys],
                            "policies": {}, "ours_minus": {}}
     for p in policies:
         pooled = np.concatenate(per[p])
         out["policies"][p] = {
             "ttft_mean_s": float(pooled.mean()) if len(pooled) else float("nan"),
-            "ttft_p99_s": p99(pooled), "invocations": len(pooled),
+            "ttft_p99_s": pct(pooled, 99), "invocations": len(pooled),
             "errors": sum(units[k][p]["errors"] for k in keys),
             "run_p99_s": run_p99[p], "lowest_in": lowest.count(p),
         }
     others = [p for p in policies if p != OURS]
     if OURS not in policies or not others:
         return out
-    rng = np.random.default_rng(seed)
-    draws = rng.integers(0, len(keys), size=(resamples, len(keys)))
+    draws = bootstrap_draws(len(keys), resamples, seed)
     diffs: dict[str, list[float]] = {p: [] for p in [*others, "best other"]}
     for draw in draws:
-        pooled = {p: p99(np.concatenate([per[p][i] for i in draw])) for p in policies}
+        resampled = {p: pct(np.concatenate([per[p][i] for i in draw]), 99) for p in policies}
         for p in others:
-            diffs[p].append(pooled[OURS] - pooled[p])
-        diffs["best other"].append(pooled[OURS] - min(pooled[p] for p in others))
+            diffs[p].append(resampled[OURS] - resampled[p])
+        diffs["best other"].append(resampled[OURS] - min(resampled[p] for p in others))
     ours = out["policies"][OURS]["ttft_p99_s"]
     best = min(others, key=lambda p: out["policies"][p]["ttft_p99_s"])
     for p, ds in diffs.items():
         ref = best if p == "best other" else p
-        lo, hi = np.percentile(ds, [2.5, 97.5])
+        lo, hi = ci95(ds)
         out["ours_minus"][p] = {
-            "p99_diff_s": ours - out["policies"][ref]["ttft_p99_s"], "ci95_s": [float(lo), float(hi)],
+            "p99_diff_s": ours - out["policies"][ref]["ttft_p99_s"], "ci95_s": [lo, hi],
             "ours_lower_in": sum(run_p99[OURS][i] < run_p99[ref][i] for i in range(len(keys))),
             **({"best": best} if p == "best other" else {}),
         }
@@ -126,9 +123,10 @@ def compare(units: dict[tuple[str, str], dict[str, dict[str, Any]]], resamples: 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m bench.compare", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("dirs", nargs="+", type=Path, help="directories given to replay.py --record")
+    ap.add_argument("dirs", nargs="+", type=Path,
+                    help="directories given to python -m bench.replay --record")
     ap.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples")
     ap.add_argument("--json", action="store_true", help="one JSON object")
     args = ap.parse_args()

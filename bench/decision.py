@@ -1,14 +1,14 @@
 """One placement decision's cost (``controller.placement.place``) on a crowded cluster view.
 
-    .venv/bin/python bench/decision.py [--invokers 1000] [--policy ours] [--repeats 5]
+    .venv/bin/python -m bench.decision [--invokers 1000] [--policy ours] [--repeats 5]
 
 Builds one view of ``--invokers`` invokers (24, 40 or 80 GB of instance memory, random
 bandwidths), each holding up to six idle, busy or starting instances of 2-10 GB, with 300
 checkpoints on two invokers each, then times 400 decisions for requests of 2-16 GB (most
 invokers are full enough that a decision weighs eviction and migration). Prints the median and
 p99 wall-clock milliseconds of the best of ``--repeats`` passes (the least disturbed by other
-processes). Unlike ``bench/replay.py --simulate``, nothing changes between decisions, so two
-versions of ``place`` compare on identical input.
+processes). Unlike ``python -m bench.replay --simulate``, nothing changes between decisions, so
+two versions of ``place`` compare on identical input.
 """
 
 from __future__ import annotations
@@ -46,7 +46,8 @@ def crowded_view(invokers: int, rng: random.Random) -> ClusterView:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m bench.decision",
+                                 description=__doc__.split("\n")[0])
     ap.add_argument("--invokers", type=int, default=1000)
     ap.add_argument("--policy", choices=POLICIES, default="ours")
     ap.add_argument("--repeats", type=int, default=5)

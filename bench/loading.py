@@ -1,7 +1,7 @@
 """Checkpoint loading throughput: sllm's loader from the SSD and DRAM tiers against the loaders a
 user would pick instead, and against this machine's limits measured in the same run.
 
-    .venv/bin/python bench/loading.py [--models smollm2,synthetic] [--synthetic-gb 2.2]
+    .venv/bin/python -m bench.loading [--models smollm2,synthetic] [--synthetic-gb 2.2]
                                       [--repeat 3] [--data DIR] [--skip-peers] [--json]
                                       [--device cpu|cuda:N]
 
@@ -89,7 +89,6 @@ import json
 import mmap
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -103,12 +102,9 @@ from typing import Any
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from pagecache import drop_caches
-
 import native_loader
+from bench.pagecache import drop_caches
+from bench.stats import median, memory_bytes
 from sllm import config
 from store.checkpoint import (
     ALIGNMENT,
@@ -244,7 +240,7 @@ def synthetic(data: Path, target_gb: float, log: Callable[[str], None]) -> Model
         if sllm_dir.exists():
             shutil.rmtree(sllm_dir)
         write_checkpoint(sllm_dir, tensors, config=hf_config, meta={
-            "name": folder.name, "dtype": "bfloat16", "source": "bench/loading.py (random)",
+            "name": folder.name, "dtype": "bfloat16", "source": "bench.loading (random)",
             "format": "synthetic", "architecture": "LlamaForCausalLM"})
         _write_peer_formats(folder, tensors, hf_config)
         del tensors
@@ -418,7 +414,7 @@ class Row:
 
     @property
     def seconds(self) -> float | None:
-        return statistics.median(self.runs) if self.runs else None
+        return median(self.runs) if self.runs else None
 
     @property
     def gbps(self) -> float | None:
@@ -438,7 +434,7 @@ class Row:
             "gbps": r(self.gbps),
             "limit": self.limit or None, "pct_of_limit": r(self.pct),
             "runs": [round(x, 4) for x in self.runs],
-            "touch_seconds": r(statistics.median(self.touches)) if self.touches else None,
+            "touch_seconds": r(median(self.touches)) if self.touches else None,
             "note": self.note,
         }
 
@@ -514,7 +510,7 @@ def _pool_budget(m: Model) -> int:
 
 def _evict(pool: DramPool) -> None:
     """Empty the pool through its public API: reserving all of it evicts every unused entry."""
-    lease = pool.reserve("bench/loading.py: evict", pool.budget)
+    lease = pool.reserve("bench.loading: evict", pool.budget)
     if lease is None:
         raise RuntimeError("the DRAM pool could not be emptied: an entry is still in use")
     lease.abort()
@@ -737,7 +733,7 @@ def targets(rows: list[Row]) -> list[str]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m bench.loading", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="smollm2,synthetic",
                     help="comma-separated: smollm2, synthetic")
@@ -810,7 +806,7 @@ def main() -> None:
 
     engine = ("C++ engine, O_DIRECT" if native_loader.NATIVE
               else "pure-Python twin (buffered preadv: the C++ engine is not built)")
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    mem = memory_bytes() / 2**30
     header = [
         f"machine: {os.cpu_count()} CPUs, {mem:.1f} GiB memory; torch {torch.__version__}",
         f"device: {device}" + (f" ({torch.cuda.get_device_name(device)})" if device != "cpu"

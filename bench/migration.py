@@ -1,7 +1,7 @@
 """Live migration: the pause a client sees at the handoff and the migration's total time,
 against the number of tokens moved (ServerlessLLM §5's multi-round, token-based protocol).
 
-    .venv/bin/python bench/migration.py [--model smollm2-135m-instruct] [--tokens 128,512,1024,2048]
+    .venv/bin/python -m bench.migration [--model smollm2-135m-instruct] [--tokens 128,512,1024,2048]
                                         [--reps 3] [--json]
 
 It starts its own runtime (etcd, controller, gateway, two invokers) on free loopback ports, with
@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import threading
@@ -41,11 +40,8 @@ from typing import Any
 
 import httpx
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from coldstart import store_with
-
+from bench.coldstart import store_with
+from bench.stats import median
 from cli import launcher
 from sllm.sse import parse_events
 
@@ -119,19 +115,21 @@ def measure(gateway: str, words: int, args: argparse.Namespace) -> dict[str, Any
         "moved_tokens": answer.get("tokens", 0), "rounds": answer.get("rounds", 0),
         "migrate_s": answer.get("seconds"), "handed_over": answer.get("moved", 0),
         "pause_s": migs[0]["pause_seconds"] if migs else None,
-        "tpot_s": statistics.median(gaps) if gaps else None,
+        "tpot_s": median(gaps) if gaps else None,
         "recompute_s": plain["timings"]["prefill_seconds"],
         "same_text": moved["text"] == plain["text"],
     }
 
 
 def med(rows: list[dict[str, Any]], key: str) -> float | None:
+    """The median of ``key`` over the rows that have it (None where none has)."""
     xs = [r[key] for r in rows if r.get(key) is not None]
-    return statistics.median(xs) if xs else None
+    return median(xs) if xs else None
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m bench.migration", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--tokens", default="128,512,1024,2048", help="prompt sizes (about, tokens)")
     ap.add_argument("--reps", type=int, default=3)

@@ -1,32 +1,18 @@
-"""bench/compare.py pools runs that bench/replay.py recorded (``--record``) and bounds the p99
-difference with a bootstrap over (batch, seed) units. The runs here are written by replay's own
-``record_run``, so the file format is the one a real batch leaves."""
+"""bench.compare pools runs that ``python -m bench.replay`` recorded (``--record``) and bounds
+the p99 difference with a bootstrap over (batch, seed) units. The runs here are written by the
+replay's own ``record_run``, so the file format is the one a real batch leaves."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _load_replay() -> ModuleType:
-    """bench/replay.py by its path (``bench`` is no package); it loads its sibling modules."""
-    spec = importlib.util.spec_from_file_location("sllm_bench_replay_test", ROOT / "bench" / "replay.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-replay = _load_replay()
-compare = replay._bench_module("compare")
+from bench import compare
+from bench.replay.analysis import Result
+from bench.replay.cluster import record_run, run_order
+from bench.workload import Arrival
 
 
 def record(batch: Path, policy: str, seed: int, ttfts: list[float | None], tmp: Path,
@@ -37,16 +23,16 @@ def record(batch: Path, policy: str, seed: int, ttfts: list[float | None], tmp: 
     (home / "run" / "controller.log").write_text("a log line\n")
     results = []
     for i, ttft in enumerate(ttfts):
-        r = replay.Result(replay.Arrival(t=float(i), function_index=0, prompt="hi", max_tokens=4),
-                          "replay-0", sent=float(i))
+        r = Result(Arrival(t=float(i), function_index=0, prompt="hi", max_tokens=4),
+                   "replay-0", sent=float(i))
         if ttft is None:
             r.status, r.error = 503, "no instance"
         else:
             r.status, r.first, r.end = 200, i + ttft, i + ttft + 0.1
             r.done = {"instance_id": "replay-0-x", "timings": {"start": "warm"}}
         results.append(r)
-    replay.record_run(batch / f"{policy}-live-seed{seed}", home, results,
-                      {"policy": policy, "migration": "live", "seed": seed, "warmup": warmup})
+    record_run(batch / f"{policy}-live-seed{seed}", home, results,
+               {"policy": policy, "migration": "live", "seed": seed, "warmup": warmup})
 
 
 def test_pools_units_after_the_warm_up_and_counts_errors(tmp_path: Path) -> None:
@@ -104,7 +90,7 @@ def test_each_policy_leads_once_in_any_run_of_consecutive_seeds() -> None:
     # units pooled across batches: no policy may always be a batch's first run
     policies = ["ours", "locality", "least-loaded", "random"]
     for start in (1, 7, 10):  # where batches R and S, T and U began
-        firsts = [replay.run_order(policies, seed)[0] for seed in range(start, start + 4)]
+        firsts = [run_order(policies, seed)[0] for seed in range(start, start + 4)]
         assert sorted(firsts) == sorted(policies)
-        assert all(sorted(replay.run_order(policies, seed)) == sorted(policies)
+        assert all(sorted(run_order(policies, seed)) == sorted(policies)
                    for seed in range(start, start + 4))

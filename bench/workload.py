@@ -1,4 +1,5 @@
-"""A synthetic invocation trace shaped like the Azure Functions trace, for ``bench/replay.py``.
+"""The workload: a synthetic trace of invocations shaped like the Azure Functions trace, for
+``python -m bench.replay``.
 
 Shahrad et al. (USENIX ATC'20, "Serverless in the Wild") found in Azure Functions' production
 trace that (1) popularity is extremely skewed: a few functions take most invocations and most
