@@ -21,7 +21,7 @@ from pathlib import Path
 
 import httpx
 
-from sllm import config
+from sllm import config, routes
 
 
 class RuntimeStartError(RuntimeError):
@@ -257,7 +257,7 @@ def start(
         specs.append((f"controller-{i}" if i else "controller",
                       controller_argv(i, cport, state.etcd_endpoint, store, tick_s, placement,
                                       controller_lease_ttl, migration, replication),
-                      f"http://{h}:{cport}/health"))
+                      f"http://{h}:{cport}{routes.HEALTH}"))
     for i, port in enumerate(ports):
         specs.append((f"invoker-{i}", [py, "-m", "invoker", "--id", f"invoker-{i}", "--port", str(port),
                                        "--etcd", state.etcd_endpoint,
@@ -268,18 +268,18 @@ def start(
                                          if invoker_network_limit else []),
                                        *(["--compute-threads", str(invoker_threads)]
                                          if invoker_threads else [])],
-                      f"http://{h}:{port}/health"))
+                      f"http://{h}:{port}{routes.HEALTH}"))
     gw = [py, "-m", "gateway", "--port", str(gateway_port)]
     for cport in cports:
         gw += ["--controller", f"http://{h}:{cport}"]
-    specs.append(("gateway", gw, f"{state.gateway_url}/health"))
+    specs.append(("gateway", gw, state.gateway_url + routes.HEALTH))
     started: list[subprocess.Popen[bytes]] = []
     try:
         pending: list[tuple[str, subprocess.Popen[bytes], str]] = []
         for name, argv, health in specs:
             proc = spawn(name, argv, run, env, stop_at_exit=stop_at_exit)
             started.append(proc)
-            state.processes.append(Process(name=name, pid=proc.pid, url=health.removesuffix("/health"),
+            state.processes.append(Process(name=name, pid=proc.pid, url=health.removesuffix(routes.HEALTH),
                                            log=str(run / f"{name}.log")))
             pending.append((name, proc, health))
             if name == "etcd":  # everything else needs etcd first
@@ -331,6 +331,6 @@ def stop(state: RuntimeState) -> None:
 def is_running(state: RuntimeState) -> bool:
     """Whether the runtime's gateway answers its health check."""
     try:
-        return httpx.get(f"{state.gateway_url}/health", timeout=1.0).status_code == 200
+        return httpx.get(state.gateway_url + routes.HEALTH, timeout=1.0).status_code == 200
     except httpx.HTTPError:
         return False

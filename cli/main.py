@@ -20,20 +20,18 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import click
-import httpx
 import yaml
 
 from cli import launcher
-from sllm import config
-from sllm.errors import InvalidRequest, SllmError, Unavailable, from_body
-from sllm.http import raise_for_error
+from sllm import config, routes
+from sllm.client import GatewayClient
+from sllm.errors import InvalidRequest, SllmError, from_body
 from sllm.manifest import manifest_to_dict, parse_manifest
-from sllm.sse import parse_events
+from sllm.routes import Gateway as G
 
 
 def _gateway_url(explicit: str | None) -> str:
@@ -43,38 +41,6 @@ def _gateway_url(explicit: str | None) -> str:
         return os.environ["SLLM_GATEWAY"].rstrip("/")
     state = launcher.RuntimeState.load(launcher.state_path(config.sllm_home()))
     return state.gateway_url if state else f"http://{config.HOST}:{config.GATEWAY_PORT}"
-
-
-class Api:
-    """A small client of the gateway's HTTP API for the CLI."""
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-        headers = {}
-        if os.environ.get("SLLM_API_KEY"):
-            headers["Authorization"] = f"Bearer {os.environ['SLLM_API_KEY']}"
-        self.http = httpx.Client(base_url=url, timeout=httpx.Timeout(10.0, read=600.0), headers=headers)
-
-    def call(self, method: str, path: str, **kwargs: Any) -> Any:
-        try:
-            r = self.http.request(method, path, **kwargs)
-        except httpx.ConnectError:
-            raise Unavailable(f"no gateway at {self.url}; start the runtime with: sllm up --detach") from None
-        except httpx.HTTPError as e:
-            raise Unavailable(f"gateway at {self.url}: {e}") from None
-        raise_for_error(r)
-        return r.json()
-
-    def stream(self, path: str, body: dict[str, Any]) -> Iterator[tuple[str, Any]]:
-        """POST and yield (event name, decoded data) of a Server-Sent Events response."""
-        try:
-            with self.http.stream("POST", path, json=body) as r:
-                if r.status_code != 200:
-                    r.read()
-                    raise_for_error(r)
-                yield from parse_events(r.iter_lines())
-        except httpx.ConnectError:
-            raise Unavailable(f"no gateway at {self.url}; start the runtime with: sllm up --detach") from None
 
 
 @click.group()
@@ -87,8 +53,8 @@ def cli(ctx: click.Context, gateway: str | None, verbose: bool) -> None:
     ctx.obj = {"gateway": gateway}
 
 
-def _api(ctx: click.Context) -> Api:
-    return Api(_gateway_url(ctx.obj["gateway"]))
+def _api(ctx: click.Context) -> GatewayClient:
+    return GatewayClient(_gateway_url(ctx.obj["gateway"]))
 
 
 # --- runtime ------------------------------------------------------------------------------------
@@ -169,9 +135,9 @@ def down() -> None:
 def status(ctx: click.Context) -> None:
     """Show the runtime's components, invokers and instances."""
     api = _api(ctx)
-    api.call("GET", "/health")
+    api.call("GET", routes.HEALTH)
     click.echo(f"gateway     {api.url}  ok")
-    for inv in api.call("GET", "/v1/invokers")["invokers"]:
+    for inv in api.call("GET", G.INVOKERS)["invokers"]:
         bw = inv.get("bandwidths") or {}
         speeds = (f" DRAM {bw['dram_bps'] / 1e9:.1f} SSD {bw['ssd_bps'] / 1e9:.2f} "
                   f"net {bw['network_bps'] / 1e9:.2f} GB/s" if bw else "")
@@ -179,10 +145,10 @@ def status(ctx: click.Context) -> None:
         click.echo(f"invoker     {inv['id']:<12} {inv['url']:<26} {inv['device']:<7} "
                    f"memory {inv['used_bytes'] / 2**30:.1f}/{inv['memory_bytes'] / 2**30:.1f} GiB"
                    f"{speeds}{engine}")
-    for c in api.call("GET", "/v1/checkpoints")["checkpoints"]:
+    for c in api.call("GET", G.CHECKPOINTS)["checkpoints"]:
         click.echo(f"checkpoint  {c['model']:<28} {c['tier']:<5} on {c['invoker_id']:<12} "
                    f"{c['nbytes'] / 2**20:.1f} MiB")
-    instances = api.call("GET", "/v1/instances")["instances"]
+    instances = api.call("GET", G.INSTANCES)["instances"]
     for i in instances:
         click.echo(f"instance    {i['id']:<28} {i['function']:<20} {i['state']:<8} on {i['invoker_id']}")
     if not instances:
@@ -231,7 +197,7 @@ def model_list(ctx: click.Context) -> None:
         return
     tiers: dict[str, list[str]] = {}
     try:
-        for c in _api(ctx).call("GET", "/v1/checkpoints")["checkpoints"]:
+        for c in _api(ctx).call("GET", G.CHECKPOINTS)["checkpoints"]:
             tiers.setdefault(c["model"], []).append(f"{c['invoker_id']}:{c['tier']}")
     except SllmError:
         pass  # the runtime is down: the store alone
@@ -266,7 +232,7 @@ def _read_manifest(path: str) -> dict[str, Any]:
 @click.pass_context
 def fn_create(ctx: click.Context, path: str) -> None:
     """Deploy a new function from a manifest."""
-    body = _api(ctx).call("POST", "/v1/functions", json=_read_manifest(path))
+    body = _api(ctx).call("POST", G.FUNCTIONS, json=_read_manifest(path))
     click.echo(f"function {body['name']} created")
 
 
@@ -278,8 +244,8 @@ def fn_update(ctx: click.Context, path: str) -> None:
     manifest = _read_manifest(path)
     name = manifest["metadata"]["name"]
     api = _api(ctx)
-    api.call("GET", f"/v1/functions/{name}")  # FunctionNotFound if absent
-    body = api.call("PUT", f"/v1/functions/{name}", json=manifest)
+    api.call("GET", G.FUNCTION, name=name)  # FunctionNotFound if absent
+    body = api.call("PUT", G.FUNCTION, json=manifest, name=name)
     click.echo(f"function {body['name']} updated (generation {body['generation']})")
 
 
@@ -290,7 +256,7 @@ def fn_update(ctx: click.Context, path: str) -> None:
 def fn_get(ctx: click.Context, name: str, as_json: bool) -> None:
     """Show a function: its manifest, its instances, and for each the placement decision with
     every candidate invoker's estimated startup time."""
-    view = _api(ctx).call("GET", f"/v1/functions/{name}")
+    view = _api(ctx).call("GET", G.FUNCTION, name=name)
     if as_json:
         click.echo(json.dumps(view, indent=2))
         return
@@ -328,7 +294,7 @@ def placement_lines(p: dict[str, Any] | None) -> list[str]:
 @click.pass_context
 def fn_list(ctx: click.Context) -> None:
     """List deployed functions."""
-    functions = _api(ctx).call("GET", "/v1/functions")["functions"]
+    functions = _api(ctx).call("GET", G.FUNCTIONS)["functions"]
     if not functions:
         click.echo("no functions; deploy one with: sllm fn create -f MANIFEST")
     for f in functions:
@@ -341,7 +307,7 @@ def fn_list(ctx: click.Context) -> None:
 @click.pass_context
 def fn_delete(ctx: click.Context, name: str) -> None:
     """Delete a function."""
-    _api(ctx).call("DELETE", f"/v1/functions/{name}")
+    _api(ctx).call("DELETE", G.FUNCTION, name=name)
     click.echo(f"function {name} deleted")
 
 
@@ -361,7 +327,7 @@ def fn_invoke(ctx: click.Context, name: str, prompt: str | None, messages: str |
     """Invoke a function and print its answer (streamed token by token by default)."""
     if (prompt is None) == (messages is None):
         raise InvalidRequest("give exactly one of --prompt and --messages")
-    body: dict[str, Any] = {"stream": not no_stream}
+    body: dict[str, Any] = {}
     if prompt is not None:
         body["prompt"] = prompt
     else:
@@ -373,12 +339,11 @@ def fn_invoke(ctx: click.Context, name: str, prompt: str | None, messages: str |
         if v is not None:
             body[k] = v
     api = _api(ctx)
-    path = f"/v1/functions/{name}/invoke"
     if no_stream:
-        result = api.call("POST", path, json=body)
+        result = api.invoke(name, **body)
     else:
         result = {}
-        for event, data in api.stream(path, body):
+        for event, data in api.invoke_stream(name, **body):
             if event == "token" and not as_json:
                 click.echo(data["text"], nl=False)
                 sys.stdout.flush()
@@ -414,7 +379,7 @@ def instance() -> None:
 @click.pass_context
 def instance_list(ctx: click.Context) -> None:
     """List instances: id, function, invoker, state."""
-    for i in _api(ctx).call("GET", "/v1/instances")["instances"]:
+    for i in _api(ctx).call("GET", G.INSTANCES)["instances"]:
         extra = f" -> {i['migrated_to']}" if i.get("migrated_to") else ""
         click.echo(f"{i['id']:<32} {i['function']:<24} {i['invoker_id']:<12} {i['state']}{extra}")
 
@@ -427,7 +392,7 @@ def instance_migrate(ctx: click.Context, instance_id: str, to: str | None) -> No
     """Live-migrate an instance: its running generations move to an instance on another invoker
     by their tokens (ServerlessLLM §5); clients' streams go on."""
     body = {"to": to} if to else {}
-    r = _api(ctx).call("POST", f"/v1/instances/{instance_id}/migrate", json=body)
+    r = _api(ctx).call("POST", G.MIGRATE, json=body, id=instance_id)
     click.echo(f"{instance_id} -> {r['to_instance']} on {r['to_invoker']}: {r['moved']} "
                f"generation(s) moved, {r['finished']} finished first, {r['tokens']} tokens "
                f"recomputed in {r['rounds']} round(s), {r['seconds']:.3f} s"

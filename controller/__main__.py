@@ -25,7 +25,7 @@ from sllm.config import CONTROLLER_LEASE_TTL_S, CONTROLLER_PORT, ETCD_CLIENT_POR
               help="the store root: where models are imported [default: $SLLM_HOME/models]")
 @click.option("--tick", default=1.0, show_default=True, type=float, help="reconcile period (s)")
 @click.option("--placement", "policy", default="ours", show_default=True, type=click.Choice(POLICIES),
-              help="placement policy (the others are baselines for bench/replay.py)")
+              help="placement policy (the others are baselines for bench.replay)")
 @click.option("--migration", default="live", show_default=True,
               type=click.Choice(MIGRATION_MODES),
               help="how room is made from running instances: live migration, preemption "

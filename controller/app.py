@@ -46,7 +46,7 @@ from controller.placement import Policy
 from controller.pool import InstancePool, MigrationMode
 from controller.registry import FunctionRegistry
 from controller.replication import Replicator
-from sllm import keys
+from sllm import keys, routes
 from sllm.config import AUTOSCALER_TICK_S, CONTROLLER_LEASE_TTL_S
 from sllm.errors import InvalidRequest, NotLeader, SllmError, Unavailable
 from sllm.etcd import Etcd
@@ -384,19 +384,20 @@ def create_app(config: ControllerConfig) -> Starlette:
                 log.error("leader election ended with an error", exc_info=campaign.exception())
             await ctl.close()
 
-    routes = [
-        Route("/health", health),
-        Route("/v1/functions", leader_only(list_functions), methods=["GET"]),
-        Route("/v1/functions", leader_only(create_function), methods=["POST"]),
-        Route("/v1/functions/{name}", leader_only(get_function), methods=["GET"]),
-        Route("/v1/functions/{name}", leader_only(put_function), methods=["PUT"]),
-        Route("/v1/functions/{name}", leader_only(delete_function), methods=["DELETE"]),
-        Route("/v1/acquire", leader_only(acquire), methods=["POST"]),
-        Route("/v1/release", leader_only(release), methods=["POST"]),
-        Route("/v1/instances", leader_only(list_instances)),
-        Route("/v1/instances/{id}/migrate", leader_only(migrate_instance), methods=["POST"]),
-        Route("/v1/invokers", leader_only(list_invokers)),
-        Route("/v1/checkpoints", leader_only(list_checkpoints)),
+    R = routes.Controller
+    table = [
+        Route(routes.HEALTH, health),
+        Route(R.FUNCTIONS, leader_only(list_functions), methods=["GET"]),
+        Route(R.FUNCTIONS, leader_only(create_function), methods=["POST"]),
+        Route(R.FUNCTION, leader_only(get_function), methods=["GET"]),
+        Route(R.FUNCTION, leader_only(put_function), methods=["PUT"]),
+        Route(R.FUNCTION, leader_only(delete_function), methods=["DELETE"]),
+        Route(R.ACQUIRE, leader_only(acquire), methods=["POST"]),
+        Route(R.RELEASE, leader_only(release), methods=["POST"]),
+        Route(R.INSTANCES, leader_only(list_instances)),
+        Route(R.MIGRATE, leader_only(migrate_instance), methods=["POST"]),
+        Route(R.INVOKERS, leader_only(list_invokers)),
+        Route(R.CHECKPOINTS, leader_only(list_checkpoints)),
     ]
-    return Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS, middleware=MIDDLEWARE,
+    return Starlette(routes=table, exception_handlers=EXCEPTION_HANDLERS, middleware=MIDDLEWARE,
                      lifespan=lifespan)

@@ -20,6 +20,8 @@ from sllm.messages import (
     ReplicateResponse,
     ReplicationPaused,
 )
+from sllm.routes import HEALTH, path
+from sllm.routes import Invoker as R
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +56,12 @@ class InvokerClient:
         body = request.model_dump()
         try:
             try:
-                r = await self._http.post(f"{invoker_url}/v1/instances", json=body)
+                r = await self._http.post(invoker_url + R.INSTANCES, json=body)
             except (httpx.NetworkError, httpx.RemoteProtocolError) as e:
                 # a connection that broke under the request: loads are idempotent per instance
                 # id (the invoker joins one in progress), so sending it again is safe
                 log.info("load of %s on %s: %r; sending it again", request.instance_id, invoker_url, e)
-                r = await self._http.post(f"{invoker_url}/v1/instances", json=body)
+                r = await self._http.post(invoker_url + R.INSTANCES, json=body)
         except httpx.HTTPError as e:
             raise InvokerError(f"invoker at {invoker_url} failed to load: {e!r}") from e
         return _answer(r, LoadResponse, invoker_url, "load")
@@ -74,7 +76,7 @@ class InvokerClient:
                 MigrationFailed).
             InvokerError: the invoker is unreachable or answered nonsense.
         """
-        return await self._call("POST", invoker_url, f"/v1/instances/{instance_id}/migrate",
+        return await self._call("POST", invoker_url, path(R.MIGRATE, id=instance_id),
                                 request, MigrateResponse, "migrate")
 
     async def replicate(self, invoker_url: str, model: str, sources: list[str]) -> ReplicateResponse:
@@ -87,7 +89,7 @@ class InvokerClient:
                 Unavailable).
             InvokerError: the invoker is unreachable or answered nonsense.
         """
-        return await self._call("PUT", invoker_url, f"/v1/checkpoints/{model}",
+        return await self._call("PUT", invoker_url, path(R.CHECKPOINT, model=model),
                                 ReplicateRequest(sources=sources), ReplicateResponse, "replicate")
 
     async def pause_replication(self, invoker_url: str, model: str) -> bool:
@@ -100,7 +102,7 @@ class InvokerClient:
             InvokerError: the invoker is unreachable or answered nonsense.
         """
         try:
-            r = await self._http.delete(f"{invoker_url}/v1/checkpoints/{model}/replication")
+            r = await self._http.delete(invoker_url + path(R.REPLICATION, model=model))
         except httpx.HTTPError as e:
             raise InvokerError(f"invoker at {invoker_url} failed to pause a replication: {e!r}"
                                ) from e
@@ -122,7 +124,7 @@ class InvokerClient:
             InvokerError: the invoker is unreachable.
         """
         try:
-            r = await self._http.delete(f"{invoker_url}/v1/instances/{instance_id}")
+            r = await self._http.delete(invoker_url + path(R.INSTANCE, id=instance_id))
         except httpx.HTTPError as e:
             raise InvokerError(f"invoker at {invoker_url} failed to unload: {e!r}") from e
         if r.status_code != 404:
@@ -131,7 +133,7 @@ class InvokerClient:
     async def healthy(self, invoker_url: str, timeout_s: float = 1.0) -> bool:
         """Whether the invoker answers its health check within ``timeout_s`` seconds."""
         try:
-            r = await self._http.get(f"{invoker_url}/health", timeout=timeout_s)
+            r = await self._http.get(invoker_url + HEALTH, timeout=timeout_s)
         except httpx.HTTPError:
             return False
         return r.status_code == 200
@@ -139,7 +141,7 @@ class InvokerClient:
     async def list_instances(self, invoker_url: str) -> list[str]:
         """Ids of the instances an invoker has loaded. Raises InvokerError when unreachable."""
         try:
-            r = await self._http.get(f"{invoker_url}/v1/instances")
+            r = await self._http.get(invoker_url + R.INSTANCES)
         except httpx.HTTPError as e:
             raise InvokerError(f"invoker at {invoker_url} is unreachable: {e!r}") from e
         raise_for_error(r)

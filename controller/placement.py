@@ -1,7 +1,7 @@
 """Placement: which invoker a new instance goes to, and what must make room for it there.
 
 The scheduler works on a :class:`ClusterView`, plain data kept up to date incrementally (the
-controller's instance pool builds one per decision from its instances; ``bench/replay.py
+controller's instance pool builds one per decision from its instances; ``bench.replay
 --simulate`` keeps one of 1,000 invokers and drives this same :func:`place`).
 
 Policies (``policy`` argument):

@@ -36,7 +36,7 @@ counts as started one service time earlier (the mean seconds a call of this func
 slot, :mod:`controller.service_time`): it overtakes at most the calls that came one round
 before it. Without any share, a burst of one function at ``maxInstances`` keeps every slot it
 holds until its queue drains, later calls too: other functions' calls waited 13 s in
-``bench/replay.py`` (docs/benchmarks.md, batch F). With the earlier share (a function with no
+``bench.replay`` (docs/benchmarks.md, batch F). With the earlier share (a function with no
 instance always first, whatever the ages), the most popular function lost three of its four
 instances in 3 s to three newcomers while eleven of its calls waited, and they then waited up
 to 17 s (batch Y, seed 7).
@@ -51,7 +51,7 @@ says why):
   elsewhere and holds its slots; then its invoker moves the generations by their tokens, and
   the new instance loads once they have moved. With no destination for one, the best place
   without migration is taken;
-- ``preempt`` (the baseline of ``bench/replay.py``): the running instances are unloaded at once;
+- ``preempt`` (the baseline of ``bench.replay``): the running instances are unloaded at once;
   their invocations resume wherever the gateway finds room, recomputing from their tokens;
 - ``off``: the best candidate that needs neither is taken, or the call waits.
 
@@ -485,7 +485,7 @@ class InstancePool:
         return Assignment(
             function=live.record.function, model=live.record.model, instance_id=live.record.id,
             invoker_url=live.record.invoker_url, cold=cold, queue_seconds=queue_s,
-            load_seconds=load_s, tier=live.record.tier, defaults=manifest.spec.generation.model_dump(),
+            load_seconds=load_s, tier=live.record.tier, defaults=manifest.spec.generation.sampling(),
         )
 
     async def release(self, instance_id: str, *, failed: str | None = None,

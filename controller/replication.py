@@ -3,7 +3,7 @@
 A burst of a function scales it out to ``maxInstances`` instances within a second or two. An
 invoker without a local copy of the checkpoint must first fetch it (a ``remote`` start: the
 network tier, or the store root), so when the invokers holding a copy cannot host that many
-instances, part of the burst waits for copies on its critical path. ``bench/replay.py`` showed
+instances, part of the burst waits for copies on its critical path. ``bench.replay`` showed
 this (docs/benchmarks.md, batch I): placement keeps copies few, since a local copy starts
 fastest, and a burst of six instances found the checkpoint on one invoker with room for two;
 four of its calls waited 2.8 s for two copies.

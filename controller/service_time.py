@@ -14,7 +14,7 @@ life of the recent samples, ``mean(s - a for s > a)``: what calls that ran that 
 to need. A call running longer than every recent one (under a burst, the cores shared by more
 generations slow every call) is expected to need one more mean service, not none; estimating
 ``mean - a``, floored at 0, said "frees now" for every call past the mean, and ``ours`` then
-waited for busy instances instead of a 0.01 s load from the DRAM tier (bench/replay.py, batch
+waited for busy instances instead of a 0.01 s load from the DRAM tier (bench.replay, batch
 R of docs/benchmarks.md). The wait of a new invocation is the time until the slot it would get
 frees, given the invocations already waiting ahead of it.
 

@@ -36,14 +36,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
-from pydantic import ValidationError
 
 from gateway.metrics import METRICS
 from gateway.records import ACTIVATIONS
 from gateway.upstream import Upstream
 from sllm.errors import (
     InstanceNotFound,
-    InvalidRequest,
     InvokerError,
     InvokerUnreachable,
     SllmError,
@@ -52,16 +50,15 @@ from sllm.errors import (
 )
 from sllm.messages import (
     Assignment,
-    ChatMessage,
     DoneMessage,
     ErrorMessage,
     GenerateRequest,
     MigratedMessage,
+    Prompt,
     ResumeRequest,
     TokenMessage,
-    check_prompt,
 )
-from sllm.validation import describe
+from sllm.sampling import SamplingOverrides
 
 log = logging.getLogger(__name__)
 
@@ -345,44 +342,24 @@ async def acquire_and_open(
     raise AssertionError("unreachable")
 
 
-async def start(
-    upstream: Upstream, function: str, *, prompt: str | None = None,
-    messages: list[ChatMessage] | None = None, raw: bool = False, max_tokens: int | None = None,
-    temperature: float | None = None, top_p: float | None = None, seed: int | None = None,
-    ignore_eos: bool = False,
-) -> Activation:
+async def start(upstream: Upstream, function: str, prompt: Prompt,
+                overrides: SamplingOverrides) -> Activation:
     """Start an invocation of ``function``: acquire an instance (through a cold start if needed)
-    and open the token stream. Unset generation parameters take the function's defaults;
-    ``ignore_eos`` asks for exactly ``max_tokens`` tokens (EOS or not).
+    and open the token stream. Sampling fields ``overrides`` leaves unset take the function's
+    defaults (the assignment's); a sampled request with no seed gets one here.
 
     Raises:
-        InvalidRequest: no prompt, or an empty one (``param`` names it), before anything is
-            sent upstream.
         SllmError: before any token, with its HTTP status (FunctionNotFound, TooManyRequests,
             Unavailable, PromptTooLong, InvokerError, ...).
     """
     t0 = time.monotonic()
     act_id = uuid.uuid4().hex
-    try:  # checked before the acquire: a request that cannot run never causes a cold start
-        check_prompt(prompt, messages)
-    except ValueError as e:
-        raise InvalidRequest(str(e), param="prompt" if messages is None else "messages") from None
-    if seed is None:  # drawn here, so a generation resumed elsewhere samples as it would have
-        seed = secrets.randbits(63)
+    seed = secrets.randbits(63)  # used when the request set none, so that a generation resumed
+    # elsewhere samples as it would have
 
     def request_for(assignment: Assignment) -> GenerateRequest:
-        d = assignment.defaults
-        try:
-            return GenerateRequest(
-                prompt=prompt, messages=messages, raw=raw,
-                max_tokens=max_tokens if max_tokens is not None else int(d.get("maxTokens", 128)),
-                temperature=temperature if temperature is not None else float(d.get("temperature", 0.0)),
-                top_p=top_p if top_p is not None else float(d.get("topP", 1.0)),
-                seed=seed, ignore_eos=ignore_eos,
-            )
-        except ValidationError as e:  # (the acquire's slot is given back by acquire_and_open)
-            message, param = describe(e)
-            raise InvalidRequest(f"invalid request: {message}", param=param) from None
+        return GenerateRequest(input=prompt,
+                               sampling=overrides.resolve(assignment.defaults, seed=seed))
 
     assignment, request, response, acquired_at = await acquire_and_open(
         upstream, function, request_for, resume=False, release=upstream.release_soon)

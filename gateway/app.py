@@ -34,6 +34,7 @@ from gateway import native, openai
 from gateway.metrics import METRICS
 from gateway.records import ACTIVATIONS
 from gateway.upstream import Upstream
+from sllm import routes
 from sllm.errors import InvalidRequest, Unauthorized
 from sllm.http import EXCEPTION_HANDLERS, MAX_BODY_BYTES, MIDDLEWARE, read_json
 from sllm.manifest import FunctionManifest, manifest_to_dict, parse_manifest, validate_manifest
@@ -124,22 +125,22 @@ def create_app(config: GatewayConfig) -> Starlette:
         finally:
             await upstream.close()
 
-    g = guarded
-    routes = [
-        Route("/health", health),
-        Route("/metrics", metrics),
-        Route("/v1/functions/{name}/invoke", g(invoke), methods=["POST"]),
-        Route("/v1/chat/completions", g(chat), methods=["POST"]),
-        Route("/v1/completions", g(completions), methods=["POST"]),
-        Route("/v1/models", g(models), methods=["GET"]),
-        Route("/v1/functions", g(forward), methods=["GET", "POST"]),
-        Route("/v1/functions/{name}", g(forward), methods=["GET", "PUT", "DELETE"]),
-        Route("/v1/instances", g(forward), methods=["GET"]),
-        Route("/v1/instances/{id}/migrate", g(forward_json), methods=["POST"]),
-        Route("/v1/activations", g(activations), methods=["GET"]),
-        Route("/v1/activations/{id}", g(activation_record), methods=["GET"]),
-        Route("/v1/invokers", g(forward), methods=["GET"]),
-        Route("/v1/checkpoints", g(forward), methods=["GET"]),
+    g, R = guarded, routes.Gateway
+    table = [
+        Route(routes.HEALTH, health),
+        Route(routes.METRICS, metrics),
+        Route(R.INVOKE, g(invoke), methods=["POST"]),
+        Route(R.CHAT_COMPLETIONS, g(chat), methods=["POST"]),
+        Route(R.COMPLETIONS, g(completions), methods=["POST"]),
+        Route(R.MODELS, g(models), methods=["GET"]),
+        Route(R.FUNCTIONS, g(forward), methods=["GET", "POST"]),
+        Route(R.FUNCTION, g(forward), methods=["GET", "PUT", "DELETE"]),
+        Route(R.INSTANCES, g(forward), methods=["GET"]),
+        Route(R.MIGRATE, g(forward_json), methods=["POST"]),
+        Route(R.ACTIVATIONS, g(activations), methods=["GET"]),
+        Route(R.ACTIVATION, g(activation_record), methods=["GET"]),
+        Route(R.INVOKERS, g(forward), methods=["GET"]),
+        Route(R.CHECKPOINTS, g(forward), methods=["GET"]),
     ]
-    return Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS, middleware=MIDDLEWARE,
+    return Starlette(routes=table, exception_handlers=EXCEPTION_HANDLERS, middleware=MIDDLEWARE,
                      lifespan=lifespan)

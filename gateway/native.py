@@ -30,11 +30,7 @@ from sllm.sse import SSE_HEADERS, event
 async def invoke(request: Request, upstream: Upstream) -> Response:
     name = request.path_params["name"]
     req = await read_model(request, InvokeRequest)
-    act = await activation.start(
-        upstream, name, prompt=req.prompt, messages=req.messages, raw=req.raw,
-        max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
-        ignore_eos=req.ignore_eos,
-    )
+    act = await activation.start(upstream, name, req.only(), req.overrides())
     headers = {"X-Activation-Id": act.id}
     if not req.stream:
         async for _ in act.tokens():

@@ -27,18 +27,20 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator
 from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from gateway import activation
 from gateway.upstream import Upstream
-from sllm.config import MAX_PROMPT_CHARS
+from sllm import routes
 from sllm.errors import InvalidRequest, SllmError
 from sllm.http import read_model
-from sllm.messages import ChatMessage
+from sllm.messages import ChatMessage, Prompt
+from sllm.sampling import MaxTokens, SamplingOverrides, Seed, Temperature, TopP
 from sllm.sse import SSE_HEADERS, event
+from sllm.validation import invalid_request
 
 
 def _number(value: Any) -> bool:
@@ -102,13 +104,18 @@ class _OpenAIRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     model: str = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1, le=32768)
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    seed: int | None = None
-    ignore_eos: bool = False  # vLLM's extension: generate max_tokens tokens, EOS or not
+    max_tokens: MaxTokens | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    seed: Seed | None = None
+    ignore_eos: StrictBool = False  # vLLM's extension: generate max_tokens tokens, EOS or not
     stream: bool = False
     stream_options: dict[str, Any] | None = None
+
+    def overrides(self) -> SamplingOverrides:
+        """The sampling fields this request sets (the rest take the function's defaults)."""
+        return SamplingOverrides(max_tokens=self.max_tokens, temperature=self.temperature,
+                                 top_p=self.top_p, seed=self.seed, ignore_eos=self.ignore_eos)
 
     def refuse_unsupported(self) -> None:
         """Refuse a field that would change the answer and is not honoured, or is unknown.
@@ -152,9 +159,28 @@ class _ChatTurn(BaseModel):
         return ChatMessage(role="system" if self.role == "developer" else self.role, content=text)
 
 
+def _prompt(**fields: Any) -> Prompt:
+    """A :class:`~sllm.messages.Prompt` of ``fields``. Raises InvalidRequest naming the field."""
+    try:
+        return Prompt(**fields)
+    except ValidationError as e:
+        raise invalid_request(e) from None
+
+
 class ChatCompletionRequest(_OpenAIRequest):
     messages: list[_ChatTurn] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1, le=32768)
+    max_completion_tokens: MaxTokens | None = None
+
+    def to_prompt(self) -> Prompt:
+        """The chat as sllm's prompt. Raises InvalidRequest (a tool turn, too long a chat)."""
+        return _prompt(messages=[m.to_message() for m in self.messages])
+
+    def overrides(self) -> SamplingOverrides:
+        """As the base's, ``max_completion_tokens`` first (OpenAI's newer name)."""
+        base = super().overrides()
+        if self.max_completion_tokens is None:
+            return base
+        return base.model_copy(update={"max_tokens": self.max_completion_tokens})
 
 
 class CompletionRequest(_OpenAIRequest):
@@ -165,15 +191,12 @@ class CompletionRequest(_OpenAIRequest):
     def _one_prompt(cls, v: str | list[str]) -> str | list[str]:
         if isinstance(v, list) and len(v) != 1:
             raise ValueError("only one prompt per request is supported")
-        text = v[0] if isinstance(v, list) else v
-        if not text.strip():
-            raise ValueError("prompt must not be empty")
-        if len(text) > MAX_PROMPT_CHARS:
-            raise ValueError(f"prompt holds {len(text)} characters; the limit is {MAX_PROMPT_CHARS}")
         return v
 
-    def text(self) -> str:
-        return self.prompt[0] if isinstance(self.prompt, list) else self.prompt
+    def to_prompt(self) -> Prompt:
+        """The text to complete, as sllm's raw prompt. Raises InvalidRequest (blank, too long)."""
+        return _prompt(prompt=self.prompt[0] if isinstance(self.prompt, list) else self.prompt,
+                       raw=True)
 
 
 def _finish(reason: str | None) -> str | None:
@@ -222,11 +245,7 @@ def _extras(act: activation.Activation) -> dict[str, Any]:
 async def chat_completions(request: Request, upstream: Upstream) -> Response:
     req = await read_model(request, ChatCompletionRequest)
     req.refuse_unsupported()
-    act = await activation.start(
-        upstream, req.model, messages=[m.to_message() for m in req.messages],
-        max_tokens=req.max_completion_tokens or req.max_tokens, temperature=req.temperature,
-        top_p=req.top_p, seed=req.seed, ignore_eos=req.ignore_eos,
-    )
+    act = await activation.start(upstream, req.model, req.to_prompt(), req.overrides())
     cid, created = f"chatcmpl-{act.id}", int(time.time())
 
     def chunk(delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
@@ -255,11 +274,7 @@ async def chat_completions(request: Request, upstream: Upstream) -> Response:
 async def completions(request: Request, upstream: Upstream) -> Response:
     req = await read_model(request, CompletionRequest)
     req.refuse_unsupported()
-    prompt = req.text()
-    act = await activation.start(
-        upstream, req.model, prompt=prompt, raw=True, max_tokens=req.max_tokens,
-        temperature=req.temperature, top_p=req.top_p, seed=req.seed, ignore_eos=req.ignore_eos,
-    )
+    act = await activation.start(upstream, req.model, req.to_prompt(), req.overrides())
     cid, created = f"cmpl-{act.id}", int(time.time())
 
     def chunk(text: str, finish: str | None) -> dict[str, Any]:
@@ -276,7 +291,7 @@ async def completions(request: Request, upstream: Upstream) -> Response:
 
 
 async def models(request: Request, upstream: Upstream) -> Response:
-    r = await upstream.controller("GET", "/v1/functions")
+    r = await upstream.controller("GET", routes.Controller.FUNCTIONS)
     data = [
         {"id": f["name"], "object": "model", "created": int(f["created"]), "owned_by": "sllm"}
         for f in r.json()["functions"]

@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 
+from sllm import routes
 from sllm.config import COLD_START_DEADLINE_S, CONTROLLER_LEASE_TTL_S
 from sllm.errors import (
     InvokerError,
@@ -101,7 +102,7 @@ class Upstream:
         for a generation that was moved off its instance (the controller moves no other
         instance to make room for it, so preemptions cannot chain)."""
         body = AcquireRequest(function=function, resume=resume).model_dump()
-        r = await self.controller("POST", "/v1/acquire", json=body)
+        r = await self.controller("POST", routes.Controller.ACQUIRE, json=body)
         return Assignment.model_validate_json(r.content)
 
     def release_soon(self, instance_id: str, stream: httpx.Response | None = None, *,
@@ -121,7 +122,7 @@ class Upstream:
                 await stream.aclose()
             try:
                 body = ReleaseRequest(instance_id=instance_id, failed=failed, moved_to=moved_to)
-                await self.controller("POST", "/v1/release", json=body.model_dump())
+                await self.controller("POST", routes.Controller.RELEASE, json=body.model_dump())
             except SllmError as e:
                 log.warning("release of %s failed: %s", instance_id, e.message)
 
@@ -133,7 +134,7 @@ class Upstream:
     async def open_stream(self, assignment: Assignment, request: GenerateRequest) -> httpx.Response:
         """Start a generation on the assigned instance. Returns the open streaming response
         (status 200); errors the invoker answers before streaming are raised here."""
-        url = f"{assignment.invoker_url}/v1/instances/{assignment.instance_id}/generate"
+        url = assignment.invoker_url + routes.path(routes.Invoker.GENERATE, id=assignment.instance_id)
         req = self._http.build_request("POST", url, json=request.model_dump(mode="json"))
         try:
             r = await self._http.send(req, stream=True)

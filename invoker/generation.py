@@ -34,7 +34,6 @@ yielded at once.
 
 from __future__ import annotations
 
-import math
 import secrets
 import threading
 import time
@@ -48,62 +47,7 @@ from transformers import DynamicCache
 from invoker.detokenizer import IncrementalDetokenizer
 from invoker.instance import ModelInstance
 from sllm.errors import InvalidRequest, PromptTooLong
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How to pick each next token.
-
-    Attributes:
-        max_tokens: the most tokens to generate, >= 1.
-        temperature: >= 0; 0 means greedy (argmax), ignoring ``top_p`` and ``seed``.
-        top_p: nucleus sampling, in (0, 1]: sample among the most likely tokens whose
-            probabilities add up to at least ``top_p``.
-        seed: seeds this generation's own ``torch.Generator`` (never the global RNG), per token
-            (:func:`token_seed`), so equal seeds give equal tokens on the same model and device,
-            also across a migration; None draws a fresh seed.
-        ignore_eos: keep generating past an EOS token (it is then an ordinary token), so the
-            generation has exactly ``max_tokens`` tokens unless the context window ends it
-            first; for benchmarks and tests that need a fixed output length (vLLM's
-            ``ignore_eos``).
-
-    Raises:
-        InvalidRequest: a field is out of range (``param`` names it).
-    """
-
-    max_tokens: int
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-    ignore_eos: bool = False
-
-    def __post_init__(self) -> None:
-        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int):
-            raise InvalidRequest("max_tokens must be an integer", param="max_tokens")
-        if self.max_tokens < 1:
-            raise InvalidRequest(
-                f"max_tokens must be >= 1, not {self.max_tokens}", param="max_tokens"
-            )
-        if not _is_number(self.temperature) or not self.temperature >= 0:
-            raise InvalidRequest(
-                f"temperature must be a number >= 0, not {self.temperature!r}", param="temperature"
-            )
-        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
-            raise InvalidRequest(f"top_p must be in (0, 1], not {self.top_p!r}", param="top_p")
-        if self.seed is not None and (
-            isinstance(self.seed, bool) or not isinstance(self.seed, int)
-        ):
-            raise InvalidRequest("seed must be an integer", param="seed")
-        if not isinstance(self.ignore_eos, bool):
-            raise InvalidRequest("ignore_eos must be a boolean", param="ignore_eos")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+from sllm.sampling import SamplingParams
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,7 @@ from sllm.messages import (
     PrefillRequest,
     PrefillResponse,
 )
+from sllm.routes import Invoker, path
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +212,7 @@ class _Outcome:
 
 async def _drop_session(http: httpx.AsyncClient, req: MigrateRequest, session: str) -> None:
     try:
-        await http.delete(f"{req.to_url}/v1/instances/{req.to_instance}/migrations/{session}")
+        await http.delete(req.to_url + path(Invoker.SESSION, id=req.to_instance, session=session))
     except httpx.HTTPError as e:
         log.info("dropping migration session %s at %s failed: %r", session, req.to_url, e)
 
@@ -222,7 +223,7 @@ async def migrate_run(run: Run, req: MigrateRequest, http: httpx.AsyncClient) ->
     never raises for a failing destination (the run then keeps going here)."""
     session = uuid.uuid4().hex
     sent = rounds = 0
-    url = f"{req.to_url}/v1/instances/{req.to_instance}/migrations"
+    url = req.to_url + path(Invoker.PREFILL, id=req.to_instance)
     while not run.ended.done():
         delta = run.ids()[sent:]
         if (rounds and len(delta) <= HANDOFF_TOKENS) or rounds >= MAX_ROUNDS:

@@ -61,13 +61,13 @@ from starlette.routing import Route
 from transformers import AutoTokenizer
 
 from invoker.bandwidth import BandwidthMeter, probe
-from invoker.generation import Generation, Resume, SamplingParams
+from invoker.generation import Generation, Resume
 from invoker.instance import ModelInstance
 from invoker.migration import Run, Sessions, Target, migrate_instance
 from invoker.tiers import TierPublisher
 from invoker.warmup import warm_up
 from native_loader import DEFAULT_CHUNK_BYTES, DEFAULT_THREADS, choose_engine, default_reader
-from sllm import keys
+from sllm import keys, routes
 from sllm.config import INVOKER_LEASE_TTL_S
 from sllm.errors import (
     CheckpointError,
@@ -97,6 +97,7 @@ from sllm.messages import (
     ReplicationPaused,
     TokenMessage,
 )
+from sllm.sampling import SamplingParams
 from store.checkpoint import LoadedCheckpoint, load_checkpoint
 from store.checkpoint.format import INDEX_NAME
 from store.dram_pool import DramPool
@@ -640,12 +641,12 @@ def create_app(config: InvokerConfig) -> Starlette:
     async def generate(request: Request) -> Response:
         inst = inv.get(request.path_params["id"])
         req = await read_model(request, GenerateRequest)
-        messages = [m.model_dump() for m in req.messages] if req.messages is not None else None
+        given = req.input
+        messages = [m.model_dump() for m in given.messages] if given.messages is not None else None
         prompt_ids = await asyncio.to_thread(
-            inst.instance.encode, prompt=req.prompt, messages=messages, raw=req.raw
+            inst.instance.encode, prompt=given.prompt, messages=messages, raw=given.raw
         )
-        params = SamplingParams(max_tokens=req.max_tokens, temperature=req.temperature,
-                                top_p=req.top_p, seed=req.seed, ignore_eos=req.ignore_eos)
+        params = req.sampling
         resume = None
         if req.resume is not None:
             cache, cached = (None, 0)
@@ -734,18 +735,19 @@ def create_app(config: InvokerConfig) -> Starlette:
             await inv.etcd.close()
             await inv.http.aclose()
 
-    routes = [
-        Route("/health", health),
-        Route("/v1/instances", load, methods=["POST"]),
-        Route("/v1/instances", list_instances, methods=["GET"]),
-        Route("/v1/instances/{id}", unload, methods=["DELETE"]),
-        Route("/v1/instances/{id}/generate", generate, methods=["POST"]),
-        Route("/v1/instances/{id}/migrate", migrate, methods=["POST"]),
-        Route("/v1/instances/{id}/migrations", prefill, methods=["POST"]),
-        Route("/v1/instances/{id}/migrations/{session}", drop_session, methods=["DELETE"]),
-        Route("/v1/checkpoints/{model}", replicate, methods=["PUT"]),
-        Route("/v1/checkpoints/{model}/replication", pause_replication, methods=["DELETE"]),
+    R = routes.Invoker
+    table = [
+        Route(routes.HEALTH, health),
+        Route(R.INSTANCES, load, methods=["POST"]),
+        Route(R.INSTANCES, list_instances, methods=["GET"]),
+        Route(R.INSTANCE, unload, methods=["DELETE"]),
+        Route(R.GENERATE, generate, methods=["POST"]),
+        Route(R.MIGRATE, migrate, methods=["POST"]),
+        Route(R.PREFILL, prefill, methods=["POST"]),
+        Route(R.SESSION, drop_session, methods=["DELETE"]),
+        Route(R.CHECKPOINT, replicate, methods=["PUT"]),
+        Route(R.REPLICATION, pause_replication, methods=["DELETE"]),
         *checkpoint_file_routes(inv.store),
     ]
-    return Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS, middleware=MIDDLEWARE,
+    return Starlette(routes=table, exception_handlers=EXCEPTION_HANDLERS, middleware=MIDDLEWARE,
                      lifespan=lifespan)

@@ -6,7 +6,7 @@ nothing read from disk), runs a prefill and a decode step, samples from the logi
 the tokenizer classes.
 
 On a GPU the first model run also creates the CUDA context and the cuBLAS handles and loads each
-kernel's module on its first launch (measured on an H100 by ``bench/coldstart.py``: the first
+kernel's module on its first launch (measured on an H100 by ``bench.coldstart``: the first
 cold start's prefill took 0.55 s, the next one's 0.03 s), so there the warm-up runs on the
 invoker's device, in every dtype a checkpoint is imported in, and makes one asynchronous copy
 from page-locked memory on a side stream, as the checkpoint loader does.
@@ -36,7 +36,8 @@ def warm_up(device: str = "cpu") -> float:
         PreTrainedTokenizerFast,  # noqa: F401 - imported for its side effect
     )
 
-    from invoker.generation import SamplingParams, sample
+    from invoker.generation import sample
+    from sllm.sampling import SamplingParams
 
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():

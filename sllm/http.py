@@ -18,7 +18,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sllm.errors import InternalError, InvalidRequest, NotFound, SllmError, from_body
-from sllm.validation import describe
+from sllm.validation import invalid_request
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +119,7 @@ async def read_model(request: Request, model: type[M]) -> M:
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        message, param = describe(e)
-        raise InvalidRequest(f"invalid request: {message}", param=param) from None
+        raise invalid_request(e) from None
 
 
 def model_response(model: BaseModel, status_code: int = 200) -> JSONResponse:

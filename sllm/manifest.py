@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from sllm.config import COLD_START_DEADLINE_S, MAX_QUEUE_PER_FUNCTION
 from sllm.errors import ManifestError
+from sllm.sampling import MaxTokens, SamplingParams, Temperature, TopP
 from sllm.validation import describe
 
 API_VERSION = "sllm.dev/v1"
@@ -160,9 +161,17 @@ class Scaling(_Strict):
 
 
 class GenerationDefaults(_Strict):
-    maxTokens: int = Field(default=128, ge=1, le=32768)
-    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
-    topP: float = Field(default=1.0, gt=0.0, le=1.0)
+    """The function's sampling defaults (bounds: :mod:`sllm.sampling`), which a call may
+    override."""
+
+    maxTokens: MaxTokens = 128
+    temperature: Temperature = 0.0
+    topP: TopP = 1.0
+
+    def sampling(self) -> SamplingParams:
+        """These defaults as the engine's parameters."""
+        return SamplingParams(max_tokens=self.maxTokens, temperature=self.temperature,
+                              top_p=self.topP)
 
 
 class Spec(_Strict):

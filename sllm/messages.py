@@ -12,12 +12,13 @@ Every body that crosses a process boundary is one of these pydantic models (``ex
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
 from sllm.config import MAX_PROMPT_CHARS
 from sllm.manifest import FunctionManifest
+from sllm.sampling import SamplingOverrides, SamplingParams
 from sllm.states import InstanceState
 
 
@@ -145,7 +146,7 @@ class Assignment(Wire):
     queue_seconds: float  # time waiting for capacity, excluding the load
     load_seconds: float  # time spent waiting for the checkpoint load (0 when warm)
     tier: str | None = None  # where the instance's checkpoint was loaded from ("dram", "ssd")
-    defaults: dict[str, Any]  # the function's generation defaults (maxTokens, temperature, topP)
+    defaults: SamplingParams  # the function's generation defaults (spec.generation)
 
 
 class ReleaseRequest(Wire):
@@ -277,6 +278,43 @@ class ChatMessage(Wire):
     content: str
 
 
+class Prompt(Wire):
+    """What a generation reads: exactly one of ``prompt`` (a user message; with ``raw``, plain
+    text to complete) and chat ``messages``, not empty."""
+
+    prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
+    messages: list[ChatMessage] | None = None
+    raw: bool = False  # prompt is plain text to complete, not a user message
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_not_blank(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError("must not be empty or only whitespace")
+        return v
+
+    @field_validator("messages")
+    @classmethod
+    def _messages_fit(cls, v: list[ChatMessage] | None) -> list[ChatMessage] | None:
+        if v is not None:
+            if not v:
+                raise ValueError("must not be empty")
+            total = sum(len(m.content) for m in v)
+            if total > MAX_PROMPT_CHARS:
+                raise ValueError(f"hold {total} characters; the limit is {MAX_PROMPT_CHARS}")
+        return v
+
+    @model_validator(mode="after")
+    def _one_input(self) -> Prompt:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt and messages")
+        return self
+
+    def only(self) -> Prompt:
+        """The prompt fields alone (of a request model that adds others)."""
+        return Prompt(prompt=self.prompt, messages=self.messages, raw=self.raw)
+
+
 class ResumeRequest(Wire):
     """A generation moved from another instance: go on after ``token_ids``."""
 
@@ -286,39 +324,19 @@ class ResumeRequest(Wire):
 
 
 class GenerateRequest(Wire):
-    """One generation. Exactly one of ``prompt`` and ``messages``; ``resume`` when it continues
-    a generation that began elsewhere (live migration, or the first invoker died)."""
+    """One generation, gateway -> invoker: the prompt and the complete sampling parameters (the
+    function's defaults already applied); ``resume`` when it continues a generation that began
+    elsewhere (live migration, or the first invoker died)."""
 
-    prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
-    messages: list[ChatMessage] | None = None
-    raw: bool = False  # prompt is plain text to complete, not a user message
-    max_tokens: int = Field(ge=1, le=32768)
-    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    seed: int | None = None
-    ignore_eos: bool = False  # generate max_tokens tokens, EOS or not (vLLM's ignore_eos)
+    input: Prompt
+    sampling: SamplingParams
     resume: ResumeRequest | None = None
 
     @model_validator(mode="after")
-    def _one_input(self) -> GenerateRequest:
-        check_prompt(self.prompt, self.messages)
+    def _resume_fits(self) -> GenerateRequest:
         if self.resume is not None and self.resume.emitted > len(self.resume.token_ids):
             raise ValueError("resume.emitted exceeds the number of resumed tokens")
         return self
-
-
-def check_prompt(prompt: str | None, messages: list[ChatMessage] | None) -> None:
-    """Raise ValueError unless exactly one of ``prompt`` / ``messages`` is given and non-empty."""
-    if (prompt is None) == (messages is None):
-        raise ValueError("give exactly one of prompt and messages")
-    if prompt is not None and not prompt.strip():
-        raise ValueError("prompt must not be empty")
-    if messages is not None:
-        if not messages:
-            raise ValueError("messages must not be empty")
-        total = sum(len(m.content) for m in messages)
-        if total > MAX_PROMPT_CHARS:
-            raise ValueError(f"messages hold {total} characters; the limit is {MAX_PROMPT_CHARS}")
 
 
 class TokenMessage(Wire):
@@ -372,21 +390,16 @@ STREAM_MESSAGE: TypeAdapter[TokenMessage | DoneMessage | ErrorMessage | Migrated
     TypeAdapter(StreamMessage))
 
 
-class InvokeRequest(Wire):
-    """Body of ``POST /v1/functions/{name}/invoke``; unset generation fields take the function's
-    defaults."""
+class InvokeRequest(Prompt, SamplingOverrides):
+    """Body of ``POST /v1/functions/{name}/invoke``: the prompt fields (:class:`Prompt`), the
+    sampling fields a call may set (:class:`~sllm.sampling.SamplingOverrides`; unset ones take
+    the function's defaults), and ``stream``."""
 
-    prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
-    messages: list[ChatMessage] | None = None
-    raw: bool = False
-    max_tokens: int | None = Field(default=None, ge=1, le=32768)
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    seed: int | None = None
-    ignore_eos: bool = False
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
     stream: bool = False
 
-    @model_validator(mode="after")
-    def _one_input(self) -> InvokeRequest:
-        check_prompt(self.prompt, self.messages)
-        return self
+    def overrides(self) -> SamplingOverrides:
+        """The sampling fields alone."""
+        return SamplingOverrides(max_tokens=self.max_tokens, temperature=self.temperature,
+                                 top_p=self.top_p, seed=self.seed, ignore_eos=self.ignore_eos)

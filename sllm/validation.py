@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pydantic import ValidationError
 
+from sllm.errors import InvalidRequest
+
 
 def describe(e: ValidationError) -> tuple[str, str | None]:
     """A one-line message naming each failing field and its reason (``spec.replicas: unknown
@@ -18,3 +20,10 @@ def describe(e: ValidationError) -> tuple[str, str | None]:
             reason = "unknown field"
         parts.append(f"{loc}: {reason}" if loc else reason)
     return "; ".join(parts), first
+
+
+def invalid_request(e: ValidationError) -> InvalidRequest:
+    """The 400 a request that failed validation gets: ``invalid request: <describe(e)>``, with
+    ``param`` the first failing field."""
+    message, param = describe(e)
+    return InvalidRequest(f"invalid request: {message}", param=param)

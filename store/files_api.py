@@ -29,6 +29,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import Route
 
+from sllm import routes
 from sllm.errors import CheckpointError, InvalidRequest, ModelNotFound, SllmError
 from sllm.http import model_response
 from sllm.messages import CheckpointFile, CheckpointListing
@@ -121,8 +122,8 @@ def checkpoint_file_routes(store: ModelStore) -> list[Route]:
         return FileResponse(path, stat_result=stat, media_type="application/octet-stream")
 
     return [
-        Route("/v1/checkpoints/{model}", listing, methods=["GET"]),
-        Route("/v1/checkpoints/{model}/files/{path:path}", file, methods=["GET"]),
+        Route(routes.Invoker.CHECKPOINT, listing, methods=["GET"]),
+        Route(routes.Invoker.CHECKPOINT_FILE, file, methods=["GET"]),
     ]
 
 

@@ -55,7 +55,6 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
-from urllib.parse import quote
 
 import httpx
 from pydantic import ValidationError
@@ -71,6 +70,7 @@ from sllm.errors import (
 )
 from sllm.http import raise_for_error
 from sllm.messages import CheckpointListing
+from sllm.routes import Invoker, path
 from store.checkpoint.format import INDEX_NAME, DataFile
 from store.checkpoint.loader import read_index, verify_data_file
 from store.checkpoint.writer import fsync_dir
@@ -208,12 +208,13 @@ class _Peer:
 
     def __init__(self, base_url: str, model: str, client: httpx.Client) -> None:
         self.label = base_url
-        self._base = f"{base_url.rstrip('/')}/v1/checkpoints/{model}"
+        self._root = base_url.rstrip("/")
+        self._model = model
         self._client = client
 
     def listing(self) -> _Listing:
         with self._errors():
-            r = self._client.get(self._base)
+            r = self._client.get(self._root + path(Invoker.CHECKPOINT, model=self._model))
             raise_for_error(r)
             try:
                 body = CheckpointListing.model_validate_json(r.content)
@@ -251,7 +252,7 @@ class _Peer:
         return n
 
     def _url(self, name: str) -> str:
-        return f"{self._base}/files/{quote(name)}"
+        return self._root + path(Invoker.CHECKPOINT_FILE, model=self._model, path=name)
 
     @contextlib.contextmanager
     def _errors(self) -> Iterator[None]:

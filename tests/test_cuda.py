@@ -12,9 +12,10 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from invoker.generation import Generation, Resume, SamplingParams
+from invoker.generation import Generation, Resume
 from invoker.instance import ModelInstance
 from invoker.warmup import warm_up
+from sllm.sampling import SamplingParams
 from store.checkpoint.loader import LoadedCheckpoint, load_checkpoint
 from store.dram_pool import DramPool
 from store.importer import import_model

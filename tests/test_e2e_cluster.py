@@ -29,9 +29,10 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     for i, name in enumerate(("tiny-a", "tiny-b")):
         src = save_tiny_llama(tmp_path_factory.mktemp("src") / name, seed=i)
         import_model(str(src), ModelStore(home / "models"), name=name)
-    # slower (hidden 384, 4 layers): a generation of 240 tokens holds its instance for seconds
+    # slower (hidden 384, 4 layers): a generation of 240 tokens holds its instance for seconds;
+    # a context window of 1,024 tokens lets one hold it longer
     src = save_tiny_llama(tmp_path_factory.mktemp("src") / "slow", seed=2, hidden_size=384,
-                          num_hidden_layers=4)
+                          num_hidden_layers=4, max_position_embeddings=1024)
     import_model(str(src), ModelStore(home / "models"), name="tiny-slow")
     c = start_cluster(home, invokers=3, memory="300Mi", invoker_lease_ttl=3)
     try:
@@ -147,8 +148,11 @@ def test_burst_honours_min_max_and_keep_alive(cluster: Cluster) -> None:
 
 
 def test_queue_bound_and_deadline_answer_429_and_503_with_retry_after(cluster: Cluster) -> None:
+    # the long call holds the one instance for seconds (900 tokens); the queued call waits 1 s
+    # for it and gives up, and the third call, sent 0.3 s after the queued one, finds it queued
+    # (with a 0.3 s timeout and 0.1 s between them, a busy machine sometimes broke the order)
     cluster.deploy(manifest("queue", "tiny-slow", scaling={"maxInstances": 1, "maxQueue": 1,
-                                                        "queueTimeout": "300ms"}))
+                                                        "queueTimeout": "1s"}))
     with cluster.client() as c:
         invoke(c, "queue", 1)  # loaded and idle
         first_token = threading.Event()
@@ -157,7 +161,7 @@ def test_queue_bound_and_deadline_answer_429_and_503_with_retry_after(cluster: C
         def long_call() -> None:
             with httpx.Client(base_url=cluster.gateway, timeout=120) as c2, c2.stream(
                 "POST", "/v1/functions/queue/invoke",
-                json={"prompt": "hi", "max_tokens": 240, "stream": True},
+                json={"prompt": "hi", "max_tokens": 900, "ignore_eos": True, "stream": True},
             ) as r:
                 for line in r.iter_lines():
                     if line.startswith("event: token"):
@@ -173,7 +177,7 @@ def test_queue_bound_and_deadline_answer_429_and_503_with_retry_after(cluster: C
         assert first_token.wait(60)
         queued = threading.Thread(target=queued_call)
         queued.start()
-        time.sleep(0.1)
+        time.sleep(0.3)
         full = c.post("/v1/functions/queue/invoke", json={"prompt": "hi"})  # the queue holds 1
         queued.join()
         busy.join()
@@ -181,7 +185,7 @@ def test_queue_bound_and_deadline_answer_429_and_503_with_retry_after(cluster: C
         assert int(full.headers["retry-after"]) >= 1 and "waiting" in full.json()["error"]["message"]
         late = outcome["queued"]
         assert late.status_code == 503, late.text
-        assert int(late.headers["retry-after"]) >= 1 and "0.3 s" in late.json()["error"]["message"]
+        assert int(late.headers["retry-after"]) >= 1 and "1 s" in late.json()["error"]["message"]
         assert outcome["long"] == 200
         invoke(c, "queue")  # and the function still serves
     cluster_delete(cluster, "queue")

@@ -11,11 +11,12 @@ import threading
 
 import pytest
 
-from invoker.generation import Generation, Resume, SamplingParams, extend_cache, token_seed
+from invoker.generation import Generation, Resume, extend_cache, token_seed
 from invoker.instance import ModelInstance
 from invoker.migration import Sessions
 from sllm.errors import Conflict, InvalidRequest
 from sllm.messages import PrefillRequest
+from sllm.sampling import SamplingParams
 from tests.kv_rounds import prefill_in_two_rounds
 from tests.tiny_model import make_tiny_llama
 
