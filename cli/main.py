@@ -278,15 +278,15 @@ def placement_lines(p: dict[str, Any] | None) -> list[str]:
         return ["placement: not recorded (adopted from an older controller)"]
     c = p["chosen"]
     lines = [f"placement ({p['policy']}): {c['invoker_id']}, {c['tier']} tier, estimated "
-             f"{c['total_s']:.3f} s; {p['considered']} candidate(s), decided in "
+             f"{c['total_seconds']:.3f} s; {p['considered']} candidate(s), decided in "
              f"{p['decision_seconds'] * 1e3:.2f} ms"
              + (f"; evicted {', '.join(p['evicted'])}" if p["evicted"] else "")]
     lines.append(f"  {'invoker':<14} {'tier':<7} {'queue s':>8} {'load s':>8} {'migrate s':>9} {'total s':>8}")
     for e in p["candidates"]:
         note = " (unload idle)" if e["evicts"] else ""
         note += " (migrate)" if e["migrates"] else ""
-        lines.append(f"  {e['invoker_id']:<14} {e['tier']:<7} {e['queue_s']:>8.3f} {e['load_s']:>8.3f} "
-                     f"{e['migration_s']:>9.3f} {e['total_s']:>8.3f}{note}")
+        lines.append(f"  {e['invoker_id']:<14} {e['tier']:<7} {e['queue_seconds']:>8.3f} {e['load_seconds']:>8.3f} "
+                     f"{e['migration_seconds']:>9.3f} {e['total_seconds']:>8.3f}{note}")
     return lines
 
 

@@ -27,9 +27,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
 
-Tier = Literal["dram", "ssd", "remote"]
+from sllm.tiers import TIERS, Tier
 
 
 @dataclass(frozen=True)
@@ -139,10 +138,9 @@ def choose(
 ) -> tuple[Estimate | None, list[Estimate]]:
     """Every candidate's estimate, smallest first, and the chosen one (None without candidates).
     Ties go to the faster tier, then the lower invoker id, so the choice is deterministic."""
-    order = {"dram": 0, "ssd": 1, "remote": 2}
     estimates = sorted(
         (estimate(c, nbytes, migration) for c in candidates),
-        key=lambda e: (e.total_s, order[e.tier], e.invoker_id),
+        key=lambda e: (e.total_s, TIERS.index(e.tier), e.invoker_id),
     )
     return (estimates[0] if estimates else None), estimates
 

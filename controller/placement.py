@@ -48,16 +48,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
-from controller.estimator import Bandwidths, Estimate, MigrationCost, Tier, load_seconds
+from controller.estimator import Bandwidths, Estimate, MigrationCost, load_seconds
 from sllm.messages import BandwidthRecord
+from sllm.tiers import TIER_RANK, TIERS, Tier
 
 Policy = Literal["ours", "locality", "least-loaded", "random"]
 POLICIES: tuple[Policy, ...] = ("ours", "locality", "least-loaded", "random")
 
 PLACEMENT_KEEP = 16
 """Candidate estimates a decision keeps (best first); the decision records how many there were."""
-
-_TIER_ORDER = {"dram": 0, "ssd": 1, "remote": 2}
 
 TIE_FRACTION = 0.10
 TIE_SECONDS = 0.01
@@ -111,13 +110,13 @@ class InvokerState:
     # starting slots: a new load of that model joins theirs
 
     seconds_per_byte: tuple[float, ...] = field(init=False)
-    """Seconds per checkpoint byte from each tier, in _TIER_ORDER (one multiply per candidate);
+    """Seconds per checkpoint byte from each tier, in TIERS order (one multiply per candidate);
     from ``bandwidths`` at construction, which is why those are fixed for the state's life."""
 
     def __post_init__(self) -> None:
         # raises ValueError for a bandwidth that is not positive
         self.seconds_per_byte = tuple(load_seconds(1, t, self.bandwidths)
-                                      for t in ("dram", "ssd", "remote"))
+                                      for t in TIERS)
 
     def put(self, instance_id: str, slot: Slot) -> None:
         """Add or replace an instance's slot."""
@@ -263,7 +262,7 @@ def place(
     # instances moved away are checked against them after it
     room1 = room2 = -1
     room1_id = ""
-    order = _TIER_ORDER
+    order = TIER_RANK
     join = policy == "ours"
     model = req.model
     # candidates that need instances moved away (kept apart: the room check after the loop may
@@ -353,7 +352,7 @@ migrates, the invoker)."""
 
 def _estimate(row: _Row) -> Estimate:
     _, order, inv_id, queue_s, load_s, mig_s, evicts, migrates, _inv = row
-    tier: Tier = ("dram", "ssd", "remote")[order]  # type: ignore[assignment]
+    tier = TIERS[order]
     return Estimate(inv_id, tier, queue_s, load_s, mig_s, evicts, migrates)
 
 
@@ -368,7 +367,7 @@ def destination_estimates(view: ClusterView, model: str, nbytes: int, need: int,
 
     Cost: O(invokers); a caller estimating many busy instances keeps the answer per model."""
     held = view.tiers.get(model, {})
-    order = _TIER_ORDER
+    order = TIER_RANK
     return heapq.nsmallest(2, (
         ((inv.ready_by - now if inv.ready_by > now else 0.0)
          + nbytes * inv.seconds_per_byte[order[held.get(inv.id, "remote")]], inv.id)

@@ -73,7 +73,7 @@ from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from controller.autoscaler import InstanceView
-from controller.estimator import MigrationCost, Tier
+from controller.estimator import MigrationCost
 from controller.invoker_client import InvokerClient
 from controller.placement import (
     ClusterView,
@@ -119,6 +119,7 @@ from sllm.messages import (
     PlacementRecord,
 )
 from sllm.states import FINAL, LOADED, STARTING, InstanceState, check_transition
+from sllm.tiers import Tier
 
 log = logging.getLogger(__name__)
 
@@ -1257,9 +1258,9 @@ def _with_free_slot(instances: Iterable[LiveInstance], target: int) -> list[Live
 def placement_record(p: Placement, evicted: list[str], now: float, seconds: float) -> PlacementRecord:
     """The durable form of a placement decision (``seconds``: how long deciding took)."""
     def est(e: Estimate) -> EstimateRecord:
-        return EstimateRecord(invoker_id=e.invoker_id, tier=e.tier, queue_s=e.queue_s,
-                              load_s=e.load_s, migration_s=e.migration_s, total_s=e.total_s,
-                              evicts=e.evicts, migrates=e.migrates)
+        return EstimateRecord(invoker_id=e.invoker_id, tier=e.tier, queue_seconds=e.queue_s,
+                              load_seconds=e.load_s, migration_seconds=e.migration_s,
+                              total_seconds=e.total_s, evicts=e.evicts, migrates=e.migrates)
 
     return PlacementRecord(policy=p.policy, chosen=est(p.chosen),
                            candidates=[est(c) for c in p.candidates], considered=p.considered,

@@ -45,7 +45,6 @@ import time
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from controller.estimator import Tier
 from controller.invoker_client import InvokerClient
 from controller.placement import holder_urls
 from controller.pool import InstancePool
@@ -53,6 +52,7 @@ from sllm.errors import SllmError, Unavailable
 from sllm.manifest import FunctionManifest
 from sllm.messages import InvokerRecord
 from sllm.states import LOADED, STARTING
+from sllm.tiers import Tier
 
 log = logging.getLogger(__name__)
 

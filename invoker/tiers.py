@@ -15,13 +15,14 @@ import time
 from sllm import keys
 from sllm.etcd import Etcd
 from sllm.messages import CheckpointRecord
+from sllm.tiers import LocalTier
 from store.dram_pool import DramPool
 from store.model_store import ModelStore
 
 log = logging.getLogger(__name__)
 
 
-def current_tiers(store: ModelStore, pool: DramPool | None) -> dict[str, tuple[str, int]]:
+def current_tiers(store: ModelStore, pool: DramPool | None) -> dict[str, tuple[LocalTier, int]]:
     """Model name -> (tier, checkpoint bytes) for every model in the store."""
     cached = {e.label for e in pool.entries()} if pool is not None else set()
     return {m.name: ("dram" if m.name in cached else "ssd", m.nbytes) for m in store.list()}
@@ -34,7 +35,7 @@ class TierPublisher:
         self._etcd = etcd
         self._invoker_id = invoker_id
         self._store = store
-        self._published: dict[str, tuple[str, int]] = {}
+        self._published: dict[str, tuple[LocalTier, int]] = {}
 
     def forget(self) -> None:
         """Drop what was published (the lease changed: everything must be written again)."""

@@ -1,5 +1,9 @@
 """Typed messages between components, and the records kept in etcd.
 
+Field names on the wire carry their unit: ``_seconds`` (and unix-seconds timestamps named for
+the event: ``created``, ``loaded_at``), ``_bytes`` or ``nbytes``, ``_bps`` (bytes per second).
+Inside a process, code says ``_s`` for seconds.
+
 Every body that crosses a process boundary is one of these pydantic models (``extra="forbid"``):
 
 - etcd records: :class:`FunctionRecord`, :class:`InvokerRecord`, :class:`InstanceRecord`;
@@ -20,6 +24,7 @@ from sllm.config import MAX_PROMPT_CHARS
 from sllm.manifest import FunctionManifest
 from sllm.sampling import SamplingOverrides, SamplingParams
 from sllm.states import InstanceState
+from sllm.tiers import LocalTier, Tier
 
 
 class Wire(BaseModel):
@@ -65,7 +70,7 @@ class CheckpointRecord(Wire):
 
     invoker_id: str
     model: str
-    tier: Literal["dram", "ssd"]
+    tier: LocalTier
     nbytes: int  # checkpoint size (bytes)
     updated: float  # unix seconds
 
@@ -82,11 +87,11 @@ class EstimateRecord(Wire):
     """One candidate invoker's estimated startup time (ServerlessLLM §6), seconds."""
 
     invoker_id: str
-    tier: Literal["dram", "ssd", "remote"]  # the fastest tier holding the checkpoint there
-    queue_s: float  # waiting behind loads already queued there
-    load_s: float  # checkpoint size / that tier's bandwidth (remote: copy, then SSD load)
-    migration_s: float  # moving running inferences away first (0 when not needed)
-    total_s: float
+    tier: Tier  # the fastest tier holding the checkpoint there
+    queue_seconds: float  # waiting behind loads already queued there
+    load_seconds: float  # checkpoint size / that tier's bandwidth (remote: copy, then SSD load)
+    migration_seconds: float  # moving running inferences away first (0 when not needed)
+    total_seconds: float
     evicts: bool = False  # idle instances must be unloaded first
     migrates: bool = False  # running instances must be migrated away first
 
@@ -117,7 +122,7 @@ class InstanceRecord(Wire):
     last_used: float | None = None  # unix seconds the last invocation ended
     load_seconds: float | None = None  # wall time of the load (read + verify + build the model)
     read_seconds: float | None = None  # of which reading and verifying the checkpoint
-    tier: str | None = None  # where the load read the checkpoint from: "dram", "ssd", "remote"
+    tier: Tier | None = None  # where the load read the checkpoint from
     reason: str | None = None  # why it stopped, when it did
     placement: PlacementRecord | None = None  # the decision that put it there
     ready_by: float | None = None  # unix seconds its load is estimated to end (while starting)
@@ -145,7 +150,7 @@ class Assignment(Wire):
     cold: bool  # this invocation waited for a load it caused or joined
     queue_seconds: float  # time waiting for capacity, excluding the load
     load_seconds: float  # time spent waiting for the checkpoint load (0 when warm)
-    tier: str | None = None  # where the instance's checkpoint was loaded from ("dram", "ssd")
+    tier: Tier | None = None  # where the instance's checkpoint was loaded from
     defaults: SamplingParams  # the function's generation defaults (spec.generation)
 
 
@@ -179,7 +184,7 @@ class LoadResponse(Wire):
     nbytes: int  # checkpoint bytes read
     load_seconds: float  # wall time: read + verify + build the model
     read_seconds: float  # of which reading the checkpoint into memory and verifying checksums
-    tier: str  # where the checkpoint came from: "dram", "ssd" or "remote" (fetched first)
+    tier: Tier  # where the checkpoint came from ("remote": fetched first)
     transfer_seconds: float = 0.0  # fetching the checkpoint into the local store first
     transferred_bytes: int = 0  # bytes fetched (less than nbytes when a transfer resumed)
     source: str | None = None  # where it was fetched from (a peer URL or the store root)

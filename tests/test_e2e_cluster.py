@@ -79,8 +79,8 @@ def test_placement_follows_the_checkpoint_and_peers_share_it(cluster: Cluster) -
         # the checkpoint is in that invoker's DRAM tier now: the estimate sends it back there
         assert again["timings"]["tier"] == "dram" and inst["invoker_id"] == home
         chosen = inst["placement"]["chosen"]
-        assert chosen["tier"] == "dram" and chosen["total_s"] == min(
-            e["total_s"] for e in inst["placement"]["candidates"])
+        assert chosen["tier"] == "dram" and chosen["total_seconds"] == min(
+            e["total_seconds"] for e in inst["placement"]["candidates"])
         # a burst of three: one instance per invoker (memory), the new ones fetch from the peer
         cluster.deploy(manifest("place", "tiny-slow", scaling={"maxInstances": 3, "keepAlive": "60s"}))
         with httpx.Client(base_url=cluster.gateway, timeout=120) as c2:

@@ -98,4 +98,4 @@ def test_waiting_for_a_busy_instance_beats_a_slow_cold_start(cluster: Cluster) -
         # a warm start), then copied the checkpoint
         assert timings["queue_seconds"] > 2.0
         placed = [i for i in instances(c) if i["invoker_id"] != home]
-        assert len(placed) == 1 and placed[0]["placement"]["chosen"]["total_s"] > 2.0
+        assert len(placed) == 1 and placed[0]["placement"]["chosen"]["total_seconds"] > 2.0

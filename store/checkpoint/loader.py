@@ -35,6 +35,7 @@ from pydantic import ValidationError
 
 from native_loader import DEFAULT_CHUNK_BYTES, Reader, ReadError, buffer_address, default_reader
 from sllm.errors import CheckpointError
+from sllm.tiers import LocalTier
 from store.checkpoint.format import (
     ALIGNMENT,
     CONFIG_NAME,
@@ -74,7 +75,7 @@ class LoadedCheckpoint:
     seconds: float
     config: dict[str, Any]
     index: CheckpointIndex | None = None
-    tier: str = "ssd"
+    tier: LocalTier = "ssd"
     lease: Lease | None = None
 
     def release(self) -> None:
