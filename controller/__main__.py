@@ -9,8 +9,8 @@ import click
 import uvicorn
 
 from controller.app import ControllerConfig, create_app
+from controller.instances import MIGRATION_MODES
 from controller.placement import POLICIES
-from controller.pool import MIGRATION_MODES
 from sllm.config import CONTROLLER_LEASE_TTL_S, CONTROLLER_PORT, ETCD_CLIENT_PORT, HOST, store_root
 
 

@@ -40,10 +40,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from controller.autoscaler import decide
+from controller.instances import InstancePool, MigrationMode
 from controller.invoker_client import InvokerClient
 from controller.leader import LeaderElection
 from controller.placement import Policy
-from controller.pool import InstancePool, MigrationMode
 from controller.registry import FunctionRegistry
 from controller.replication import Replicator
 from sllm import keys, routes
@@ -138,7 +138,7 @@ class Controller:
         if self.config.replication:
             self.replicator = Replicator(self.invoker_client, self.pool)
         self._leading = [asyncio.create_task(self.run_reconciler()),
-                         asyncio.create_task(self.pool.run_flusher())]
+                         asyncio.create_task(self.pool.table.run_flusher())]
         log.info("controller %s leads", self.config.controller_id)
 
     async def on_deposed(self) -> None:
@@ -191,9 +191,9 @@ class Controller:
             except SllmError as e:
                 log.warning("invoker %s unreachable during recovery: %s", inv.id, e.message)
         max_tokens = {f.manifest.name: f.manifest.spec.generation.maxTokens for f in functions}
-        orphans = await self.pool.adopt(records, reported, max_tokens)
+        orphans = self.pool.adopt(records, reported, max_tokens)
         await self._unload_orphans(orphans, invokers)
-        await self.pool.refresh_tiers()
+        await self.pool.table.refresh_tiers()
         self._last_sweep = time.monotonic()
 
     async def _unload_orphans(self, orphans: list[tuple[str, str, str]],
@@ -216,7 +216,7 @@ class Controller:
             except SllmError:
                 continue  # a dead invoker is the lease's business
             orphans += [(inv.id, iid, "not a live instance of the controller") for iid in ids
-                        if iid not in self.pool.instances]
+                        if iid not in self.pool.table.instances]
         await self._unload_orphans(orphans, invokers)
 
     async def reconcile(self) -> None:
@@ -229,27 +229,28 @@ class Controller:
         """
         invokers = await self.list_invokers()
         live_ids = {i.id for i in invokers}
-        for inv_id in sorted({i.record.invoker_id for i in self.pool.instances.values()} - live_ids):
-            self.pool.lose_invoker(inv_id, f"invoker {inv_id} lost (its lease expired)")
-        await self.pool.refresh_tiers()
+        table = self.pool.table
+        for inv_id in sorted({i.record.invoker_id for i in table.instances.values()} - live_ids):
+            table.lose_invoker(inv_id, f"invoker {inv_id} lost (its lease expired)")
+        await table.refresh_tiers()
         functions = {r.manifest.name: r.manifest for r in await self.registry.list()}
-        decision = decide(time.time(), functions, self.pool.views())
+        decision = decide(time.time(), functions, table.views())
         for iid in decision.stop:
-            await self.pool.stop(iid, reason="scaled down (keep-alive expired or function changed)",
+            await self.pool.lifecycle.stop(iid, reason="scaled down (keep-alive expired or function changed)",
                                  if_idle=True)
         for iid in decision.drain:
-            await self.pool.drain(iid, reason="function deleted or changed")
+            await self.pool.lifecycle.drain(iid, reason="function deleted or changed")
         for name, count in decision.start.items():
             for _ in range(count):
                 try:
-                    if await self.pool.start_instance(functions[name]) is None:
+                    if await self.pool.capacity.start_instance(functions[name]) is None:
                         break
                 except SllmError as e:
                     log.warning("could not start a minimum instance of %s: %s", name, e.message)
                     break
         if self.replicator is not None:
             self.replicator.tick(invokers, functions)
-        self.pool.expire_lost()
+        table.expire_lost()
         if time.monotonic() - self._last_sweep >= ORPHAN_SWEEP_S:
             self._last_sweep = time.monotonic()
             await self.sweep_orphans(invokers)
@@ -302,7 +303,7 @@ def create_app(config: ControllerConfig) -> Starlette:
 
     async def list_functions(request: Request) -> Response:
         records = await ctl.registry.list()
-        insts = ctl.pool.records()
+        insts = ctl.pool.table.records()
         return JSONResponse({"functions": [function_view(r, insts) for r in records]})
 
     async def create_function(request: Request) -> Response:
@@ -319,39 +320,39 @@ def create_app(config: ControllerConfig) -> Starlette:
                 param="metadata.name",
             )
         record, created = await ctl.registry.apply(manifest)
-        return JSONResponse(function_view(record, ctl.pool.records()),
+        return JSONResponse(function_view(record, ctl.pool.table.records()),
                             status_code=201 if created else 200)
 
     async def get_function(request: Request) -> Response:
         record = await ctl.registry.get(request.path_params["name"])
-        return JSONResponse(function_view(record, ctl.pool.records()))
+        return JSONResponse(function_view(record, ctl.pool.table.records()))
 
     async def delete_function(request: Request) -> Response:
         name = request.path_params["name"]
         record = await ctl.registry.delete(name)
-        for rec in ctl.pool.records():
+        for rec in ctl.pool.table.records():
             if rec.function == name:
-                await ctl.pool.drain(rec.id, reason="function deleted")
+                await ctl.pool.lifecycle.drain(rec.id, reason="function deleted")
         return JSONResponse({"deleted": name, "manifest": record.manifest.model_dump(mode="json")})
 
     async def acquire(request: Request) -> Response:
         req = await read_model(request, AcquireRequest)
         record = await ctl.registry.get(req.function, cached=True)
-        assignment = await ctl.pool.acquire(record.manifest, may_migrate=not req.resume)
+        assignment = await ctl.pool.admission.acquire(record.manifest, may_migrate=not req.resume)
         return model_response(assignment)
 
     async def release(request: Request) -> Response:
         req = await read_model(request, ReleaseRequest)
-        await ctl.pool.release(req.instance_id, failed=req.failed, moved_to=req.moved_to)
+        await ctl.pool.admission.release(req.instance_id, failed=req.failed, moved_to=req.moved_to)
         return JSONResponse({"released": req.instance_id})
 
     async def list_instances(request: Request) -> Response:
-        return JSONResponse({"instances": [r.model_dump(mode="json") for r in ctl.pool.records()]})
+        return JSONResponse({"instances": [r.model_dump(mode="json") for r in ctl.pool.table.records()]})
 
     async def migrate_instance(request: Request) -> Response:
         req = await read_model(request, MigrateInstanceRequest)  # {} lets placement choose
         iid = request.path_params["id"]
-        resp, dest = await ctl.pool.migrate(iid, to=req.to, reason="requested by an operator")
+        resp, dest = await ctl.pool.capacity.migrate(iid, to=req.to, reason="requested by an operator")
         return JSONResponse({"instance_id": iid, "to_instance": dest.id,
                              "to_invoker": dest.invoker_id, **resp.model_dump(mode="json")})
 
@@ -360,7 +361,7 @@ def create_app(config: ControllerConfig) -> Starlette:
         return JSONResponse({"checkpoints": [r.model_dump(mode="json") for r in records]})
 
     async def list_invokers(request: Request) -> Response:
-        used = ctl.pool.used_bytes()
+        used = ctl.pool.table.used_bytes()
         out = []
         for inv in await ctl.list_invokers():
             d = inv.model_dump(mode="json")
@@ -377,7 +378,7 @@ def create_app(config: ControllerConfig) -> Starlette:
         finally:
             if ctl.leading:
                 with contextlib.suppress(Exception):
-                    await ctl.pool.flush()
+                    await ctl.pool.table.flush()
             campaign.cancel()
             await asyncio.wait({campaign})  # unlike awaiting it, never raises its error
             if not campaign.cancelled() and campaign.exception() is not None:

@@ -45,9 +45,9 @@ import time
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from controller.instances import InstancePool
 from controller.invoker_client import InvokerClient
 from controller.placement import holder_urls
-from controller.pool import InstancePool
 from sllm.errors import SllmError, Unavailable
 from sllm.manifest import FunctionManifest
 from sllm.messages import InvokerRecord
@@ -160,7 +160,7 @@ class Replicator:
         self._busy_at = -CALM_S  # monotonic seconds an invocation was last seen waiting
         self._pauses: set[asyncio.Task[None]] = set()
         self.made = 0  # copies completed (for logs and tests)
-        pool.on_queue = self.pause
+        pool.admission.on_queue = self.pause
 
     def tick(self, invokers: Sequence[InvokerRecord],
              functions: Mapping[str, FunctionManifest]) -> list[Copy]:
@@ -168,7 +168,7 @@ class Replicator:
         docstring: none while an invocation waits for an instance, nor :data:`CALM_S` seconds
         after; the copies running are paused then); returns them."""
         now = self._clock()
-        if self._pool.queued():
+        if self._pool.admission.queued():
             self.pause()  # notes the time too
             return []
         if now - self._busy_at < CALM_S:
@@ -176,12 +176,12 @@ class Replicator:
         self._failed = {k: t for k, t in self._failed.items() if now - t < RETRY_S}
         loaded: dict[str, int] = {}
         busy = {inv for _, inv in self.running}
-        for live in self._pool.instances.values():
+        for live in self._pool.table.instances.values():
             if live.state in LOADED:
                 loaded[live.record.function] = loaded.get(live.record.function, 0) + 1
             elif live.state in STARTING:
                 busy.add(live.record.invoker_id)
-        copies = plan(functions.values(), loaded, self._pool.tiers, invokers, busy=busy,
+        copies = plan(functions.values(), loaded, self._pool.table.tiers, invokers, busy=busy,
                       skip=self._failed.keys(), limit=COPIES_IN_FLIGHT - len(self.running))
         for c in copies:
             key = (c.model, c.invoker_id)
@@ -233,7 +233,7 @@ class Replicator:
                         c.invoker_id, RETRY_S, e.message)
             self._failed[key] = self._clock()
             return
-        self._pool.note_copy(c.model, c.invoker_id)
+        self._pool.table.note_copy(c.model, c.invoker_id)
         self.made += 1
         log.info("replicated %s to %s: %d bytes from %s in %.3f s", c.model, c.invoker_id,
                  resp.transferred_bytes, resp.source or "(current already)", resp.seconds)
@@ -241,8 +241,8 @@ class Replicator:
     async def close(self) -> None:
         """Stop waiting for the copies running (the invokers finish them regardless) and stop
         being told of waiting invocations."""
-        if self._pool.on_queue == self.pause:
-            self._pool.on_queue = None
+        if self._pool.admission.on_queue == self.pause:
+            self._pool.admission.on_queue = None
         tasks = [*self.running.values(), *self._pauses]
         for t in tasks:
             t.cancel()

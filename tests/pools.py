@@ -1,13 +1,53 @@
-"""Helpers for the instance pool's tests (controller.pool): invoker records and instances made
+"""Helpers for the instance pool's tests (controller.instances): invoker records and instances made
 by hand."""
 
 from __future__ import annotations
 
-from controller.pool import InstancePool, LiveInstance
-from sllm.messages import BandwidthRecord, InstanceRecord, InvokerRecord
+import asyncio
+
+from controller.instances import InstancePool, LiveInstance
+from sllm.messages import (
+    BandwidthRecord,
+    InstanceRecord,
+    InvokerRecord,
+    LoadRequest,
+    LoadResponse,
+    MigrateRequest,
+    MigrateResponse,
+)
 from sllm.states import InstanceState as S
 
 GIB = 1 << 30
+
+
+class SilentInvokers:
+    """Invokers that never answer: every call waits until it is cancelled (closing the pool
+    cancels its background work). For tests of the pool's decisions in memory, whose loads
+    must not end (nor fail) under them."""
+
+    async def _forever(self) -> None:
+        await asyncio.Event().wait()
+
+    async def load(self, invoker_url: str, request: LoadRequest) -> LoadResponse:
+        await self._forever()
+        raise AssertionError("unreachable")
+
+    async def unload(self, invoker_url: str, instance_id: str) -> None:
+        await self._forever()
+
+    async def migrate(self, invoker_url: str, instance_id: str, request: MigrateRequest
+                      ) -> MigrateResponse:
+        await self._forever()
+        raise AssertionError("unreachable")
+
+    async def healthy(self, invoker_url: str, timeout_s: float = 1.0) -> bool:
+        await self._forever()
+        raise AssertionError("unreachable")
+
+
+async def no_invokers() -> list[InvokerRecord]:
+    """An invoker listing for pools whose tests never place through ``start_instance``."""
+    return []
 
 
 def invoker(inv_id: str, *, memory: int = 2 * GIB, unit: int = GIB, device: str = "cpu"
@@ -31,5 +71,5 @@ def add(pool: InstancePool, iid: str, function: str, model: str, inv_id: str,
                               invoker_url=f"http://{inv_id}", state=state, created=0.0,
                               memory_bytes=memory, last_used=1.0),
         in_flight=in_flight, max_tokens=100, nbytes=nbytes)
-    pool.instances[iid] = live
+    pool.table.instances[iid] = live
     return live

@@ -1,5 +1,5 @@
 """A placement that moves a running instance away reserves the moved instance's destination in
-the same step (controller.pool.InstancePool.start_instance): before the call returns, and so
+the same step (controller.instances.capacity.Capacity.start_instance): before the call returns, and so
 before any other placement can run, the destination exists and holds the mover's slots.
 
 The pool has a real etcd but no invoker client: the assertions run before the call's background
@@ -11,14 +11,14 @@ import asyncio
 
 import pytest
 
-from controller.pool import InstancePool, LiveInstance
+from controller.instances import InstancePool, LiveInstance
 from sllm.errors import FunctionNotFound, Unavailable
 from sllm.etcd import Etcd
 from sllm.manifest import FunctionManifest
 from sllm.messages import InvokerRecord
 from sllm.states import InstanceState as S
 from tests.conftest import manifest
-from tests.pools import GIB, add, invoker
+from tests.pools import GIB, SilentInvokers, add, invoker
 
 NOW = 1000.0
 
@@ -48,9 +48,9 @@ def cluster(etcd: Etcd, known: dict[str, FunctionManifest]
         return known[function]
 
     sizes = {"fm": 8 * GIB}
-    pool = InstancePool(etcd, None, list_invokers, lambda model: sizes.get(model, GIB),  # type: ignore[arg-type]
+    pool = InstancePool(etcd, SilentInvokers(), list_invokers, lambda model: sizes.get(model, GIB),
                         manifest_of=manifest_of, clock=lambda: NOW)
-    pool.tiers = {"fm": {"a": "dram"}}
+    pool.table.tiers = {"fm": {"a": "dram"}}
     add(pool, "g-1", "g", "gm", "a", in_flight=1)
     add(pool, "h-1", "h", "hm", "a", in_flight=4)
     add(pool, "k-1", "k", "km", "b", in_flight=1)
@@ -58,7 +58,7 @@ def cluster(etcd: Etcd, known: dict[str, FunctionManifest]
 
 
 def others_of(pool: InstancePool, function: str, but: str) -> list[LiveInstance]:
-    return [i for i in pool.instances.values()
+    return [i for i in pool.table.instances.values()
             if i.record.function == function and i.record.id != but]
 
 
@@ -66,16 +66,16 @@ async def test_a_moved_instances_destination_holds_its_room_when_the_decision_re
         etcd: Etcd) -> None:
     pool, invokers = cluster(etcd, {"g": fn("g", "gm")})
     try:
-        live = await pool.start_instance(fn("f", "fm"), reserve=True)
+        live = await pool.capacity.start_instance(fn("f", "fm"), reserve=True)
         assert live is not None and live.record.invoker_id == "a"
         assert live.record.placement is not None and live.record.placement.migrate == ["g-1"]
-        assert pool.instances["g-1"].state == S.MIGRATING
+        assert pool.table.instances["g-1"].state == S.MIGRATING
         [dest] = others_of(pool, "g", but="g-1")
         assert dest.record.invoker_id == "b" and dest.state == S.PENDING
         assert dest.in_flight == 1 and dest.reserved == 1  # g-1's call moves into this slot
         assert len(live.after) == 1  # f's load waits for that migration
         # another function's placement, next: b's free GiB is the destination's now
-        assert pool.decide(fn("q", "qm"), invokers, may_migrate=False) is None
+        assert pool.capacity.decide(fn("q", "qm"), invokers, may_migrate=False) is None
     finally:
         await pool.close()
 
@@ -86,13 +86,13 @@ async def test_a_mover_with_nowhere_to_go_leaves_the_best_place_without_migratio
     (the copy), and nothing is left reserved or marked migrating."""
     pool, _ = cluster(etcd, {})
     try:
-        live = await pool.start_instance(fn("f", "fm"), reserve=True)
+        live = await pool.capacity.start_instance(fn("f", "fm"), reserve=True)
         assert live is not None and live.record.invoker_id == "b"
         placement = live.record.placement
         assert placement is not None and placement.migrate == []
         # the estimate that needed the migration is kept with the decision
         assert any(c.invoker_id == "a" and c.migrates for c in placement.candidates)
-        assert pool.instances["g-1"].state == S.ACTIVE
+        assert pool.table.instances["g-1"].state == S.ACTIVE
         assert others_of(pool, "g", but="g-1") == [] and live.after == []
     finally:
         await pool.close()
@@ -100,11 +100,11 @@ async def test_a_mover_with_nowhere_to_go_leaves_the_best_place_without_migratio
 
 async def test_preempt_mode_unloads_the_movers_and_reserves_nothing(etcd: Etcd) -> None:
     pool, _ = cluster(etcd, {"g": fn("g", "gm")})
-    pool.mode = "preempt"
+    pool.capacity.mode = "preempt"
     try:
-        live = await pool.start_instance(fn("f", "fm"), reserve=True)
+        live = await pool.capacity.start_instance(fn("f", "fm"), reserve=True)
         assert live is not None and live.record.invoker_id == "a"
-        assert "g-1" not in pool.instances and others_of(pool, "g", but="g-1") == []
+        assert "g-1" not in pool.table.instances and others_of(pool, "g", but="g-1") == []
         assert live.after == []
     finally:
         await pool.close()
@@ -120,21 +120,21 @@ async def test_no_instance_is_moved_away_while_a_call_waits_for_capacity(etcd: E
         "h", "hm", resources={"memory": "1Gi"},
         scaling={"maxInstances": 1, "targetConcurrency": 4}))
     try:
-        call = asyncio.create_task(pool.acquire(h, deadline_s=0.3))
+        call = asyncio.create_task(pool.admission.acquire(h, deadline_s=0.3))
         await asyncio.sleep(0.05)
-        assert pool.waiting("h") == 1
-        live = await pool.start_instance(fn("f", "fm"), reserve=True)
+        assert pool.admission.waiting("h") == 1
+        live = await pool.capacity.start_instance(fn("f", "fm"), reserve=True)
         assert live is not None and live.record.invoker_id == "b"
         placement = live.record.placement
         assert placement is not None and placement.migrate == []
         assert any(c.invoker_id == "a" and c.migrates for c in placement.candidates)
-        assert pool.instances["g-1"].state == S.ACTIVE and live.after == []
+        assert pool.table.instances["g-1"].state == S.ACTIVE and live.after == []
         with pytest.raises(Unavailable):
             await call
-        assert pool.queued() == 0
-        pool._retire(live.record.id, "placed again below")  # b's GiB is free again
-        again = await pool.start_instance(fn("f", "fm"), reserve=True)
+        assert pool.admission.queued() == 0
+        pool.table.retire(live.record.id, "placed again below")  # b's GiB is free again
+        again = await pool.capacity.start_instance(fn("f", "fm"), reserve=True)
         assert again is not None and again.record.invoker_id == "a"
-        assert pool.instances["g-1"].state == S.MIGRATING
+        assert pool.table.instances["g-1"].state == S.MIGRATING
     finally:
         await pool.close()

@@ -1,16 +1,16 @@
 """A function's ``spec.resources.device`` decides which invokers may host its instances
-(controller.pool.InstancePool.decide), and its loads ask for that device. The decision is made
+(controller.instances.capacity.Capacity.decide), and its loads ask for that device. The decision is made
 in memory: the pool has no etcd client nor invoker client, which deciding never touches."""
 
 from __future__ import annotations
 
 import pytest
 
-from controller.pool import InstancePool
+from controller.instances import InstancePool
 from sllm.errors import Unavailable
 from sllm.manifest import FunctionManifest, device_serves
 from tests.conftest import manifest
-from tests.pools import GIB, add, invoker
+from tests.pools import GIB, SilentInvokers, add, invoker, no_invokers
 
 NOW = 1000.0
 
@@ -24,7 +24,7 @@ def fn(device: str) -> FunctionManifest:
 
 
 def pool() -> InstancePool:
-    return InstancePool(None, None, list, lambda model: GIB, clock=lambda: NOW)  # type: ignore[arg-type]
+    return InstancePool(None, SilentInvokers(), no_invokers, lambda model: GIB, clock=lambda: NOW)
 
 
 @pytest.mark.parametrize(("device", "hosts"), [
@@ -34,7 +34,7 @@ def pool() -> InstancePool:
     ("cuda:1", {"gpu-1"}),
 ])
 def test_only_invokers_on_the_functions_device_are_candidates(device: str, hosts: set[str]) -> None:
-    decision = pool().decide(fn(device), INVOKERS)
+    decision = pool().capacity.decide(fn(device), INVOKERS)
     assert decision is not None
     assert {e.invoker_id for e in decision.candidates} == hosts
     assert decision.considered == len(hosts)
@@ -43,7 +43,7 @@ def test_only_invokers_on_the_functions_device_are_candidates(device: str, hosts
 
 def test_a_device_no_invoker_has_is_a_503_naming_it() -> None:
     with pytest.raises(Unavailable, match=r"asks for device 'cuda'.*run on cpu") as e:
-        pool().decide(fn("cuda"), [invoker("a"), invoker("b")])
+        pool().capacity.decide(fn("cuda"), [invoker("a"), invoker("b")])
     assert e.value.param == "spec.resources.device"
     assert e.value.retry_after
 
@@ -53,7 +53,7 @@ def test_a_full_invoker_on_the_device_waits_rather_than_going_to_another_device(
     waits for the GPU (None), it does not start on the CPU."""
     p = pool()
     add(p, "g-1", "g", "other", "gpu-0", memory=2 * GIB, in_flight=1)
-    assert p.decide(fn("cuda"), [invoker("cpu-a"), invoker("gpu-0", device="cuda:0")],
+    assert p.capacity.decide(fn("cuda"), [invoker("cpu-a"), invoker("gpu-0", device="cuda:0")],
                     may_migrate=False) is None
 
 

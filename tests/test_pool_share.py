@@ -1,4 +1,4 @@
-"""Room between functions goes to the oldest waiting call (controller.pool, module docstring):
+"""Room between functions goes to the oldest waiting call (controller.instances.admission, module docstring):
 a call gives way to an older call of another function that waits for room, and a call of a
 function with no instance overtakes at most one service time of another function's calls.
 
@@ -14,13 +14,13 @@ from collections.abc import Callable
 
 import pytest
 
-from controller.pool import InstancePool, LiveInstance
+from controller.instances import InstancePool, LiveInstance
 from sllm.etcd import Etcd
 from sllm.manifest import FunctionManifest
 from sllm.messages import Assignment, InvokerRecord
 from sllm.states import InstanceState as S
 from tests.conftest import manifest
-from tests.pools import GIB, add, invoker
+from tests.pools import GIB, SilentInvokers, add, invoker
 
 
 def fn(name: str, max_instances: int) -> FunctionManifest:
@@ -37,7 +37,7 @@ def pool_with(etcd: Etcd, memory_gib: int, busy: dict[str, str]) -> InstancePool
     async def list_invokers() -> list[InvokerRecord]:
         return invokers
 
-    pool = InstancePool(etcd, None, list_invokers, lambda model: GIB)  # type: ignore[arg-type]
+    pool = InstancePool(etcd, SilentInvokers(), list_invokers, lambda model: GIB)
     for iid, function in busy.items():
         add(pool, iid, function, f"{function}m", "a", in_flight=1)
     return pool
@@ -52,7 +52,7 @@ async def until(cond: Callable[[], bool]) -> None:
 
 
 def instances_of(pool: InstancePool, function: str) -> list[LiveInstance]:
-    return [i for i in pool.instances.values()
+    return [i for i in pool.table.instances.values()
             if i.record.function == function and i.state not in (S.STOPPED, S.LOST)]
 
 
@@ -63,18 +63,18 @@ async def test_an_idle_instance_is_left_to_an_older_call_that_found_no_room(etcd
     pool = pool_with(etcd, 3, {"f-1": "f", "f-2": "f", "g-1": "g"})
     calls: list[asyncio.Task[Assignment]] = []
     try:
-        calls.append(asyncio.create_task(pool.acquire(fn("g", 3), deadline_s=5)))
-        await until(lambda: pool.waiting("g") == 1)
-        f1 = pool.instances["f-1"]
+        calls.append(asyncio.create_task(pool.admission.acquire(fn("g", 3), deadline_s=5)))
+        await until(lambda: pool.admission.waiting("g") == 1)
+        f1 = pool.table.instances["f-1"]
         f1.in_flight = 0  # f-1's call ended; its release has not woken g's call yet
         f1.record = f1.record.model_copy(update={"state": S.IDLE})
-        calls.append(asyncio.create_task(pool.acquire(fn("f", 3), deadline_s=5)))
-        await until(lambda: pool.waiting("f") == 1)
+        calls.append(asyncio.create_task(pool.admission.acquire(fn("f", 3), deadline_s=5)))
+        await until(lambda: pool.admission.waiting("f") == 1)
         assert f1.state == S.IDLE and f1.in_flight == 0  # left to g
-        await pool._notify()  # what the release does next
+        await pool.table.notify()  # what the release does next
         await until(lambda: len(instances_of(pool, "g")) == 2)
         assert f1.state == S.STOPPED and "for g" in (f1.record.reason or "")
-        assert pool.waiting("f") == 1
+        assert pool.admission.waiting("f") == 1
     finally:
         for call in calls:
             call.cancel()
@@ -90,25 +90,25 @@ async def test_a_function_with_no_instance_overtakes_one_service_time_of_calls(
     call came more than one of them after f's waiting call: f's call takes f-1. When they
     take 30 s, n's call goes first: f-1 is left to it and unloaded for n's instance."""
     pool = pool_with(etcd, 2, {"f-1": "f", "f-2": "f"})
-    pool.service.observe("f", service_s)
+    pool.admission.service.observe("f", service_s)
     calls: list[asyncio.Task[Assignment]] = []
     try:
-        f_call = asyncio.create_task(pool.acquire(fn("f", 2), deadline_s=5))
+        f_call = asyncio.create_task(pool.admission.acquire(fn("f", 2), deadline_s=5))
         calls.append(f_call)
-        await until(lambda: pool.waiting("f") == 1)
+        await until(lambda: pool.admission.waiting("f") == 1)
         await asyncio.sleep(0.2)
-        calls.append(asyncio.create_task(pool.acquire(fn("n", 1), deadline_s=5)))
-        await until(lambda: pool.waiting("n") == 1)
-        await pool.release("f-1")
-        f1 = pool.instances["f-1"]
+        calls.append(asyncio.create_task(pool.admission.acquire(fn("n", 1), deadline_s=5)))
+        await until(lambda: pool.admission.waiting("n") == 1)
+        await pool.admission.release("f-1")
+        f1 = pool.table.instances["f-1"]
         if service_s < 0.2:
             assignment = await asyncio.wait_for(f_call, 1)
             assert assignment.instance_id == "f-1" and not assignment.cold
-            assert f1.state == S.ACTIVE and pool.waiting("n") == 1
+            assert f1.state == S.ACTIVE and pool.admission.waiting("n") == 1
         else:
             await until(lambda: len(instances_of(pool, "n")) == 1)
             assert f1.state == S.STOPPED and "for n" in (f1.record.reason or "")
-            assert not f_call.done() and pool.waiting("f") == 1
+            assert not f_call.done() and pool.admission.waiting("f") == 1
     finally:
         for call in calls:
             call.cancel()

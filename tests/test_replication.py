@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import asyncio
 
-from controller.pool import InstancePool
+from controller.instances import InstancePool
 from controller.replication import CALM_S, Replicator, plan
 from sllm.manifest import FunctionManifest
 from sllm.messages import InvokerRecord
 from sllm.states import InstanceState as S
-from tests.pools import add
+from tests.pools import SilentInvokers, add, no_invokers
 
 MI = 1 << 20
 
@@ -97,8 +97,8 @@ async def test_the_replicator_copies_in_calm_periods_only() -> None:
     listens at these URLs) and are then not retried for a while."""
     from controller.invoker_client import InvokerClient
 
-    pool = InstancePool(None, None, list, lambda model: MI, clock=lambda: 0.0)  # type: ignore[arg-type]
-    pool.tiers = {"m": {"a": "ssd"}, "n": {"a": "ssd"}}
+    pool = InstancePool(None, SilentInvokers(), no_invokers, lambda model: MI, clock=lambda: 0.0)
+    pool.table.tiers = {"m": {"a": "ssd"}, "n": {"a": "ssd"}}
     add(pool, "f-1", "f", "m", "a", S.ACTIVE, memory=256 * MI)
     add(pool, "g-1", "g", "n", "b", S.LOADING, memory=256 * MI)  # g is not in use yet; b is loading
     functions = {"f": function("f", "m"), "g": function("g", "n")}
@@ -113,12 +113,12 @@ async def test_the_replicator_copies_in_calm_periods_only() -> None:
         for task in list(rep.running.values()):
             await task
         assert rep.running == {} and rep.made == 0  # unreachable: failed, not recorded
-        assert "c" not in pool.tiers["m"]
+        assert "c" not in pool.table.tiers["m"]
         assert rep.tick(INVOKERS, functions) == []  # not retried at once
         now[0] = 61.0
-        pool._waiting["f"] = [0.0]  # an invocation waits for an instance (as acquire lists it)
-        assert pool.queued() == 1 and rep.tick(INVOKERS, functions) == []  # not calm
-        del pool._waiting["f"]
+        pool.admission.waiting_since["f"] = [0.0]  # an invocation waits for an instance (as acquire lists it)
+        assert pool.admission.queued() == 1 and rep.tick(INVOKERS, functions) == []  # not calm
+        del pool.admission.waiting_since["f"]
         now[0] += CALM_S - 0.1
         assert rep.tick(INVOKERS, functions) == []  # calm for less than CALM_S
         now[0] += 0.1
@@ -134,17 +134,17 @@ async def test_a_waiting_invocation_pauses_the_copies_running_once_each() -> Non
     copy starts until CALM_S seconds later. Closing the replicator unhooks it."""
     from controller.invoker_client import InvokerClient
 
-    pool = InstancePool(None, None, list, lambda model: MI, clock=lambda: 0.0)  # type: ignore[arg-type]
-    pool.tiers = {"m": {"a": "ssd"}}
+    pool = InstancePool(None, SilentInvokers(), no_invokers, lambda model: MI, clock=lambda: 0.0)
+    pool.table.tiers = {"m": {"a": "ssd"}}
     add(pool, "f-1", "f", "m", "a", S.ACTIVE, memory=256 * MI)
     functions = {"f": function("f", "m")}
     client = InvokerClient()
     now = [100.0]
     rep = Replicator(client, pool, clock=lambda: now[0])
     try:
-        assert pool.on_queue == rep.pause
+        assert pool.admission.on_queue == rep.pause
         (c,) = rep.tick(INVOKERS, functions)
-        pool.on_queue()  # as acquire does when a call starts waiting
+        pool.admission.on_queue()  # as acquire does when a call starts waiting
         assert rep._pausing == {(c.model, c.invoker_id)} and len(rep._pauses) == 1
         rep.pause()  # asked once only
         assert len(rep._pauses) == 1
@@ -154,4 +154,4 @@ async def test_a_waiting_invocation_pauses_the_copies_running_once_each() -> Non
     finally:
         await rep.close()
         await client.close()
-    assert pool.on_queue is None
+    assert pool.admission.on_queue is None

@@ -46,7 +46,7 @@ lognormal prompt lengths (words) and lognormal output lengths (``max_tokens``), 
   accuracy. When ``place()`` returns None (every invoker full of busy or starting instances) the
   invocation waits and placement is tried again when an instance goes idle or away (first
   blocked function first). The simulation does not model live migration: a decision that needs
-  it is replaced by the best one without, as ``controller.pool`` does with ``--migration off``
+  it is replaced by the best one without, as ``controller.instances.capacity`` does with ``--migration off``
   (two ``place()`` calls); the real cluster's ``--migrations`` compares the modes.
 - instances serve one invocation at a time (targetConcurrency 1) and are unloaded after
   ``--keep-alive`` (60 s) idle; at most ``--max-instances`` (128) per function. After the trace

@@ -239,7 +239,7 @@ class Simulation:
 
     def _start(self, fn: _Fn) -> bool:
         d = self._place(fn.req, self.migration)
-        if d is not None and d.migrate:  # as controller.pool.decide with --migration off
+        if d is not None and d.migrate:  # as controller.instances.capacity decides with --migration off
             self.fallbacks += 1
             d = self._place(fn.req, None)
         if d is None:

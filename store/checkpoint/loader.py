@@ -149,7 +149,7 @@ def load_checkpoint(
 
     start = time.perf_counter()
     lease, hit = pool.acquire(key, total, label=label) if pool is not None else (None, False)
-    tier = "dram" if hit else "ssd"
+    tier: LocalTier = "dram" if hit else "ssd"
     nbytes = 0
     own_reader = reader is None
     io = reader
