@@ -1,6 +1,7 @@
-"""Every import points down a layer: the contract in pyproject.toml (``[tool.importlinter]``),
+"""Every import points down a layer: the contracts in pyproject.toml (``[tool.importlinter]``),
 checked by import-linter over the installed packages. ``cli`` over the three services, which
-never import one another, over ``store``, over the ground floor (``sllm``, ``native_loader``)."""
+never import one another, over ``store``, over the ground floor (``sllm``, ``native_loader``);
+inside the controller's and the invoker's packages, their own layers."""
 
 from __future__ import annotations
 
@@ -16,4 +17,4 @@ def test_imports_follow_the_layers() -> None:
     done = subprocess.run([str(lint_imports), "--no-cache"], cwd=ROOT, capture_output=True,
                           text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "0 broken" in done.stdout, done.stdout
+    assert " 0 broken" in done.stdout, done.stdout
