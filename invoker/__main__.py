@@ -8,7 +8,8 @@ from pathlib import Path
 import click
 import uvicorn
 
-from invoker.server import InvokerConfig, create_app, resolve_device
+from invoker.app import create_app
+from invoker.config import InvokerConfig, resolve_device
 from native_loader import DEFAULT_CHUNK_BYTES, DEFAULT_THREADS, ENGINES
 from sllm.config import ETCD_CLIENT_PORT, HOST, INVOKER_BASE_PORT, INVOKER_LEASE_TTL_S, store_root
 from sllm.errors import Unavailable

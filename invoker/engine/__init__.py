@@ -1,0 +1,36 @@
+"""The engine: what runs generations on the invoker's instances, behind the one interface the
+routes use (:class:`Engine`): submit a request, get the stream of its messages.
+
+Today's engine is :class:`~invoker.engine.serial.SerialEngine`: one generation at a time per
+instance, each to completion (the FastServe issue puts continuous batching and its skip-join
+MLFQ scheduler behind the same interface).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Protocol
+
+from invoker.instances import LoadedInstance
+from sllm.messages import DoneMessage, ErrorMessage, GenerateRequest, MigratedMessage, TokenMessage
+
+StreamMessage = TokenMessage | DoneMessage | ErrorMessage | MigratedMessage
+"""What a generation's stream carries: one :class:`TokenMessage` per token, then exactly one
+:class:`DoneMessage`, :class:`ErrorMessage` (it failed after the stream began) or
+:class:`MigratedMessage` (it stopped here to go on elsewhere)."""
+
+
+class Engine(Protocol):
+    async def submit(self, instance: LoadedInstance, request: GenerateRequest
+                     ) -> AsyncIterator[StreamMessage]:
+        """Start a generation of ``request`` on ``instance``; its messages, as they come.
+        Closing the iterator early (the client went away) cancels the generation.
+
+        Raises:
+            SllmError: before the stream, for a request that cannot run (InvalidRequest,
+                PromptTooLong: the prompt does not fit the model).
+        """
+        ...
+
+
+__all__ = ["Engine", "StreamMessage"]
