@@ -13,9 +13,13 @@ on the server where it would start soonest, estimating for each server:
 - **migration**: when the invoker must first be freed by moving a running inference away, the
   token-based migration cost ``a * tokens + b`` (§5) plus the destination's own load time.
 
-Bandwidths are the invoker's own measurements (published with its record), never constants.
-This module is pure: it takes plain data and returns estimates; the controller's placement
-carries the choice out.
+Bandwidths are the invoker's own measurements (published with its record), never constants;
+each invoker's are turned once into seconds per checkpoint byte per tier
+(:func:`seconds_per_byte`). :func:`startup_s` is the estimate: placement
+(:func:`controller.placement.place`) calls it for every candidate of a decision (a float
+expression and a call, since a decision over 1,000 invokers must take under 1 ms) and
+:func:`estimate` for the ones it keeps; :func:`choose`, the worked example below, uses the same
+two. This module is pure: it takes plain data and returns estimates.
 
 Worked example (the test ``test_worked_example``): a 1 GB checkpoint. Invoker A holds it in DRAM
 (10 GB/s) but has one load of 2 s queued: 2 + 0.1 = 2.1 s. Invoker B holds it on SSD (2 GB/s),
@@ -28,7 +32,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sllm.tiers import TIERS, Tier
+from sllm.tiers import TIER_RANK, TIERS, Tier
 
 
 @dataclass(frozen=True)
@@ -40,24 +44,15 @@ class Bandwidths:
     network_bps: float  # a checkpoint copy from another invoker or the store root
 
 
-@dataclass(frozen=True)
-class Candidate:
-    """One invoker as a possible home for a new instance.
+def seconds_per_byte(bw: Bandwidths) -> tuple[float, float, float]:
+    """Seconds to load one checkpoint byte from each tier, in :data:`sllm.tiers.TIERS` order:
+    DRAM and SSD at their bandwidth; ``remote`` is a copy over the network and then an SSD load.
 
-    Attributes:
-        invoker_id: the invoker.
-        tier: the fastest tier holding the checkpoint there (``remote``: no local copy).
-        bandwidths: its measured bandwidths.
-        queued_seconds: estimated time the loads already queued on it still need.
-        migration_tokens: tokens (prompt + generated) of the inference that would have to be
-            migrated away to make room; None when it has room without migrating.
+    Raises:
+        ValueError: a bandwidth is not positive.
     """
-
-    invoker_id: str
-    tier: Tier
-    bandwidths: Bandwidths
-    queued_seconds: float = 0.0
-    migration_tokens: int | None = None
+    ssd = 1 / _positive(bw.ssd_bps, "ssd_bps")
+    return 1 / _positive(bw.dram_bps, "dram_bps"), ssd, 1 / _positive(bw.network_bps, "network_bps") + ssd
 
 
 @dataclass(frozen=True)
@@ -72,6 +67,15 @@ class MigrationCost:
 
     def seconds(self, tokens: int) -> float:
         return self.per_token_s * tokens + self.fixed_s + self.dest_load_s
+
+
+def startup_s(queue_s: float, nbytes: int, seconds_per_byte: float,
+              migration_s: float = 0.0) -> float:
+    """The startup estimate of a checkpoint of ``nbytes`` bytes on one candidate, seconds:
+    ``queue_s`` behind the loads queued there, ``nbytes * seconds_per_byte`` to load it from
+    the tier it would read (:func:`seconds_per_byte`), ``migration_s`` to move running
+    inferences away first."""
+    return queue_s + nbytes * seconds_per_byte + migration_s
 
 
 @dataclass(frozen=True)
@@ -100,48 +104,58 @@ class Estimate:
             f" ({', '.join(parts)})" if parts else "")
 
 
-def load_seconds(nbytes: int, tier: Tier, bw: Bandwidths) -> float:
-    """Seconds to load ``nbytes`` from ``tier``: DRAM or SSD at their bandwidth; ``remote`` is a
-    copy over the network and then an SSD load.
+def estimate(invoker_id: str, rank: int, queue_s: float, nbytes: int, seconds_per_byte: float,
+             migration_s: float = 0.0, *, evicts: bool = False, migrates: bool = False
+             ) -> Estimate:
+    """:func:`startup_s` part by part, for the invoker ``invoker_id`` loading from the tier of
+    rank ``rank`` (:data:`sllm.tiers.TIERS`); its ``total_s`` equals :func:`startup_s`."""
+    return Estimate(invoker_id, TIERS[rank], queue_s, nbytes * seconds_per_byte, migration_s,
+                    evicts, migrates)
 
-    Raises:
-        ValueError: a bandwidth needed is not positive.
+
+@dataclass(frozen=True)
+class Candidate:
+    """One invoker as a possible home for a new instance (for :func:`choose`).
+
+    Attributes:
+        invoker_id: the invoker.
+        tier: the fastest tier holding the checkpoint there (``remote``: no local copy).
+        bandwidths: its measured bandwidths.
+        queued_seconds: estimated time the loads already queued on it still need.
+        migration_tokens: tokens (prompt + generated) of the inference that would have to be
+            migrated away to make room; None when it has room without migrating.
     """
-    if tier == "dram":
-        return nbytes / _positive(bw.dram_bps, "dram_bps")
-    ssd = nbytes / _positive(bw.ssd_bps, "ssd_bps")
-    if tier == "ssd":
-        return ssd
-    return nbytes / _positive(bw.network_bps, "network_bps") + ssd
 
-
-def estimate(c: Candidate, nbytes: int, migration: MigrationCost | None = None) -> Estimate:
-    """The startup-time estimate of a checkpoint of ``nbytes`` bytes on candidate ``c``.
-
-    Raises:
-        ValueError: the candidate needs a migration but no ``migration`` cost is given, or a
-            bandwidth is not positive.
-    """
-    migration_s = 0.0
-    if c.migration_tokens is not None:
-        if migration is None:
-            raise ValueError(f"{c.invoker_id} needs a migration but no migration cost was given")
-        migration_s = migration.seconds(c.migration_tokens)
-    return Estimate(
-        invoker_id=c.invoker_id, tier=c.tier, queue_s=max(0.0, c.queued_seconds),
-        load_s=load_seconds(nbytes, c.tier, c.bandwidths), migration_s=migration_s,
-    )
+    invoker_id: str
+    tier: Tier
+    bandwidths: Bandwidths
+    queued_seconds: float = 0.0
+    migration_tokens: int | None = None
 
 
 def choose(
     candidates: Sequence[Candidate], nbytes: int, migration: MigrationCost | None = None
 ) -> tuple[Estimate | None, list[Estimate]]:
-    """Every candidate's estimate, smallest first, and the chosen one (None without candidates).
-    Ties go to the faster tier, then the lower invoker id, so the choice is deterministic."""
-    estimates = sorted(
-        (estimate(c, nbytes, migration) for c in candidates),
-        key=lambda e: (e.total_s, TIERS.index(e.tier), e.invoker_id),
-    )
+    """Every candidate's estimate (:func:`startup_s`), smallest first, and the chosen one
+    (None without candidates). Ties go to the faster tier, then the lower invoker id, so the
+    choice is deterministic.
+
+    Raises:
+        ValueError: a candidate needs a migration but no ``migration`` cost is given, or a
+            bandwidth is not positive.
+    """
+    if any(c.migration_tokens is not None for c in candidates) and migration is None:
+        raise ValueError("a candidate needs a migration but no migration cost was given")
+    ranked = []
+    for c in candidates:
+        rank = TIER_RANK[c.tier]
+        queue_s = max(0.0, c.queued_seconds)
+        spb = seconds_per_byte(c.bandwidths)[rank]
+        mig_s = (0.0 if c.migration_tokens is None or migration is None
+                 else migration.seconds(c.migration_tokens))
+        ranked.append((startup_s(queue_s, nbytes, spb, mig_s), rank, c.invoker_id,
+                       estimate(c.invoker_id, rank, queue_s, nbytes, spb, mig_s)))
+    estimates = [r[3] for r in sorted(ranked, key=lambda r: r[:3])]
     return (estimates[0] if estimates else None), estimates
 
 

@@ -46,11 +46,13 @@ import random
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from types import ModuleType
+from typing import Literal, NamedTuple
 
-from controller.estimator import Bandwidths, Estimate, MigrationCost, load_seconds
+from controller import estimator
+from controller.estimator import Bandwidths, Estimate, MigrationCost, estimate, startup_s
 from sllm.messages import BandwidthRecord
-from sllm.tiers import TIER_RANK, TIERS, Tier
+from sllm.tiers import TIER_RANK, Tier
 
 Policy = Literal["ours", "locality", "least-loaded", "random"]
 POLICIES: tuple[Policy, ...] = ("ours", "locality", "least-loaded", "random")
@@ -115,8 +117,7 @@ class InvokerState:
 
     def __post_init__(self) -> None:
         # raises ValueError for a bandwidth that is not positive
-        self.seconds_per_byte = tuple(load_seconds(1, t, self.bandwidths)
-                                      for t in TIERS)
+        self.seconds_per_byte = estimator.seconds_per_byte(self.bandwidths)
 
     def put(self, instance_id: str, slot: Slot) -> None:
         """Add or replace an instance's slot."""
@@ -262,19 +263,22 @@ def place(
     # instances moved away are checked against them after it
     room1 = room2 = -1
     room1_id = ""
-    order = TIER_RANK
+    rank = TIER_RANK
     join = policy == "ours"
     model = req.model
-    # candidates that need instances moved away (kept apart: the room check after the loop may
-    # drop them) and the others. ``ours`` keeps only the others that may be among the ``keep``
-    # best: once ``keep`` of them total at most ``bound`` seconds, a candidate above it cannot
-    # be, so most candidates cost a comparison and no row (the best ``keep`` are the same).
-    movers: list[_Row] = []
-    rows: list[_Row] = []
-    append = rows.append
-    trim = policy == "ours" and keep > 0
+    startup = startup_s
+    # Candidates that need instances moved away (kept apart: the room check after the loop may
+    # drop them) and the others. Of the others only those that may be among the ``keep`` best
+    # get a row: once ``keep`` rows total at most ``bound`` seconds, a candidate above it cannot
+    # be, so most candidates cost an estimate and a comparison (the best ``keep`` are the same).
+    # ``locality`` and ``least-loaded`` pick by their own keys over every candidate as they
+    # come; ``random`` among all (it never migrates).
+    movers: list[Row] = []
+    rows: list[Row] = []
     bound = math.inf
     plain = 0  # candidates that need nothing moved away, kept or not
+    others = None if policy == "ours" else _OtherPick(policy)
+    new_row = tuple.__new__  # a Row without NamedTuple's keyword handling: this loop is hot
     for inv in view.invokers.values():
         free = inv.memory_bytes - inv.used_bytes
         room = free + inv.idle_bytes
@@ -299,26 +303,27 @@ def place(
             t = 0
             queue_s = joined - now if joined > now else 0.0
         else:
-            t = order[held.get(inv.id, "remote")]
+            t = rank[held.get(inv.id, "remote")]
             queue_s = inv.ready_by - now if inv.ready_by > now else 0.0
-        load_s = nbytes * inv.seconds_per_byte[t]
+        spb = inv.seconds_per_byte[t]
         if migrate and migration is not None:  # (migrate implies a migration cost)
             mig_s = migration.seconds(inv.busy_tokens) + inv.busy_move_s
-            movers.append((queue_s + load_s + mig_s, t, inv.id, queue_s, load_s, mig_s, evict,
-                           True, inv))
+            movers.append(new_row(Row, (startup(queue_s, nbytes, spb, mig_s), t, inv.id, queue_s,
+                                        spb, mig_s, evict, True, inv)))
             continue
         plain += 1
-        total = queue_s + load_s
+        if others is not None:  # another policy's pick, over every candidate
+            others.see(inv, t, queue_s, evict, free)
+        total = startup(queue_s, nbytes, spb)
         if total > bound:
             continue
-        append((total, t, inv.id, queue_s, load_s, 0.0, evict, False, inv))
-        if trim and len(rows) >= 4 * keep:
+        rows.append(new_row(Row, (total, t, inv.id, queue_s, spb, 0.0, evict, False, inv)))
+        if keep > 0 and len(rows) >= 4 * keep:
             rows = heapq.nsmallest(keep, rows)
-            append = rows.append
-            bound = rows[-1][0]
+            bound = rows[-1].total_s
     if movers:  # what would move must have somewhere to go: the most room on another invoker
-        movers = [r for r in movers if (room2 if r[2] == room1_id else room1)
-                  >= need - (r[8].memory_bytes - r[8].used_bytes + r[8].idle_bytes)]
+        movers = [r for r in movers if (room2 if r.invoker_id == room1_id else room1)
+                  >= need - (r.invoker.memory_bytes - r.invoker.used_bytes + r.invoker.idle_bytes)]
     considered = plain + len(movers)
     rows += movers
     if not rows:
@@ -328,32 +333,68 @@ def place(
         # estimates within the measurement noise of the best are a tie: among those, prefer
         # no eviction (keep warm instances warm), then the invoker with the least work sharing
         # its compute, then the most free memory
-        near = best[0][0] * (1 + TIE_FRACTION) + TIE_SECONDS
-        pick = min((r for r in best if r[0] <= near),
-                   key=lambda r: (r[6] or r[7], r[8].work, -r[8].free_bytes, r[0], r[2]))
-    elif policy == "locality":
-        pick = min(rows, key=lambda r: (r[1], r[7], -r[8].free_bytes, r[2]))
-    elif policy == "least-loaded":
-        pick = min(rows, key=lambda r: (r[8].work, -r[8].free_bytes, r[2]))
+        near = best[0].total_s * (1 + TIE_FRACTION) + TIE_SECONDS
+        pick = min((r for r in best if r.total_s <= near), key=lambda r: (
+            r.evicts or r.migrates, r.invoker.work, -r.invoker.free_bytes, r.total_s, r.invoker_id))
     else:
-        pick = (rng or random).choice([r for r in rows if not r[7]] or rows)
-    inv = pick[8]
-    evict_ids, migrate_ids = _make_room(inv, need, migrate=pick[7])
+        assert others is not None
+        inv, t, queue_s, evict = others.pick(rng or random)
+        spb = inv.seconds_per_byte[t]
+        pick = Row(startup(queue_s, nbytes, spb), t, inv.id, queue_s, spb, 0.0, evict, False, inv)
+    evict_ids, migrate_ids = _make_room(pick.invoker, need, migrate=pick.migrates)
     return Placement(
-        policy=policy, invoker=inv, chosen=_estimate(pick), evict=evict_ids, migrate=migrate_ids,
-        candidates=tuple(_estimate(r) for r in best), considered=considered,
+        policy=policy, invoker=pick.invoker, chosen=pick.estimate(nbytes), evict=evict_ids,
+        migrate=migrate_ids, candidates=tuple(r.estimate(nbytes) for r in best),
+        considered=considered,
     )
 
 
-_Row = tuple[float, int, str, float, float, float, bool, bool, InvokerState]
-"""A candidate: (total s, tier order, invoker id, queue s, load s, migration s, evicts,
-migrates, the invoker)."""
+class _OtherPick:
+    """The baselines' picks, over every candidate as it comes (``ours`` picks among the best
+    estimates instead): ``locality`` the fastest tier, then the most free memory;
+    ``least-loaded`` the least work in flight, then the most free memory; ``random`` any, with
+    the decision's randomness. None of them migrates."""
+
+    def __init__(self, policy: Policy) -> None:
+        self._policy = policy
+        self._key: tuple[int, int, str] | None = None
+        self._best: tuple[InvokerState, int, float, bool] | None = None
+        self._all: list[tuple[InvokerState, int, float, bool]] = []
+
+    def see(self, inv: InvokerState, rank: int, queue_s: float, evicts: bool, free: int) -> None:
+        if self._policy == "random":
+            self._all.append((inv, rank, queue_s, evicts))
+            return
+        key = (rank, -free, inv.id) if self._policy == "locality" else (inv.work, -free, inv.id)
+        if self._key is None or key < self._key:
+            self._key, self._best = key, (inv, rank, queue_s, evicts)
+
+    def pick(self, rng: random.Random | ModuleType) -> tuple[InvokerState, int, float, bool]:
+        """``(invoker, tier rank, queue seconds, evicts)`` of the pick; call after a candidate."""
+        if self._policy == "random":
+            return rng.choice(self._all)  # type: ignore[no-any-return]
+        assert self._best is not None
+        return self._best
 
 
-def _estimate(row: _Row) -> Estimate:
-    _, order, inv_id, queue_s, load_s, mig_s, evicts, migrates, _inv = row
-    tier = TIERS[order]
-    return Estimate(inv_id, tier, queue_s, load_s, mig_s, evicts, migrates)
+class Row(NamedTuple):
+    """A candidate invoker as one decision ranks it: by ``total_s``, then the faster tier,
+    then the invoker id (fields in that order, so rows sort by tuple comparison)."""
+
+    total_s: float  # its startup estimate (controller.estimator.startup_s)
+    rank: int  # the rank of the tier its load would read from (sllm.tiers.TIERS)
+    invoker_id: str
+    queue_s: float
+    seconds_per_byte: float  # of that tier on that invoker
+    migration_s: float
+    evicts: bool  # idle instances must be unloaded first
+    migrates: bool  # running instances must be moved away first
+    invoker: InvokerState
+
+    def estimate(self, nbytes: int) -> Estimate:
+        """The row's estimate, part by part (:func:`controller.estimator.estimate`)."""
+        return estimate(self.invoker_id, self.rank, self.queue_s, nbytes, self.seconds_per_byte,
+                        self.migration_s, evicts=self.evicts, migrates=self.migrates)
 
 
 def destination_estimates(view: ClusterView, model: str, nbytes: int, need: int, *,
@@ -367,10 +408,10 @@ def destination_estimates(view: ClusterView, model: str, nbytes: int, need: int,
 
     Cost: O(invokers); a caller estimating many busy instances keeps the answer per model."""
     held = view.tiers.get(model, {})
-    order = TIER_RANK
+    rank = TIER_RANK
     return heapq.nsmallest(2, (
-        ((inv.ready_by - now if inv.ready_by > now else 0.0)
-         + nbytes * inv.seconds_per_byte[order[held.get(inv.id, "remote")]], inv.id)
+        (startup_s(inv.ready_by - now if inv.ready_by > now else 0.0, nbytes,
+                   inv.seconds_per_byte[rank[held.get(inv.id, "remote")]]), inv.id)
         for inv in view.invokers.values() if inv.free_bytes + inv.idle_bytes >= need))
 
 

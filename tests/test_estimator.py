@@ -11,7 +11,8 @@ from controller.estimator import (
     MigrationCost,
     choose,
     estimate,
-    load_seconds,
+    seconds_per_byte,
+    startup_s,
 )
 
 GB = 10**9
@@ -30,10 +31,23 @@ def test_worked_example() -> None:
     assert best is not None and best.invoker_id == "a" and best.total_s == pytest.approx(0.1)
 
 
-def test_load_seconds_per_tier() -> None:
-    assert load_seconds(4 * GB, "dram", BW) == pytest.approx(0.4)
-    assert load_seconds(4 * GB, "ssd", BW) == pytest.approx(2.0)
-    assert load_seconds(4 * GB, "remote", BW) == pytest.approx(4.0 + 2.0)
+def test_seconds_per_byte_per_tier() -> None:
+    dram, ssd, remote = seconds_per_byte(BW)
+    assert 4 * GB * dram == pytest.approx(0.4)
+    assert 4 * GB * ssd == pytest.approx(2.0)
+    assert 4 * GB * remote == pytest.approx(4.0 + 2.0)  # a copy over the network, then the SSD
+
+
+def test_startup_is_queue_plus_load_plus_migration_and_its_parts_add_up() -> None:
+    """The estimate placement runs for every candidate (startup_s) and for the ones it keeps
+    (estimate): one formula."""
+    _, ssd, remote = seconds_per_byte(BW)
+    assert startup_s(0.0, GB, ssd) == pytest.approx(0.5)
+    assert startup_s(0.5, GB, remote, 1.0) == pytest.approx(0.5 + 1.5 + 1.0)
+    e = estimate("a", 2, 0.5, GB, remote, 1.0, migrates=True)
+    assert (e.tier, e.queue_s, e.migration_s, e.migrates) == ("remote", 0.5, 1.0, True)
+    assert e.load_s == pytest.approx(1.5)
+    assert e.total_s == startup_s(0.5, GB, remote, 1.0)  # exactly: the same arithmetic
 
 
 def test_with_equal_bandwidths_dram_beats_ssd_beats_remote() -> None:
@@ -44,8 +58,8 @@ def test_with_equal_bandwidths_dram_beats_ssd_beats_remote() -> None:
 
 def test_migration_adds_token_cost_and_destination_load() -> None:
     cost = MigrationCost(per_token_s=0.001, fixed_s=0.05, dest_load_s=0.3)
-    e = estimate(Candidate("a", "dram", BW, migration_tokens=200), GB, cost)
-    assert e.migration_s == pytest.approx(0.2 + 0.05 + 0.3)
+    e, _ = choose([Candidate("a", "dram", BW, migration_tokens=200)], GB, cost)
+    assert e is not None and e.migration_s == pytest.approx(0.2 + 0.05 + 0.3)
     assert e.total_s == pytest.approx(0.1 + 0.55)
     # a DRAM copy behind a migration loses to a free SSD invoker when the migration is long
     best, _ = choose([Candidate("a", "dram", BW, migration_tokens=2000), Candidate("b", "ssd", BW)], GB, cost)
@@ -54,12 +68,12 @@ def test_migration_adds_token_cost_and_destination_load() -> None:
 
 def test_migration_without_a_cost_model_is_refused() -> None:
     with pytest.raises(ValueError, match="migration"):
-        estimate(Candidate("a", "ssd", BW, migration_tokens=10), GB)
+        choose([Candidate("a", "ssd", BW, migration_tokens=10)], GB)
 
 
 def test_unmeasured_bandwidth_is_refused() -> None:
     with pytest.raises(ValueError, match="ssd_bps"):
-        load_seconds(GB, "ssd", Bandwidths(dram_bps=1, ssd_bps=0, network_bps=1))
+        seconds_per_byte(Bandwidths(dram_bps=1, ssd_bps=0, network_bps=1))
 
 
 def test_ties_are_deterministic() -> None:
