@@ -156,10 +156,9 @@ class Controller:
 
     async def list_invokers(self) -> list[InvokerRecord]:
         """Live invokers (those whose lease is alive), from etcd; the last known list when etcd
-        is briefly away. Callers that arrive while a list is in flight share its answer: in a
-        burst the waiting invocations of several functions place again on each release, each
-        with an etcd round trip parsed on the controller's one event loop (13 within 3 ms
-        in batch R of docs/benchmarks.md). A caller's cancellation leaves the shared list
+        is briefly away. Callers that arrive while a list is in flight share its answer (in a
+        burst the waiting invocations of several functions place again on each release; see
+        docs/architecture.md, Decisions). A caller's cancellation leaves the shared list
         running for the others."""
         if self._invokers_listing is None:
             self._invokers_listing = asyncio.ensure_future(self._fetch_invokers())

@@ -3,10 +3,9 @@
 A burst of a function scales it out to ``maxInstances`` instances within a second or two. An
 invoker without a local copy of the checkpoint must first fetch it (a ``remote`` start: the
 network tier, or the store root), so when the invokers holding a copy cannot host that many
-instances, part of the burst waits for copies on its critical path. ``bench.replay`` showed
-this (docs/benchmarks.md, batch I): placement keeps copies few, since a local copy starts
-fastest, and a burst of six instances found the checkpoint on one invoker with room for two;
-four of its calls waited 2.8 s for two copies.
+instances, part of the burst waits for copies on its critical path (placement keeps copies
+few, since a local copy starts fastest). Why: docs/architecture.md, Decisions ("Burst-ready
+replication").
 
 The rule (:func:`plan`): a function with at least one loaded instance (it is in use) wants its
 checkpoint held by invokers that together can host ``maxInstances`` of its instances
@@ -29,8 +28,7 @@ Copies are background work and give way to invocations (:class:`Replicator`):
 - none goes to an invoker that is loading an instance (its disk and network serve a cold
   start now) or already receiving a copy, and at most :data:`COPIES_IN_FLIGHT` run at once.
 
-Batch AA of docs/benchmarks.md §4 is why copies pause: a 404 MB copy running through a burst
-on the 2-core bench machine, and that burst's last call spent 6.5 s in prefill.
+Why copies give way: docs/architecture.md, Decisions ("Copies give way to invocations").
 
 This is not in ServerlessLLM, which fetches a checkpoint into a server's SSD on a miss (§4-6);
 it trades disk space and idle network time for fewer remote starts. A copy failing is logged

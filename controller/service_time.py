@@ -12,11 +12,10 @@ giving it back): an exponentially weighted mean, and the last :data:`WINDOW` sam
 slot whose invocation has run for ``a`` seconds is expected to free after the mean residual
 life of the recent samples, ``mean(s - a for s > a)``: what calls that ran that long went on
 to need. A call running longer than every recent one (under a burst, the cores shared by more
-generations slow every call) is expected to need one more mean service, not none; estimating
-``mean - a``, floored at 0, said "frees now" for every call past the mean, and ``ours`` then
-waited for busy instances instead of a 0.01 s load from the DRAM tier (bench.replay, batch
-R of docs/benchmarks.md). The wait of a new invocation is the time until the slot it would get
-frees, given the invocations already waiting ahead of it.
+generations slow every call) is expected to need one more mean service, not none (why not
+``mean - a``: docs/architecture.md, Decisions, "Scale-out or wait"). The wait of a new
+invocation is the time until the slot it would get frees, given the invocations already
+waiting ahead of it.
 
 Worked example (the test ``test_worked_example``): one sample of 2 s (the mean); two busy
 instances, one busy for 0.5 s (1.5 s left), one for 3 s (longer than any sample: 2 s left);

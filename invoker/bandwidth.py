@@ -11,9 +11,7 @@ the tier holding it; its code hard-codes those bandwidths. Ours measures them on
   average (:class:`BandwidthMeter`), so the figures follow the disk as its speed drifts.
   The network figure's seed is only a stand-in (a transfer also reads from its source, crosses
   HTTP and is verified, under whatever else the machine is doing): the first real transfer
-  replaces it rather than being averaged with it. On the 2-core bench machine the probe wrote
-  at 0.3-0.6 GB/s while transfers during a replay moved 40-120 MB/s, and an average that
-  starts from the probe underestimated copies fivefold for the rest of the run.
+  replaces it rather than being averaged with it (why: docs/architecture.md, Decisions).
 
 Worked example: a meter seeded at 2 GB/s for SSD with ``alpha`` 0.3 that sees a 1 GB load take
 1 s (1 GB/s) moves to 0.3 * 1 + 0.7 * 2 = 1.7 GB/s. Seeded at 0.5 GB/s for the network, a 1 GB

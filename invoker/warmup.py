@@ -6,10 +6,9 @@ nothing read from disk), runs a prefill and a decode step, samples from the logi
 the tokenizer classes.
 
 On a GPU the first model run also creates the CUDA context and the cuBLAS handles and loads each
-kernel's module on its first launch (measured on an H100 by ``bench.coldstart``: the first
-cold start's prefill took 0.55 s, the next one's 0.03 s), so there the warm-up runs on the
-invoker's device, in every dtype a checkpoint is imported in, and makes one asynchronous copy
-from page-locked memory on a side stream, as the checkpoint loader does.
+kernel's module on its first launch, so there the warm-up runs on the invoker's device, in every
+dtype a checkpoint is imported in, and makes one asynchronous copy from page-locked memory on a
+side stream, as the checkpoint loader does (what it saves: docs/architecture.md, Decisions).
 """
 
 from __future__ import annotations

@@ -18,10 +18,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Protocol, Self
 
 DEFAULT_CHUNK_BYTES = 16 << 20
-"""Bytes per read request (see docs/benchmarks.md for the measurement behind it)."""
+"""Bytes per read request (why: docs/architecture.md, Decisions, "Reads")."""
 
 DEFAULT_THREADS = 4
-"""Reader threads (see docs/benchmarks.md)."""
+"""Reader threads (why: docs/architecture.md, Decisions, "Reads")."""
 
 
 class ReadError(OSError):

@@ -31,8 +31,8 @@ MAX_QUEUE_PER_FUNCTION = 64
 GATEWAY_KEEPALIVE_S = 75
 """Seconds the gateway keeps an idle client connection open. It must outlast the clients' own
 idle expiry: with both at 5 s (uvicorn's default, httpx's, so the OpenAI SDK's), a request sent
-on a connection idle for 5 s can meet the server's close and fail with a read error, a race
-seen once in docs/benchmarks.md batch AH. 75 s is nginx's default ``keepalive_timeout``."""
+on a connection idle for 5 s can meet the server's close and fail with a read error
+(docs/architecture.md, Decisions). 75 s is nginx's default ``keepalive_timeout``."""
 
 MAX_PROMPT_CHARS = 200_000
 """Prompts longer than this are refused before tokenization."""

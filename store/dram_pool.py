@@ -3,8 +3,8 @@
 ServerlessLLM (OSDI'24, §4.2) keeps a pre-allocated, page-locked chunk pool in host memory between
 the SSD and the GPU; the pool doubles as a cache of recently used checkpoints, evicted least
 recently used. Here the pool is one arena allocated once at invoker start-up and pre-faulted (its
-pages written once, so no load ever pays the kernel's first-touch page faults, ~0.5 GB/s on the
-reference machine), page-locked when CUDA is present so host-to-device copies are asynchronous.
+pages written once, so no load ever pays the kernel's first-touch page faults), page-locked when
+CUDA is present so host-to-device copies are asynchronous.
 
 A checkpoint occupies one contiguous, 4 KiB-aligned block of the arena (direct I/O reads straight
 into it). Blocks are handed out first-fit; when none fits, unused entries are evicted least
@@ -127,8 +127,8 @@ class DramPool:
         budget_bytes: arena size (rounded up to 4 KiB); 0 makes a pool that caches nothing.
         pin: page-lock the arena (default: when CUDA is available).
         hugepages: ask the kernel to back the arena with transparent huge pages
-            (``madvise(MADV_HUGEPAGE)``): fewer page faults to pre-fault it, and direct reads into
-            it measured up to 1.5x faster on the reference VM than into 4 KiB pages.
+            (``madvise(MADV_HUGEPAGE)``): fewer page faults to pre-fault it, and faster direct
+            reads into it (docs/architecture.md, Decisions).
         clock: unix seconds, for ``last_used``.
 
     Thread-safe: loads run in threads.

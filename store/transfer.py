@@ -39,6 +39,9 @@ config and tokenizer files.
 
 One fetch of a model runs at a time per store: another one (thread or process) waits on the lock
 file ``<store>/.partial-<model>.lock``, then finds the model in place and returns at once.
+
+One module: the two kinds of source (a peer over HTTP, a folder) share every step above, the
+resumable partial folder and the checks.
 """
 
 from __future__ import annotations

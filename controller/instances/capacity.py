@@ -21,6 +21,10 @@ place without migration is taken (:meth:`Capacity.decide` says why):
 - ``off``: the best candidate that needs neither is taken, or the call waits.
 
 :meth:`Capacity.migrate` is what an operator's ``sllm instance migrate`` calls.
+
+One module for one rule: deciding and reserving must not be split across an await, so every
+step that takes room (the decision, the evictions, the migration destinations and their slots)
+is here, together.
 """
 
 from __future__ import annotations

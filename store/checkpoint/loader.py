@@ -17,6 +17,9 @@ Loading (ServerlessLLM, OSDI'24 §4: a loading-optimized format read by a multi-
    through a ring of page-locked staging chunks.
 
 Tensors that shared a storage when written share memory again.
+
+One module: the three steps run interleaved, chunk by chunk (a chunk is verified and copied to
+the device while the next ones are read), so they share one buffer's life.
 """
 
 from __future__ import annotations
