@@ -65,8 +65,8 @@ test-latest:
 	$(LATEST_VENV)/bin/pip install --quiet -c $(LATEST_VENV)/torch.txt torch
 	$(LATEST_VENV)/bin/pip install --quiet --upgrade --upgrade-strategy eager \
 		-c $(LATEST_VENV)/torch.txt -e '.[test]'
-	$(LATEST_VENV)/bin/python -m tests.lock $(LOCK)
-	$(LATEST_VENV)/bin/python -m pytest -q --deselect tests/test_lockfile.py
+	$(LATEST_VENV)/bin/python -m tests.helpers.lock $(LOCK)
+	$(LATEST_VENV)/bin/python -m pytest -q --deselect tests/unit/test_lockfile.py
 
 down:
 	$(BIN)/sllm down

@@ -62,7 +62,7 @@ def build_models(root: Path, count: int, big: int = 0, big_layers: int = 40
 
     from store.importer import import_model
     from store.model_store import ModelStore
-    from tests.tiny_model import make_tokenizer
+    from tests.helpers.tiny_model import make_tokenizer
 
     hf_logging.disable_progress_bar()
     store = ModelStore(root)

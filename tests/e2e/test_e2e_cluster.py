@@ -16,29 +16,22 @@ from typing import Any
 import httpx
 import pytest
 
-from cli import launcher
-from store.importer import import_model
-from store.model_store import ModelStore
-from tests.conftest import Cluster, manifest, start_cluster, wait_for
-from tests.tiny_model import save_tiny_llama
+from tests.helpers.cluster import Cluster, manifest, running_cluster, wait_for
+from tests.helpers.tiny_model import save_tiny_llama
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    home = tmp_path_factory.mktemp("home")
-    for i, name in enumerate(("tiny-a", "tiny-b")):
-        src = save_tiny_llama(tmp_path_factory.mktemp("src") / name, seed=i)
-        import_model(str(src), ModelStore(home / "models"), name=name)
+    src = tmp_path_factory.mktemp("src")
+    models = {name: save_tiny_llama(src / name, seed=i)
+              for i, name in enumerate(("tiny-a", "tiny-b"))}
     # slower (hidden 384, 4 layers): a generation of 240 tokens holds its instance for seconds;
     # a context window of 1,024 tokens lets one hold it longer
-    src = save_tiny_llama(tmp_path_factory.mktemp("src") / "slow", seed=2, hidden_size=384,
-                          num_hidden_layers=4, max_position_embeddings=1024)
-    import_model(str(src), ModelStore(home / "models"), name="tiny-slow")
-    c = start_cluster(home, invokers=3, memory="300Mi", invoker_lease_ttl=3)
-    try:
+    models["tiny-slow"] = save_tiny_llama(src / "slow", seed=2, hidden_size=384,
+                                          num_hidden_layers=4, max_position_embeddings=1024)
+    with running_cluster(tmp_path_factory.mktemp("home"), models=models, invokers=3,
+                         memory="300Mi", invoker_lease_ttl=3) as c:
         yield c
-    finally:
-        launcher.stop(c.state)
 
 
 def instances(c: httpx.Client, function: str, *, live: bool = True) -> list[dict[str, Any]]:

@@ -21,31 +21,24 @@ from cli import launcher
 from sllm import config, keys
 from sllm.etcd import Etcd
 from sllm.messages import InstanceRecord
-from store.importer import import_model
-from store.model_store import ModelStore
-from tests.conftest import Cluster, manifest, start_cluster, wait_for
-from tests.tiny_model import save_tiny_llama
+from tests.helpers.cluster import Cluster, manifest, running_cluster, wait_for
+from tests.helpers.tiny_model import save_tiny_llama
 
 TTL = 3  # the controllers' lease: a standby takes over this long after the leader dies
 
 
-def import_models(home: Path, tmp: pytest.TempPathFactory) -> None:
-    src = save_tiny_llama(tmp.mktemp("src") / "tiny", seed=0)
-    import_model(str(src), ModelStore(home / "models"), name="tiny-llama")
-    src = save_tiny_llama(tmp.mktemp("src") / "slow", seed=1, hidden_size=384, num_hidden_layers=4)
-    import_model(str(src), ModelStore(home / "models"), name="tiny-slow")
+def models(tmp: pytest.TempPathFactory) -> dict[str, Path]:
+    src = tmp.mktemp("src")
+    return {"tiny-llama": save_tiny_llama(src / "tiny", seed=0),
+            "tiny-slow": save_tiny_llama(src / "slow", seed=1, hidden_size=384, num_hidden_layers=4)}
 
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     """Two controllers (controller-0 leads first), one invoker."""
-    home = tmp_path_factory.mktemp("home")
-    import_models(home, tmp_path_factory)
-    c = start_cluster(home, controllers=2, controller_lease_ttl=TTL)
-    try:
+    with running_cluster(tmp_path_factory.mktemp("home"), models=models(tmp_path_factory),
+                         controllers=2, controller_lease_ttl=TTL) as c:
         yield c
-    finally:
-        launcher.stop(c.state)
 
 
 def controller(cluster: Cluster, index: int) -> launcher.Process:
@@ -161,30 +154,26 @@ def etcd_instances(cluster: Cluster) -> list[InstanceRecord]:
 def test_etcd_briefly_away_warm_invocations_flow_and_the_controller_catches_up(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
-    home = tmp_path_factory.mktemp("home")
-    import_models(home, tmp_path_factory)
-    cluster = start_cluster(home)  # default leases: 10 s for the controller and the invoker
-    try:
-        cluster.deploy(manifest("steady", "tiny-llama"))
-        cluster.deploy(manifest("later", "tiny-llama"))
-        with cluster.client() as c:
-            invoke(c, "steady")
-            before = next(r for r in etcd_instances(cluster) if r.function == "steady")
-            etcd = next(p for p in cluster.state.processes if p.name == "etcd")
-            os.kill(etcd.pid, signal.SIGSTOP)
-            try:
-                t0 = time.monotonic()
-                for _ in range(3):  # warm invocations do not touch etcd
-                    out = invoke(c, "steady")
-                    assert not out["timings"]["cold_start"]
-                assert time.monotonic() - t0 < config.CONTROLLER_LEASE_TTL_S / 2
-                time.sleep(max(0.0, 3.0 - (time.monotonic() - t0)))
-            finally:
-                os.kill(etcd.pid, signal.SIGCONT)
-            # the controller catches up: the instance's newer record reaches etcd
-            wait_for(lambda: next(r for r in etcd_instances(cluster) if r.function == "steady").last_used
-                     > (before.last_used or 0), timeout=20)
-            assert invoke(c, "later")["timings"]["cold_start"]  # and cold starts work again
-            assert {r.function for r in etcd_instances(cluster)} == {"steady", "later"}
-    finally:
-        launcher.stop(cluster.state)
+    # default leases: 10 s for the controller and the invoker
+    with running_cluster(tmp_path_factory.mktemp("home"), models=models(tmp_path_factory),
+                         functions=[manifest("steady", "tiny-llama"),
+                                    manifest("later", "tiny-llama")]) as cluster, \
+            cluster.client() as c:
+        invoke(c, "steady")
+        before = next(r for r in etcd_instances(cluster) if r.function == "steady")
+        etcd = next(p for p in cluster.state.processes if p.name == "etcd")
+        os.kill(etcd.pid, signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            for _ in range(3):  # warm invocations do not touch etcd
+                out = invoke(c, "steady")
+                assert not out["timings"]["cold_start"]
+            assert time.monotonic() - t0 < config.CONTROLLER_LEASE_TTL_S / 2
+            time.sleep(max(0.0, 3.0 - (time.monotonic() - t0)))
+        finally:
+            os.kill(etcd.pid, signal.SIGCONT)
+        # the controller catches up: the instance's newer record reaches etcd
+        wait_for(lambda: next(r for r in etcd_instances(cluster) if r.function == "steady").last_used
+                 > (before.last_used or 0), timeout=20)
+        assert invoke(c, "later")["timings"]["cold_start"]  # and cold starts work again
+        assert {r.function for r in etcd_instances(cluster)} == {"steady", "later"}

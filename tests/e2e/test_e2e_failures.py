@@ -10,24 +10,19 @@ from pathlib import Path
 
 import pytest
 
-from cli import launcher
 from store.importer import import_model
 from store.model_store import ModelStore
-from tests.conftest import Cluster, manifest, start_cluster, wait_for
-from tests.tiny_model import save_tiny_llama
+from tests.helpers.cluster import Cluster, manifest, running_cluster, wait_for
+from tests.helpers.tiny_model import save_tiny_llama
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    home = tmp_path_factory.mktemp("home")
     src = save_tiny_llama(tmp_path_factory.mktemp("src") / "tiny", seed=0)
-    import_model(str(src), ModelStore(home / "models"), name="tiny-llama")
-    c = start_cluster(home)
-    try:
-        c.deploy(manifest("tiny", "tiny-llama", generation={"maxTokens": 200}))
+    tiny = manifest("tiny", "tiny-llama", generation={"maxTokens": 200})
+    with running_cluster(tmp_path_factory.mktemp("home"), models={"tiny-llama": src},
+                         functions=[tiny]) as c:
         yield c
-    finally:
-        launcher.stop(c.state)
 
 
 def test_first_cold_start_fetches_the_checkpoint_then_it_is_on_the_dram_tier(cluster: Cluster) -> None:

@@ -19,12 +19,9 @@ from typing import Any
 import httpx
 import pytest
 
-from cli import launcher
 from sllm.sse import parse_events
-from store.importer import import_model
-from store.model_store import ModelStore
-from tests.conftest import Cluster, manifest, start_cluster, wait_for
-from tests.tiny_model import save_tiny_llama
+from tests.helpers.cluster import Cluster, manifest, running_cluster, wait_for
+from tests.helpers.tiny_model import save_tiny_llama
 
 PROMPT = "The quick brown fox"
 N = 200  # tokens per generation: a few seconds on the slow tiny model
@@ -32,21 +29,17 @@ N = 200  # tokens per generation: a few seconds on the slow tiny model
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    home = tmp_path_factory.mktemp("home")
     # hidden 384, 4 layers: slow enough that a generation of N tokens runs for seconds
     src = save_tiny_llama(tmp_path_factory.mktemp("src") / "slow", seed=2, hidden_size=384,
                           num_hidden_layers=4)
-    import_model(str(src), ModelStore(home / "models"), name="tiny-slow")
-    c = start_cluster(home, invokers=3, memory="300Mi", invoker_lease_ttl=3)
-    try:
-        c.deploy(manifest("mig", "tiny-slow", scaling={
-            "minInstances": 2, "maxInstances": 2, "targetConcurrency": 1, "keepAlive": "600s"},
-            generation={"maxTokens": N, "temperature": 0.0}))
+    mig = manifest("mig", "tiny-slow", scaling={
+        "minInstances": 2, "maxInstances": 2, "targetConcurrency": 1, "keepAlive": "600s"},
+        generation={"maxTokens": N, "temperature": 0.0})
+    with running_cluster(tmp_path_factory.mktemp("home"), models={"tiny-slow": src},
+                         functions=[mig], invokers=3, memory="300Mi", invoker_lease_ttl=3) as c:
         with c.client() as client:
             wait_for(lambda: len(loaded(client)) == 2, timeout=60)
         yield c
-    finally:
-        launcher.stop(c.state)
 
 
 def loaded(c: httpx.Client, function: str = "mig") -> list[dict[str, Any]]:
@@ -55,7 +48,9 @@ def loaded(c: httpx.Client, function: str = "mig") -> list[dict[str, Any]]:
 
 
 class Stream:
-    """A streaming invocation read in a thread; ``on_token(n)`` runs after the n-th token."""
+    """A streaming invocation read in a thread; ``on_token(n)`` runs after the n-th token.
+    ``opened`` is set once the response's headers arrive, before any token (a migration "at 0"
+    waits for it), hence raw HTTP here rather than the gateway client's events."""
 
     def __init__(self, gateway: str, body: dict[str, Any], on_token: Any = None) -> None:
         self.tokens: list[dict[str, Any]] = []

@@ -24,11 +24,8 @@ from typing import Any
 import httpx
 import pytest
 
-from cli import launcher
-from store.importer import import_model
-from store.model_store import ModelStore
-from tests.conftest import Cluster, manifest, start_cluster, stream, wait_for
-from tests.tiny_model import save_tiny_llama
+from tests.helpers.cluster import Cluster, manifest, running_cluster, stream, wait_for
+from tests.helpers.tiny_model import save_tiny_llama
 
 
 def instances(c: httpx.Client, function: str) -> list[dict[str, Any]]:
@@ -38,21 +35,15 @@ def instances(c: httpx.Client, function: str) -> list[dict[str, Any]]:
 
 @pytest.fixture
 def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    home = tmp_path_factory.mktemp("home")
-    store = ModelStore(home / "models")
-    import_model(str(save_tiny_llama(tmp_path_factory.mktemp("src") / "t", seed=0)), store,
-                 name="tiny-llama")
+    src = tmp_path_factory.mktemp("src")
+    models = {"tiny-llama": save_tiny_llama(src / "t", seed=0)}
     for name, seed, hidden, layers in (("tiny-slow", 2, 384, 4), ("tiny-slow2", 3, 384, 4),
                                        ("tiny-slower", 5, 512, 8)):
-        src = save_tiny_llama(tmp_path_factory.mktemp("src") / name, seed=seed,
-                              hidden_size=hidden, num_hidden_layers=layers,
-                              max_position_embeddings=1024)
-        import_model(str(src), store, name=name)
-    c = start_cluster(home, invokers=2, memory="300Mi", dram_pool="512Mi", invoker_lease_ttl=3)
-    try:
+        models[name] = save_tiny_llama(src / name, seed=seed, hidden_size=hidden,
+                                       num_hidden_layers=layers, max_position_embeddings=1024)
+    with running_cluster(tmp_path_factory.mktemp("home"), models=models, invokers=2,
+                         memory="300Mi", dram_pool="512Mi", invoker_lease_ttl=3) as c:
         yield c
-    finally:
-        launcher.stop(c.state)
 
 
 def test_the_scheduler_migrates_a_running_instance_to_make_room(pair: Cluster) -> None:
@@ -120,14 +111,12 @@ def test_a_stream_with_nowhere_to_go_ends_with_an_error_event_and_a_record(
     """The only invoker dies under a stream: the gateway tries to resume it, finds no
     instance within the function's queueTimeout, and ends the stream with an error event; the
     activation's record says why."""
-    home = tmp_path_factory.mktemp("home")
     src = save_tiny_llama(tmp_path_factory.mktemp("src") / "slow", seed=2, hidden_size=384,
                           num_hidden_layers=4)
-    import_model(str(src), ModelStore(home / "models"), name="tiny-slow")
-    cluster = start_cluster(home, invokers=1, invoker_lease_ttl=3)
-    try:
-        cluster.deploy(manifest("alone", "tiny-slow", scaling={"maxInstances": 1, "queueTimeout": "3s"},
-                               generation={"maxTokens": 200, "temperature": 0.0}))
+    alone = manifest("alone", "tiny-slow", scaling={"maxInstances": 1, "queueTimeout": "3s"},
+                     generation={"maxTokens": 200, "temperature": 0.0})
+    with running_cluster(tmp_path_factory.mktemp("home"), models={"tiny-slow": src},
+                         functions=[alone], invokers=1, invoker_lease_ttl=3) as cluster:
         pid = next(p.pid for p in cluster.state.processes if p.name == "invoker-0")
         out = stream(cluster, "alone", lambda n: os.kill(pid, signal.SIGKILL) if n == 10 else None)
         assert out["done"] is None and out["error"] is not None
@@ -139,8 +128,6 @@ def test_a_stream_with_nowhere_to_go_ends_with_an_error_event_and_a_record(
             assert record["error"]["message"] == out["error"]["error"]["message"]
             [m] = record["migrations"]
             assert m["reason"] == "failed" and m["to_instance"] is None and m["at_token"] >= 10
-    finally:
-        launcher.stop(cluster.state)
 
 
 def test_two_generations_on_one_instance_move_one_by_one(pair: Cluster) -> None:

@@ -15,24 +15,18 @@ from typing import Any
 import httpx
 import pytest
 
-from cli import launcher
-from store.importer import import_model
-from store.model_store import ModelStore
-from tests.conftest import Cluster, manifest, start_cluster, wait_for
-from tests.tiny_model import save_tiny_llama
+from tests.helpers.cluster import Cluster, manifest, running_cluster, wait_for
+from tests.helpers.tiny_model import save_tiny_llama
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    home = tmp_path_factory.mktemp("home")
-    for i, name in enumerate(("tiny-a", "tiny-b", "tiny-c")):
-        src = save_tiny_llama(tmp_path_factory.mktemp("src") / name, seed=i)
-        import_model(str(src), ModelStore(home / "models"), name=name)
-    c = start_cluster(home, invokers=3, memory="300Mi", invoker_lease_ttl=3, replication=True)
-    try:
+    src = tmp_path_factory.mktemp("src")
+    models = {name: save_tiny_llama(src / name, seed=i)
+              for i, name in enumerate(("tiny-a", "tiny-b", "tiny-c"))}
+    with running_cluster(tmp_path_factory.mktemp("home"), models=models, invokers=3,
+                         memory="300Mi", invoker_lease_ttl=3, replication=True) as c:
         yield c
-    finally:
-        launcher.stop(c.state)
 
 
 def holders(c: httpx.Client, model: str) -> set[str]:

@@ -5,7 +5,7 @@ Two invokers with room for one instance each, replication on; checkpoint fetches
 paused copy answers its ``PUT`` with 503, keeps its partial data, and the next copy continues
 it; a copy a load has joined is not paused (the load needs it). The controller pauses the
 copies running when an invocation starts waiting for an instance, and makes them again once
-calm. Its bookkeeping is in tests/test_replication.py.
+calm. Its bookkeeping is in tests/unit/test_replication.py.
 """
 
 from __future__ import annotations
@@ -20,26 +20,19 @@ from typing import Any
 import httpx
 import pytest
 
-from cli import launcher
-from store.importer import import_model
 from store.model_store import ModelStore
-from tests.conftest import Cluster, manifest, start_cluster, stream, wait_for
-from tests.tiny_model import save_tiny_llama
+from tests.helpers.cluster import Cluster, manifest, running_cluster, stream, wait_for
+from tests.helpers.tiny_model import save_tiny_llama
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    home = tmp_path_factory.mktemp("home")
-    for i, name in enumerate(("tiny-a", "tiny-b", "tiny-c", "tiny-d")):
-        src = save_tiny_llama(tmp_path_factory.mktemp("src") / name, seed=i,
-                              max_position_embeddings=32768)
-        import_model(str(src), ModelStore(home / "models"), name=name)
-    c = start_cluster(home, invokers=2, memory="300Mi", invoker_network_limit="100K",
-                      replication=True)
-    try:
+    src = tmp_path_factory.mktemp("src")
+    models = {name: save_tiny_llama(src / name, seed=i, max_position_embeddings=32768)
+              for i, name in enumerate(("tiny-a", "tiny-b", "tiny-c", "tiny-d"))}
+    with running_cluster(tmp_path_factory.mktemp("home"), models=models, invokers=2,
+                         memory="300Mi", invoker_network_limit="100K", replication=True) as c:
         yield c
-    finally:
-        launcher.stop(c.state)
 
 
 def invoker_url(cluster: Cluster, index: int) -> str:

@@ -9,15 +9,14 @@ from pathlib import Path
 import openai
 import pytest
 
-from cli import launcher
 from sllm.manifest import manifest_to_dict, parse_manifest
 from store.importer import import_model
 from store.model_store import ModelStore
-from tests.conftest import Cluster, start_cluster
+from tests.helpers.cluster import Cluster, running_cluster
 
 pytestmark = pytest.mark.slow
 
-MANIFEST = Path(__file__).parent.parent / "functions" / "smollm2-chat.yaml"
+MANIFEST = Path(__file__).parents[2] / "functions" / "smollm2-chat.yaml"
 QUESTION = "What is the capital of France?"
 
 
@@ -26,12 +25,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     home = tmp_path_factory.mktemp("smollm2")
     info = import_model("smollm2", ModelStore(home / "models"))
     assert info.name == "smollm2-135m-instruct" and info.dtype == "float32"
-    c = start_cluster(home, dram_pool="1Gi")
-    try:
-        c.deploy(manifest_to_dict(parse_manifest(MANIFEST.read_text())))
+    chat = manifest_to_dict(parse_manifest(MANIFEST.read_text()))
+    with running_cluster(home, functions=[chat], dram_pool="1Gi") as c:
         yield c
-    finally:
-        launcher.stop(c.state)
 
 
 def test_the_answer_to_the_france_question_names_paris(cluster: Cluster) -> None:

@@ -25,16 +25,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from cli import launcher
 from gateway.openai import NO_OP_FIELDS, REFUSED_FIELDS
 from sllm import keys
 from sllm.etcd import Etcd
 from sllm.messages import InstanceRecord
 from sllm.sse import parse_events
-from store.importer import import_model
-from store.model_store import ModelStore
-from tests.conftest import Cluster, manifest, start_cluster, wait_for
-from tests.tiny_model import save_tiny_llama
+from tests.helpers.cluster import Cluster, manifest, running_cluster, wait_for
+from tests.helpers.tiny_model import save_tiny_llama
 
 MODEL = "tiny-llama"
 PROMPT = "What is the capital of France?"
@@ -49,18 +46,12 @@ def src(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory, src: Path) -> Iterator[Cluster]:
-    home = tmp_path_factory.mktemp("home")
-    import_model(str(src), ModelStore(home / "models"), name=MODEL)
     # seed 1 answers PROMPT with an EOS before 100 tokens
-    import_model(str(save_tiny_llama(tmp_path_factory.mktemp("src") / "eos", seed=1)),
-                 ModelStore(home / "models"), name="tiny-eos")
-    c = start_cluster(home)
-    try:
-        c.deploy(manifest("tiny", MODEL))
-        c.deploy(manifest("tiny-eos", "tiny-eos"))
+    eos = save_tiny_llama(tmp_path_factory.mktemp("src") / "eos", seed=1)
+    functions = [manifest("tiny", MODEL), manifest("tiny-eos", "tiny-eos")]
+    with running_cluster(tmp_path_factory.mktemp("home"), models={MODEL: src, "tiny-eos": eos},
+                         functions=functions) as c:
         yield c
-    finally:
-        launcher.stop(c.state)
 
 
 @pytest.fixture(scope="module")

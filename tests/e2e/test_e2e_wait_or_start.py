@@ -17,24 +17,17 @@ from typing import Any
 import httpx
 import pytest
 
-from cli import launcher
-from store.importer import import_model
-from store.model_store import ModelStore
-from tests.conftest import Cluster, manifest, start_cluster, stream, wait_for
-from tests.tiny_model import save_tiny_llama
+from tests.helpers.cluster import Cluster, manifest, running_cluster, stream, wait_for
+from tests.helpers.tiny_model import save_tiny_llama
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    home = tmp_path_factory.mktemp("home")
     src = save_tiny_llama(tmp_path_factory.mktemp("src") / "t", seed=0,
                           max_position_embeddings=32768)
-    import_model(str(src), ModelStore(home / "models"), name="tiny-llama")
-    c = start_cluster(home, invokers=2, memory="300Mi", invoker_network_limit="100K")
-    try:
+    with running_cluster(tmp_path_factory.mktemp("home"), models={"tiny-llama": src}, invokers=2,
+                         memory="300Mi", invoker_network_limit="100K") as c:
         yield c
-    finally:
-        launcher.stop(c.state)
 
 
 def invoke(c: httpx.Client, **body: Any) -> dict[str, Any]:
@@ -50,7 +43,7 @@ def instances(c: httpx.Client) -> list[dict[str, Any]]:
 
 def hold_busy(cluster: Cluster, tokens: int, started: threading.Event,
               stop: threading.Event, out: dict[str, Any]) -> None:
-    """Stream a generation of ``tokens`` tokens into ``out`` (:func:`tests.conftest.stream`);
+    """Stream a generation of ``tokens`` tokens into ``out`` (:func:`tests.helpers.cluster.stream`);
     set ``started`` at its 5th token; stop early when ``stop`` is set (closing the stream
     cancels the generation)."""
     out.update(stream(cluster, "f", lambda n: started.set() if n == 5 else None, stop=stop,

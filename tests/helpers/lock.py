@@ -1,8 +1,8 @@
 """The lock file (``requirements/lock.txt``) against what is installed in the running Python.
 
-``python -m tests.lock [LOCK]`` prints every difference, one per line (``make test-latest``
-runs it to say which releases it tests beyond the lock); ``tests/test_lockfile.py`` asserts
-there is none in the project's venv.
+``python -m tests.helpers.lock [LOCK]`` prints every difference, one per line (``make
+test-latest`` runs it, as ``python -m tests.lock``, to say which releases it tests beyond the
+lock); ``tests/unit/test_lockfile.py`` asserts there is none in the project's venv.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 from packaging.version import Version
 
-LOCK = Path(__file__).resolve().parent.parent / "requirements" / "lock.txt"
+LOCK = Path(__file__).resolve().parents[2] / "requirements" / "lock.txt"
 
 NOT_LOCKED = frozenset({"sllm", "pip"})
 """Installed but never in the lock: the project itself (editable) and the venv's own pip."""
@@ -65,6 +65,12 @@ def differences(lock: dict[str, Version], have: dict[str, Version]) -> list[str]
     return out
 
 
-if __name__ == "__main__":
-    diff = differences(read_lock(Path(sys.argv[1]) if len(sys.argv) > 1 else LOCK), installed())
+def main(argv: list[str]) -> None:
+    """Print the differences between the lock at ``argv[0]`` (default :data:`LOCK`) and this
+    Python's installed versions."""
+    diff = differences(read_lock(Path(argv[0]) if argv else LOCK), installed())
     print("\n".join(diff) if diff else "every installed version is the lock's")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -20,8 +20,8 @@ from store.checkpoint.loader import LoadedCheckpoint, load_checkpoint
 from store.dram_pool import DramPool
 from store.importer import import_model
 from store.model_store import ModelStore
-from tests.kv_rounds import prefill_in_two_rounds
-from tests.tiny_model import make_tiny_llama, save_tiny_llama
+from tests.helpers.kv_rounds import prefill_in_two_rounds
+from tests.helpers.tiny_model import make_tiny_llama, save_tiny_llama
 
 pytestmark = [
     pytest.mark.gpu,

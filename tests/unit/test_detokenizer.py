@@ -10,7 +10,7 @@ import pytest
 from transformers import PreTrainedTokenizerFast
 
 from invoker.detokenizer import IncrementalDetokenizer
-from tests.tiny_model import make_tokenizer
+from tests.helpers.tiny_model import make_tokenizer
 
 
 @pytest.fixture(scope="module")

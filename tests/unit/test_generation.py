@@ -18,7 +18,7 @@ from invoker.generation import GeneratedToken, Generation
 from invoker.instance import ModelInstance
 from sllm.errors import CheckpointError, InvalidRequest, PromptTooLong
 from sllm.sampling import SamplingParams
-from tests.tiny_model import make_tiny_llama, save_tiny_llama
+from tests.helpers.tiny_model import make_tiny_llama, save_tiny_llama
 
 QUESTION = "What is the capital of France?"
 RAW_PROMPT = "The quick brown fox"

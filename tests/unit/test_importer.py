@@ -18,7 +18,7 @@ from sllm.errors import Conflict, InvalidRequest, ModelNotFound
 from store.checkpoint import load_checkpoint, read_index
 from store.importer import SMOLLM2_MEMBER, SMOLLM2_WHEEL, fetch_smollm2, import_model
 from store.model_store import ModelStore
-from tests.tiny_model import make_tiny_llama, save_tiny_llama
+from tests.helpers.tiny_model import make_tiny_llama, save_tiny_llama
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-from tests.lock import LOCK, differences, installed, normalize, read_lock
+from tests.helpers.lock import LOCK, differences, installed, normalize, read_lock
 
 
 def test_installed_versions_are_the_locks() -> None:

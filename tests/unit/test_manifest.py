@@ -30,7 +30,7 @@ def test_the_demo_manifest_parses_with_units_converted() -> None:
 def test_the_shipped_manifest_file_parses() -> None:
     from pathlib import Path
 
-    m = parse_manifest((Path(__file__).parent.parent / "functions" / "smollm2-chat.yaml").read_text())
+    m = parse_manifest((Path(__file__).parents[2] / "functions" / "smollm2-chat.yaml").read_text())
     assert m.spec.model == "smollm2-135m-instruct"
 
 

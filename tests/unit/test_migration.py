@@ -17,8 +17,8 @@ from invoker.migration import Sessions
 from sllm.errors import Conflict, InvalidRequest
 from sllm.messages import PrefillRequest
 from sllm.sampling import SamplingParams
-from tests.kv_rounds import prefill_in_two_rounds
-from tests.tiny_model import make_tiny_llama
+from tests.helpers.kv_rounds import prefill_in_two_rounds
+from tests.helpers.tiny_model import make_tiny_llama
 
 N = 40  # tokens generated; seed 0's tiny model does not emit EOS within them
 

@@ -17,8 +17,8 @@ from sllm.etcd import Etcd
 from sllm.manifest import FunctionManifest
 from sllm.messages import InvokerRecord
 from sllm.states import InstanceState as S
-from tests.conftest import manifest
-from tests.pools import GIB, SilentInvokers, add, invoker
+from tests.helpers.cluster import manifest
+from tests.helpers.pools import GIB, SilentInvokers, add, invoker
 
 NOW = 1000.0
 

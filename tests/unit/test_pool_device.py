@@ -9,8 +9,8 @@ import pytest
 from controller.instances import InstancePool
 from sllm.errors import Unavailable
 from sllm.manifest import FunctionManifest, device_serves
-from tests.conftest import manifest
-from tests.pools import GIB, SilentInvokers, add, invoker, no_invokers
+from tests.helpers.cluster import manifest
+from tests.helpers.pools import GIB, SilentInvokers, add, invoker, no_invokers
 
 NOW = 1000.0
 

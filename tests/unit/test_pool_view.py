@@ -8,7 +8,7 @@ import pytest
 
 from controller.instances import InstancePool
 from sllm.states import InstanceState as S
-from tests.pools import GIB, SilentInvokers, add, invoker, no_invokers
+from tests.helpers.pools import GIB, SilentInvokers, add, invoker, no_invokers
 
 NOW = 1000.0
 

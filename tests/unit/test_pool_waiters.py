@@ -13,8 +13,8 @@ from sllm.errors import Unavailable
 from sllm.manifest import FunctionManifest
 from sllm.messages import InvokerRecord
 from sllm.states import InstanceState as S
-from tests.conftest import manifest
-from tests.pools import GIB, SilentInvokers, add, invoker, no_invokers
+from tests.helpers.cluster import manifest
+from tests.helpers.pools import GIB, SilentInvokers, add, invoker, no_invokers
 
 
 async def test_waiters_of_a_function_that_found_no_room_do_not_all_place_again() -> None:

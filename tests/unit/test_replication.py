@@ -1,7 +1,7 @@
 """Burst-ready replication's rule (controller.replication.plan) on hand-made cluster states, and
 what the replicator counts from the pool's instances (which invokers are loading, which
 functions are in use). The copies themselves run against real invokers in
-tests/test_e2e_replication.py."""
+tests/e2e/test_e2e_replication.py."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from controller.replication import CALM_S, Replicator, plan
 from sllm.manifest import FunctionManifest
 from sllm.messages import InvokerRecord
 from sllm.states import InstanceState as S
-from tests.pools import SilentInvokers, add, no_invokers
+from tests.helpers.pools import SilentInvokers, add, no_invokers
 
 MI = 1 << 20
 

@@ -1,0 +1,1 @@
+"""Unit tests: no runtime process is started (the rule is in :mod:`tests`)."""
