@@ -25,11 +25,12 @@ from sllm.errors import (
 )
 from sllm.http import raise_for_error
 from sllm.messages import (
-    STREAM_MESSAGE,
     AcquireRequest,
     Assignment,
     GenerateRequest,
     ReleaseRequest,
+    StreamMessage,
+    parse_stream_line,
 )
 
 log = logging.getLogger(__name__)
@@ -147,7 +148,7 @@ class Upstream:
         return r
 
     @staticmethod
-    async def messages(response: httpx.Response) -> AsyncIterator[Any]:
+    async def messages(response: httpx.Response) -> AsyncIterator[StreamMessage]:
         """The invoker's stream messages (TokenMessage, DoneMessage, ErrorMessage,
         MigratedMessage), parsed.
 
@@ -158,7 +159,7 @@ class Upstream:
         try:
             async for line in response.aiter_lines():
                 if line.strip():
-                    yield STREAM_MESSAGE.validate_json(line)
+                    yield parse_stream_line(line)
         except httpx.HTTPError as e:
             raise StreamBroken(f"the invoker's stream broke: {e!r}") from e
         except ValueError as e:

@@ -51,11 +51,13 @@ from invoker.node import Node
 from sllm import routes
 from sllm.http import EXCEPTION_HANDLERS, MIDDLEWARE, model_response, read_model
 from sllm.messages import (
+    STREAM_MEDIA_TYPE,
     GenerateRequest,
     LoadRequest,
     MigrateRequest,
     PrefillRequest,
     ReplicateRequest,
+    stream_line,
 )
 from store.files_api import checkpoint_file_routes
 from store.model_store import ModelStore
@@ -106,9 +108,9 @@ def create_app(config: InvokerConfig) -> Starlette:
         async def lines() -> AsyncIterator[str]:
             async with contextlib.aclosing(stream):  # closing it cancels the generation
                 async for msg in stream:
-                    yield msg.model_dump_json() + "\n"
+                    yield stream_line(msg)
 
-        return StreamingResponse(lines(), media_type="application/x-ndjson")
+        return StreamingResponse(lines(), media_type=STREAM_MEDIA_TYPE)
 
     async def migrate(request: Request) -> Response:
         req = await read_model(request, MigrateRequest)

@@ -389,10 +389,30 @@ class ErrorMessage(Wire):
     error: ErrorBody
 
 
-StreamMessage = Annotated[TokenMessage | DoneMessage | ErrorMessage | MigratedMessage,
-                          Field(discriminator="type")]
-STREAM_MESSAGE: TypeAdapter[TokenMessage | DoneMessage | ErrorMessage | MigratedMessage] = (
-    TypeAdapter(StreamMessage))
+StreamMessage = TokenMessage | DoneMessage | ErrorMessage | MigratedMessage
+"""What a generation's stream carries (invoker -> gateway): one :class:`TokenMessage` per token,
+then exactly one :class:`DoneMessage`, :class:`ErrorMessage` (it failed after the stream began)
+or :class:`MigratedMessage` (it stopped here to go on elsewhere)."""
+
+STREAM_MEDIA_TYPE = "application/x-ndjson"
+"""The stream's framing: newline-delimited JSON, one message a line."""
+
+_STREAM_MESSAGE: TypeAdapter[StreamMessage] = TypeAdapter(
+    Annotated[StreamMessage, Field(discriminator="type")])
+
+
+def stream_line(message: StreamMessage) -> str:
+    """One message of a generation's stream as its line (newline included)."""
+    return message.model_dump_json() + "\n"
+
+
+def parse_stream_line(line: str | bytes) -> StreamMessage:
+    """The message of one line of a generation's stream.
+
+    Raises:
+        ValueError: the line is not one of the stream's messages (pydantic's ValidationError).
+    """
+    return _STREAM_MESSAGE.validate_json(line)
 
 
 class InvokeRequest(Prompt, SamplingOverrides):

@@ -8,21 +8,16 @@ MLFQ scheduler behind the same interface).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Protocol
 
 from invoker.instances import LoadedInstance
-from sllm.messages import DoneMessage, ErrorMessage, GenerateRequest, MigratedMessage, TokenMessage
-
-StreamMessage = TokenMessage | DoneMessage | ErrorMessage | MigratedMessage
-"""What a generation's stream carries: one :class:`TokenMessage` per token, then exactly one
-:class:`DoneMessage`, :class:`ErrorMessage` (it failed after the stream began) or
-:class:`MigratedMessage` (it stopped here to go on elsewhere)."""
+from sllm.messages import GenerateRequest, StreamMessage
 
 
 class Engine(Protocol):
     async def submit(self, instance: LoadedInstance, request: GenerateRequest
-                     ) -> AsyncIterator[StreamMessage]:
+                     ) -> AsyncGenerator[StreamMessage, None]:
         """Start a generation of ``request`` on ``instance``; its messages, as they come.
         Closing the iterator early (the client went away) cancels the generation.
 

@@ -15,9 +15,8 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
-from invoker.engine import StreamMessage
 from invoker.generation import Generation, Resume
 from invoker.instances import LoadedInstance
 from invoker.migration import Run, Sessions, Target
@@ -28,6 +27,7 @@ from sllm.messages import (
     ErrorMessage,
     GenerateRequest,
     MigratedMessage,
+    StreamMessage,
     TokenMessage,
 )
 from sllm.sampling import SamplingParams
@@ -51,7 +51,7 @@ class SerialEngine:
         self._sessions = sessions
 
     async def submit(self, instance: LoadedInstance, request: GenerateRequest
-                     ) -> AsyncIterator[StreamMessage]:
+                     ) -> AsyncGenerator[StreamMessage, None]:
         """See :meth:`invoker.engine.Engine.submit`."""
         given = request.input
         messages = [m.model_dump() for m in given.messages] if given.messages is not None else None
@@ -79,7 +79,7 @@ class SerialEngine:
 
 async def _stream(instance: LoadedInstance, run: Run, queue: asyncio.Queue[StreamMessage | None],
                   cancel: threading.Event, worker: asyncio.Future[None]
-                  ) -> AsyncIterator[StreamMessage]:
+                  ) -> AsyncGenerator[StreamMessage, None]:
     try:
         while (msg := await queue.get()) is not None:
             yield msg
