@@ -11,7 +11,11 @@ Every body that crosses a process boundary is one of these pydantic models (``ex
 - controller -> invoker: :class:`LoadRequest` -> :class:`LoadResponse`;
 - invoker -> invoker: :class:`CheckpointListing` (the files of a checkpoint to fetch);
 - gateway -> invoker: :class:`GenerateRequest`, answered by a stream of newline-delimited JSON
-  :class:`TokenMessage` ... then one :class:`DoneMessage` or :class:`ErrorMessage`.
+  (:func:`stream_line`, :func:`parse_stream_line`) of :class:`TokenMessage` ... then one
+  :class:`DoneMessage`, :class:`ErrorMessage` or :class:`MigratedMessage`.
+
+One module: the whole wire vocabulary in one place, so that a field's name and unit are decided
+once for every hop.
 """
 
 from __future__ import annotations
