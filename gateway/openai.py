@@ -27,7 +27,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -38,7 +38,7 @@ from sllm import routes
 from sllm.errors import InvalidRequest, SllmError
 from sllm.http import read_model
 from sllm.messages import ChatMessage, Prompt
-from sllm.sampling import MaxTokens, SamplingOverrides, Seed, Temperature, TopP
+from sllm.sampling import MaxTokens, SamplingOverrides
 from sllm.sse import SSE_HEADERS, event
 from sllm.validation import invalid_request
 
@@ -98,24 +98,18 @@ NO_OP_FIELDS = frozenset({
 hints, a tool option with no tools): accepted."""
 
 
-class _OpenAIRequest(BaseModel):
+class _OpenAIRequest(SamplingOverrides):
+    """The fields both endpoints take: the sampling fields a call may set
+    (:class:`~sllm.sampling.SamplingOverrides`, ``ignore_eos`` being vLLM's extension), the
+    function's name as ``model``, and streaming."""
+
     # OpenAI clients send optional fields beyond the ones declared here: extra="allow" keeps
     # them, and refuse_unsupported() checks each against REFUSED_FIELDS and NO_OP_FIELDS.
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", frozen=False)
 
     model: str = Field(min_length=1)
-    max_tokens: MaxTokens | None = None
-    temperature: Temperature | None = None
-    top_p: TopP | None = None
-    seed: Seed | None = None
-    ignore_eos: StrictBool = False  # vLLM's extension: generate max_tokens tokens, EOS or not
     stream: bool = False
     stream_options: dict[str, Any] | None = None
-
-    def overrides(self) -> SamplingOverrides:
-        """The sampling fields this request sets (the rest take the function's defaults)."""
-        return SamplingOverrides(max_tokens=self.max_tokens, temperature=self.temperature,
-                                 top_p=self.top_p, seed=self.seed, ignore_eos=self.ignore_eos)
 
     def refuse_unsupported(self) -> None:
         """Refuse a field that would change the answer and is not honoured, or is unknown.

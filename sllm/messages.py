@@ -427,8 +427,3 @@ class InvokeRequest(Prompt, SamplingOverrides):
     model_config = ConfigDict(extra="forbid", frozen=False)
 
     stream: bool = False
-
-    def overrides(self) -> SamplingOverrides:
-        """The sampling fields alone."""
-        return SamplingOverrides(max_tokens=self.max_tokens, temperature=self.temperature,
-                                 top_p=self.top_p, seed=self.seed, ignore_eos=self.ignore_eos)

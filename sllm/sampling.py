@@ -72,6 +72,11 @@ class SamplingOverrides(BaseModel):
     seed: Seed | None = None
     ignore_eos: StrictBool = False
 
+    def overrides(self) -> SamplingOverrides:
+        """These fields alone (of a request model that inherits them and adds its own)."""
+        return SamplingOverrides(**{name: getattr(self, name)
+                                    for name in SamplingOverrides.model_fields})
+
     def resolve(self, defaults: SamplingParams, *, seed: int | None = None) -> SamplingParams:
         """These overrides over ``defaults``; ``seed`` is used when the request set none (the
         gateway draws one, so that a generation resumed elsewhere samples as it would have)."""
