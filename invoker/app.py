@@ -44,7 +44,7 @@ from starlette.routing import Route
 
 from invoker.config import InvokerConfig
 from invoker.engine import Engine
-from invoker.engine.serial import SerialEngine
+from invoker.engine.batching import BatchEngine
 from invoker.fetching import Fetcher
 from invoker.instances import Instances
 from invoker.node import Node
@@ -73,7 +73,7 @@ def create_app(config: InvokerConfig) -> Starlette:
     node = Node(config, store)
     fetcher = Fetcher(config, store, node)
     instances = Instances(config, store, node, fetcher)
-    engine: Engine = SerialEngine(instances.sessions)
+    engine: Engine = BatchEngine(instances.sessions)
 
     async def health(request: Request) -> Response:
         import torch

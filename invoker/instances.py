@@ -15,6 +15,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ from invoker.migration import Run, Sessions, Target, migrate_instance
 from invoker.node import Node
 from native_loader import default_reader
 from sllm.errors import CheckpointError, Conflict, InstanceNotFound
+from sllm.manifest import Scheduling
 from sllm.messages import (
     LoadRequest,
     LoadResponse,
@@ -57,14 +59,20 @@ class LoadedInstance:
     load_seconds: float
     loaded_at: float
     response: LoadResponse  # what the load answered (repeated to a controller asking again)
-    lock: threading.Lock = field(default_factory=threading.Lock)  # one generation at a time
+    scheduling: Scheduling = field(default_factory=Scheduling)  # its function's, for its engine
+    kv_budget_bytes: int = 0  # its memory less its weights: what its KV caches may take
+    lock: threading.Lock = field(default_factory=threading.Lock)  # a migration's prefill, close
     runs: dict[str, Run] = field(default_factory=dict)  # generations started and not ended
     moving: MigrateRequest | None = None  # migrating away: new generations hand over at once
     closed: bool = False  # set under ``lock`` once unloaded: the weights may be reused
+    stoppers: list[Callable[[], None]] = field(default_factory=list)  # its engine's close
 
     def close_when_idle(self) -> None:
-        """Blocking: wait for the running generation (if any), then give the weights' memory
-        back to the DRAM pool. After this no generation may touch the model."""
+        """Blocking: stop what computes on the instance (its engine, after its current
+        iteration; a migration's prefill), then give the weights' memory back to the DRAM
+        pool. After this nothing may touch the model."""
+        for stop in self.stoppers:
+            stop()
         with self.lock:
             self.closed = True
             self.checkpoint.release()
@@ -185,6 +193,7 @@ class Instances:
         self.loaded[iid] = LoadedInstance(
             instance_id=iid, function=req.function, model=req.model, instance=instance,
             checkpoint=ckpt, load_seconds=seconds, loaded_at=time.time(), response=resp,
+            scheduling=req.scheduling, kv_budget_bytes=req.memory_bytes - ckpt.nbytes,
         )
         log.info("loaded instance %s (%s, %s tier, %d bytes read) in %.3f s%s", iid, req.model,
                  tier, ckpt.nbytes, seconds,

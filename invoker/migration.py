@@ -35,12 +35,14 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import httpx
 from transformers import DynamicCache
 
-from invoker.generation import Generation, extend_cache
+from invoker.generation import extend_cache
 from invoker.instance import ModelInstance
 from sllm.errors import Conflict, MigrationFailed, SllmError
 from sllm.http import raise_for_error
@@ -67,6 +69,16 @@ SESSION_TTL_S = 60.0
 """Seconds a prepared KV cache waits to be claimed by the resumed stream before it is dropped."""
 
 
+class Tokens(Protocol):
+    """What a migration reads of a running generation (from another thread: a snapshot)."""
+
+    @property
+    def prompt_ids(self) -> Sequence[int]: ...
+
+    @property
+    def token_ids(self) -> Sequence[int]: ...
+
+
 @dataclass(frozen=True)
 class Target:
     """Where a handed-over generation goes: an instance, or (None fields) anywhere."""
@@ -82,7 +94,8 @@ class Run:
 
     Attributes:
         prompt_ids: the prompt's token ids.
-        generation: set by the worker thread once it holds the instance (None while it waits).
+        generation: set by the engine once the sequence first runs (None while it waits): its
+            ``prompt_ids`` and ``token_ids``.
         handoff: set to stop the generation at the next token boundary.
         target: where it goes once handed over.
         ended: resolves to the generation's finish reason ("migrated" when it handed over).
@@ -91,7 +104,7 @@ class Run:
     def __init__(self, prompt_ids: list[int], loop: asyncio.AbstractEventLoop) -> None:
         self.id = uuid.uuid4().hex
         self.prompt_ids = prompt_ids
-        self.generation: Generation | None = None
+        self.generation: Tokens | None = None
         self.handoff = threading.Event()
         self.target: Target | None = None
         self.ended: asyncio.Future[str] = loop.create_future()

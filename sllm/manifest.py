@@ -10,6 +10,7 @@
       resources: {device: auto, memory: 1Gi}
       scaling: {minInstances: 0, maxInstances: 1, targetConcurrency: 1, keepAlive: 60s}
       generation: {maxTokens: 128, temperature: 0.0}
+      scheduling: {policy: mlfq, maxBatch: 16}   # inside each instance (:class:`Scheduling`)
 
 Field names are the manifest's own (camelCase). Unknown fields are errors. :func:`parse_manifest`
 turns YAML or JSON text into a :class:`FunctionManifest` and every failure into
@@ -174,11 +175,66 @@ class GenerationDefaults(_Strict):
                               top_p=self.topP)
 
 
+Policy = Literal["mlfq", "fcfs", "run-to-completion"]
+POLICIES: tuple[Policy, ...] = ("mlfq", "fcfs", "run-to-completion")
+
+
+class Scheduling(_Strict):
+    """How each instance of the function schedules its sequences, iteration by iteration (the
+    engine's scheduler, :mod:`invoker.engine.scheduler`, runs by it; it travels with each load
+    in :class:`sllm.messages.LoadRequest`).
+
+    Policies:
+
+    - ``mlfq``: FastServe's skip-join multi-level feedback queue (Wu et al., arXiv 2305.05920
+      §4), preemptive at iteration granularity: level ``i`` has a quantum of
+      ``quantum * quantumRatio**i`` seconds of iteration time; a new sequence joins the highest
+      level whose quantum covers its estimated prefill time; one that used its level's quantum
+      moves down a level; one that has not run for ``starvation`` seconds goes back to the top.
+    - ``fcfs``: continuous batching in arrival order (vLLM's default).
+    - ``run-to-completion``: one sequence at a time, each to its end (a batch of one).
+
+    The defaults are provisional until the engine benchmark (``python -m bench.engine``)
+    measures them.
+
+    Attributes:
+        policy: see above.
+        maxBatch: sequences one iteration runs at most (1 under ``run-to-completion``).
+        maxBatchTokens: tokens one iteration computes at most, prefill chunks and decodes
+            together: a long prompt is prefilled in chunks.
+        quantum: the top level's quantum, seconds of iteration time (``mlfq``).
+        quantumRatio: how much longer each level's quantum is than the one above (``mlfq``).
+        starvation: seconds without running after which a sequence goes back to the top level
+            (``mlfq``).
+    """
+
+    policy: Policy = "mlfq"
+    maxBatch: int = Field(default=16, ge=1, le=1024)
+    maxBatchTokens: int = Field(default=256, ge=1, le=1 << 20)
+    quantum: float = 0.2
+    quantumRatio: float = Field(default=2.0, ge=1.0)
+    starvation: float = 10.0
+
+    @field_validator("quantum", "starvation", mode="before")
+    @classmethod
+    def _durations(cls, v: Any) -> float:
+        seconds = parse_duration(v)
+        if seconds <= 0:
+            raise ValueError("must be greater than 0")
+        return seconds
+
+    @property
+    def batch(self) -> int:
+        """The sequences an iteration may run under this policy."""
+        return 1 if self.policy == "run-to-completion" else self.maxBatch
+
+
 class Spec(_Strict):
     model: str = Field(min_length=1)
     resources: Resources = Field(default_factory=Resources)
     scaling: Scaling = Field(default_factory=Scaling)
     generation: GenerationDefaults = Field(default_factory=GenerationDefaults)
+    scheduling: Scheduling = Field(default_factory=Scheduling)
 
 
 class FunctionManifest(_Strict):

@@ -25,7 +25,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
 from sllm.config import MAX_PROMPT_CHARS
-from sllm.manifest import FunctionManifest
+from sllm.manifest import FunctionManifest, Scheduling
 from sllm.sampling import SamplingOverrides, SamplingParams
 from sllm.states import InstanceState
 from sllm.tiers import LocalTier, Tier
@@ -180,6 +180,9 @@ class LoadRequest(Wire):
     device: str = "auto"
     sources: list[str] = []  # peer invokers' URLs holding the checkpoint, tried in order before
     # the invoker's store root when it has no local copy
+    memory_bytes: int = Field(default=1 << 30, gt=0)  # the function's spec.resources.memory:
+    # the weights and the instance's KV caches together
+    scheduling: Scheduling = Scheduling()  # the function's spec.scheduling
 
 
 class LoadResponse(Wire):
@@ -362,6 +365,7 @@ class DoneMessage(Wire):
     completion_tokens: int
     prefill_seconds: float
     decode_seconds: float
+    queued_seconds: float = 0.0  # waiting inside the instance before its first iteration
 
 
 class MigratedMessage(Wire):

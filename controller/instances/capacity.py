@@ -290,7 +290,8 @@ class Capacity:
             ready_by=now + decision.chosen.total_s,
         )
         live = LiveInstance(record, in_flight=int(reserve), max_tokens=manifest.spec.generation.maxTokens,
-                            device=manifest.spec.resources.device)
+                            device=manifest.spec.resources.device,
+                            scheduling=manifest.spec.scheduling)
         table.instances[record.id] = live
         log.info("cold start: instance %s of %s on %s; %d candidates, decided in %.2f ms; "
                  "next best: %s", record.id, manifest.name, decision.chosen.brief(),

@@ -94,7 +94,8 @@ class Lifecycle:
         if live.state == S.PENDING:
             table.set_state(live, S.LOADING)
         req = LoadRequest(instance_id=rec.id, function=rec.function, model=rec.model,
-                          device=live.device, sources=self.sources(rec.model, rec.invoker_id))
+                          device=live.device, sources=self.sources(rec.model, rec.invoker_id),
+                          memory_bytes=rec.memory_bytes, scheduling=live.scheduling)
         try:
             resp = await self._invokers.load(rec.invoker_url, req)
         except SllmError as e:

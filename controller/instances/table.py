@@ -29,7 +29,7 @@ from controller.autoscaler import InstanceView
 from sllm import keys
 from sllm.config import LOST_RETENTION_S
 from sllm.errors import NotLeader, SllmError, Unavailable
-from sllm.manifest import FunctionManifest
+from sllm.manifest import FunctionManifest, Scheduling
 from sllm.messages import CheckpointRecord, InstanceRecord, MigrateResponse
 from sllm.states import FINAL, LOADED, STARTING, InstanceState, check_transition
 from sllm.tiers import Tier
@@ -65,6 +65,7 @@ class LiveInstance:
     max_tokens: int = 0  # the function's maxTokens: the migration estimate's bound per inference
     nbytes: int = 0  # its checkpoint's bytes (from its load's answer; 0 until known)
     device: str = "auto"  # the function's spec.resources.device, which its load asks for
+    scheduling: Scheduling = field(default_factory=Scheduling)  # its spec.scheduling, for the load
     loaded: asyncio.Event = field(default_factory=asyncio.Event)
     taken: deque[float] = field(default_factory=deque)  # unix seconds each slot was taken
     error: SllmError | None = None  # why the load failed, once ``loaded`` is set

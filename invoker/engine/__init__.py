@@ -1,9 +1,10 @@
 """The engine: what runs generations on the invoker's instances, behind the one interface the
 routes use (:class:`Engine`): submit a request, get the stream of its messages.
 
-Today's engine is :class:`~invoker.engine.serial.SerialEngine`: one generation at a time per
-instance, each to completion (the FastServe issue puts continuous batching and its skip-join
-MLFQ scheduler behind the same interface).
+The engine is :class:`~invoker.engine.batching.BatchEngine`: continuous batching in every
+instance, its iterations decided by :mod:`invoker.engine.scheduler` (FastServe's skip-join MLFQ,
+FCFS, or run to completion, per function), over the packed forward pass and per-sequence KV
+caches of :mod:`invoker.engine.kv`.
 """
 
 from __future__ import annotations

@@ -74,7 +74,7 @@ def test_the_scheduler_migrates_a_running_instance_to_make_room(pair: Cluster) -
         for to in ([y, x] if inst["invoker_id"] == x else [x]):
             [inst] = instances(c, "long")
             assert c.post(f"/v1/instances/{inst['id']}/migrate", json={"to": to}).status_code == 200
-            wait_for(lambda: [i for i in instances(c, "long") if i["invoker_id"] == to])
+            wait_for(lambda to=to: [i for i in instances(c, "long") if i["invoker_id"] == to])
         [source] = instances(c, "long")
         # hog's instance: moved to Y if not there
         assert stream(pair, "hog", max_tokens=2)["error"] is None
@@ -135,13 +135,15 @@ def test_a_stream_with_nowhere_to_go_ends_with_an_error_event_and_a_record(
             assert m["reason"] == "failed" and m["to_instance"] is None and m["at_token"] >= 10
 
 
-def test_two_generations_on_one_instance_move_one_by_one(pair: Cluster) -> None:
-    """targetConcurrency 2: one generation runs, the other waits for the instance. Migrated,
-    the running one moves by rounds and the waiting one right after it (nothing to recompute);
-    both streams end with the text of a run without migration."""
+@pytest.mark.parametrize("policy", ["run-to-completion", "fcfs"])
+def test_two_generations_on_one_instance_move(pair: Cluster, policy: str) -> None:
+    """targetConcurrency 2. Run to completion: one generation runs, the other waits for the
+    instance; migrated, the running one moves by rounds and the waiting one right after it
+    (nothing to recompute). Batched (fcfs): both run, and both move by rounds. Every stream
+    ends with the text of a run without migration."""
     pair.deploy(manifest("two", "tiny-slow", scaling={
         "maxInstances": 1, "targetConcurrency": 2, "keepAlive": "600s"},
-        generation={"maxTokens": 220, "temperature": 0.0}))
+        generation={"maxTokens": 220, "temperature": 0.0}, scheduling={"policy": policy}))
     reference = stream(pair, "two")
     started = threading.Event()
     results: list[dict[str, Any]] = []
@@ -156,7 +158,7 @@ def test_two_generations_on_one_instance_move_one_by_one(pair: Cluster) -> None:
         r = c.post(f"/v1/instances/{source['id']}/migrate", json={})
         assert r.status_code == 200, r.text
         answer = r.json()
-        # the waiting one always moves; the running one moves, or finishes during the rounds
+        # the waiting one always moves; a running one moves, or finishes during the rounds
         # (the destination's load takes a while on this machine)
         assert answer["moved"] + answer["finished"] == 2 and answer["moved"] >= 1, answer
         assert answer["to_invoker"] != source["invoker_id"]
@@ -170,6 +172,9 @@ def test_two_generations_on_one_instance_move_one_by_one(pair: Cluster) -> None:
         moves += out["done"]["migrations"]
     assert len(moves) == answer["moved"]
     assert all(m["reason"] == "migrated" and m["to_instance"] == answer["to_instance"] for m in moves)
-    # the one that had not started moved with nothing generated and nothing to recompute
-    assert any(m["at_token"] == 0 and m["moved_tokens"] == 0 and not m["kv_cache_prepared"]
-               for m in moves)
+    waited = [m for m in moves if m["at_token"] == 0 and m["moved_tokens"] == 0
+              and not m["kv_cache_prepared"]]
+    if policy == "run-to-completion":  # the one that had not started: nothing to recompute
+        assert len(waited) == 1
+    else:  # both were running
+        assert waited == [] and all(m["at_token"] >= 5 for m in moves)

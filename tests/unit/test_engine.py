@@ -1,0 +1,157 @@
+"""The batching engine on the tiny random-weight llama: sequences batched in one instance give
+what each gives alone, and the policies order them as they say.
+
+``model.generate`` on one prompt alone is the reference for greedy decoding.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncGenerator, Iterator
+from typing import Any
+
+import pytest
+import torch
+
+from invoker.engine.batching import InstanceEngine
+from invoker.instance import ModelInstance
+from sllm.errors import InvalidRequest
+from sllm.manifest import Scheduling
+from sllm.messages import DoneMessage, StreamMessage, TokenMessage
+from sllm.sampling import SamplingParams
+from tests.helpers.tiny_model import make_tiny_llama
+
+BUDGET = 64 << 20
+
+
+@pytest.fixture(scope="module")
+def instance() -> ModelInstance:
+    model, tokenizer = make_tiny_llama(seed=0, max_position_embeddings=512)
+    return ModelInstance.from_model(model, tokenizer)
+
+
+@contextlib.contextmanager
+def engine(instance: ModelInstance, budget: int = BUDGET, **scheduling: Any
+           ) -> Iterator[InstanceEngine]:
+    eng = InstanceEngine(instance, "test", Scheduling(**scheduling), budget)
+    try:
+        yield eng
+    finally:
+        eng.close()
+
+
+async def collect(stream: AsyncGenerator[StreamMessage, None]) -> list[StreamMessage]:
+    return [m async for m in stream]
+
+
+def tokens(msgs: list[StreamMessage]) -> list[int]:
+    return [m.token_id for m in msgs if isinstance(m, TokenMessage)]
+
+
+def done(msgs: list[StreamMessage]) -> DoneMessage:
+    assert isinstance(msgs[-1], DoneMessage), msgs[-1]
+    return msgs[-1]
+
+
+def reference(instance: ModelInstance, prompt: list[int], n: int) -> list[int]:
+    out = instance.model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=n,
+                                  min_new_tokens=n)
+    return [int(t) for t in out[0, len(prompt):]]
+
+
+PROMPTS = [list(range(5, 5 + n)) for n in (3, 40, 7, 90, 1, 25, 60, 12)]
+
+
+async def test_eight_batched_sequences_each_pick_the_tokens_of_generate_alone(
+        instance: ModelInstance) -> None:
+    params = SamplingParams(max_tokens=24, ignore_eos=True)
+    want = [reference(instance, p, 24) for p in PROMPTS]
+    # a token budget of 32: the long prompts are prefilled in chunks, beside the others' decodes
+    with engine(instance, policy="fcfs", maxBatch=8, maxBatchTokens=32) as eng:
+        got = await asyncio.gather(*(collect(eng.open(p, params)[1]) for p in PROMPTS))
+        assert eng.counters.iterations < 8 * 24  # they ran together
+    assert [tokens(m) for m in got] == want
+    assert all(done(m).finish_reason == "length" for m in got)
+
+
+async def test_a_seeded_sampled_sequence_draws_the_same_tokens_alone_and_batched(
+        instance: ModelInstance) -> None:
+    params = SamplingParams(max_tokens=30, temperature=0.9, top_p=0.9, seed=7, ignore_eos=True)
+    with engine(instance, policy="fcfs") as eng:
+        alone = tokens(await collect(eng.open(PROMPTS[1], params)[1]))
+        others = SamplingParams(max_tokens=30, temperature=1.0, ignore_eos=True)
+        batched = await asyncio.gather(collect(eng.open(PROMPTS[1], params)[1]),
+                                       *(collect(eng.open(p, others)[1]) for p in PROMPTS[2:6]))
+    assert tokens(batched[0]) == alone and len(alone) == 30
+
+
+async def test_under_mlfq_a_burst_of_short_jobs_finishes_before_a_long_one(
+        instance: ModelInstance) -> None:
+    finished: list[str] = []
+
+    async def job(name: str, eng: InstanceEngine, prompt: list[int], n: int) -> None:
+        await collect(eng.open(prompt, SamplingParams(max_tokens=n, ignore_eos=True))[1])
+        finished.append(name)
+
+    # level 0 has a quantum of 20 ms, level 1 of 2 s: the short jobs come once the long one has
+    # used its 20 ms and moved down, join level 0 (a 3-token prefill takes far less than 20 ms)
+    # and preempt it; a batch of one makes it a strict order
+    with engine(instance, policy="mlfq", maxBatch=1, quantum=0.02, quantumRatio=100) as eng:
+        long = asyncio.create_task(job("long", eng, PROMPTS[3], 300))
+        while eng.scheduler.counters.demotions == 0:
+            await asyncio.sleep(0.001)
+        assert not long.done()
+        await asyncio.gather(*(job(f"short{i}", eng, PROMPTS[0], 5) for i in range(4)))
+        assert not long.done()
+        await long
+        assert eng.scheduler.counters.preemptions >= 1
+    assert finished[-1] == "long"
+
+
+async def test_run_to_completion_runs_one_sequence_after_another(instance: ModelInstance) -> None:
+    params = SamplingParams(max_tokens=20, ignore_eos=True)
+    with engine(instance, policy="run-to-completion") as eng:
+        first, second = await asyncio.gather(collect(eng.open(PROMPTS[0], params)[1]),
+                                             collect(eng.open(PROMPTS[2], params)[1]))
+        assert eng.counters.iterations == 40
+    assert done(second).queued_seconds >= done(first).prefill_seconds + done(first).decode_seconds
+    assert tokens(second) == reference(instance, PROMPTS[2], 20)
+
+
+async def test_a_client_that_goes_away_frees_its_slot(instance: ModelInstance) -> None:
+    with engine(instance, policy="fcfs") as eng:
+        _, stream = eng.open(PROMPTS[1], SamplingParams(max_tokens=400, ignore_eos=True))
+        async for msg in stream:
+            if isinstance(msg, TokenMessage) and msg.index == 3:
+                break
+        await stream.aclose()
+        while eng.counters.cancelled == 0:
+            await asyncio.sleep(0.01)
+        sampled = eng.counters.generation_tokens
+        await asyncio.sleep(0.2)
+        assert eng.counters.generation_tokens == sampled < 400  # nothing computed for it since
+        assert eng.scheduler.jobs == {} and eng.scheduler.used == 0
+
+
+async def test_a_request_whose_cache_can_never_fit_is_refused_with_the_numbers(
+        instance: ModelInstance) -> None:
+    with engine(instance, budget=100 * 2 * 2 * 2 * 16 * 4) as eng:  # 100 tokens of KV cache
+        with pytest.raises(InvalidRequest, match=r"needs up to 140 tokens .*\(100 tokens\)") as e:
+            eng.open(list(range(5, 45)), SamplingParams(max_tokens=100))
+        assert e.value.param == "max_tokens"
+        # one that fits runs
+        msgs = await collect(eng.open(list(range(5, 45)), SamplingParams(max_tokens=50))[1])
+        assert done(msgs).completion_tokens > 0
+
+
+async def test_sequences_that_overflow_the_kv_budget_together_take_turns(
+        instance: ModelInstance) -> None:
+    """Each fits alone, not all at once: some wait or recompute, all finish with the tokens
+    of generate alone."""
+    params = SamplingParams(max_tokens=30, ignore_eos=True)
+    prompts = PROMPTS[:4]
+    with engine(instance, budget=256 * 512, policy="fcfs") as eng:  # 256 tokens: 512 bytes each
+        got = await asyncio.gather(*(collect(eng.open(p, params)[1]) for p in prompts))
+        assert eng.scheduler.used == 0
+    assert [tokens(m) for m in got] == [reference(instance, p, 30) for p in prompts]
