@@ -74,7 +74,8 @@ it the stream ends with an error event rather than chase instances forever."""
 class Timings:
     cold_start: bool = False
     tier: str | None = None  # where a cold start loaded the checkpoint from
-    queue: float = 0.0
+    queue: float = 0.0  # the controller's: waiting for an instance
+    instance_queue: float = 0.0  # inside the instance: waiting for its first iteration
     load: float = 0.0
     controller: float = 0.0
     ttft: float | None = None
@@ -89,6 +90,7 @@ class Timings:
             "start": "cold" if self.cold_start else "warm",
             "tier": self.tier if self.cold_start else None,
             "queue_seconds": round(self.queue, 6),
+            "instance_queue_seconds": round(self.instance_queue, 6),
             "load_seconds": round(self.load, 6),
             "controller_seconds": round(self.controller, 6),
             "ttft_seconds": None if self.ttft is None else round(self.ttft, 6),
@@ -203,6 +205,7 @@ class Activation:
                 self.timings.tpot = (end - first_at) / (count - 1)
             self.timings.prefill = self.done.prefill_seconds
             self.timings.decode = self.done.decode_seconds
+            self.timings.instance_queue = self.done.queued_seconds
             METRICS.activations.labels(self.function, self.timings.cold_start, "success").inc()
         except SllmError as e:
             self.error = e

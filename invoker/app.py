@@ -28,6 +28,7 @@ HTTP API (:class:`sllm.routes.Invoker`; JSON; errors in the OpenAI-shaped envelo
   ``POST /v1/instances/{id}/migrations`` (:class:`~sllm.messages.PrefillRequest`, as the
   destination) and ``DELETE /v1/instances/{id}/migrations/{session}``. Unloading an instance
   under running generations hands them back to the gateway to resume elsewhere (preemption).
+- ``GET /metrics``: each instance's engine (:mod:`invoker.metrics`).
 - ``GET /health``: status (``degraded`` when started for the native I/O engine without it), id,
   the threads it computes with (``compute_threads``), its I/O engine and its problems.
 """
@@ -37,13 +38,14 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator
 
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from invoker import metrics as invoker_metrics
 from invoker.config import InvokerConfig
-from invoker.engine import Engine
 from invoker.engine.batching import BatchEngine
 from invoker.fetching import Fetcher
 from invoker.instances import Instances
@@ -73,7 +75,10 @@ def create_app(config: InvokerConfig) -> Starlette:
     node = Node(config, store)
     fetcher = Fetcher(config, store, node)
     instances = Instances(config, store, node, fetcher)
-    engine: Engine = BatchEngine(instances.sessions)
+    engine = BatchEngine(instances.sessions)
+    metrics = invoker_metrics.registry(lambda: {
+        iid: (instances.loaded[iid].function, eng) for iid, eng in list(engine.engines.items())
+        if iid in instances.loaded})
 
     async def health(request: Request) -> Response:
         import torch
@@ -84,6 +89,9 @@ def create_app(config: InvokerConfig) -> Starlette:
             "io_engine": node.io_engine,
             "problems": [node.io_engine_problem] if node.io_engine_problem else [],
         })
+
+    async def metrics_text(request: Request) -> Response:
+        return Response(generate_latest(metrics), media_type=CONTENT_TYPE_LATEST)
 
     async def load(request: Request) -> Response:
         req = await read_model(request, LoadRequest)
@@ -143,6 +151,7 @@ def create_app(config: InvokerConfig) -> Starlette:
     R = routes.Invoker
     table = [
         Route(routes.HEALTH, health),
+        Route(routes.METRICS, metrics_text),
         Route(R.INSTANCES, load, methods=["POST"]),
         Route(R.INSTANCES, list_instances, methods=["GET"]),
         Route(R.INSTANCE, unload, methods=["DELETE"]),

@@ -19,10 +19,10 @@ values. The protocol, multi-round so that the source never stops for the whole r
 If the generation ends during the rounds, the source's stream simply finishes and the session is
 dropped. If the destination fails during the rounds, the migration is abandoned and the source
 keeps decoding (it never paused). Several generations on one instance move one after another:
-an instance runs one generation at a time, so the running one is the only one with a KV cache to
-rebuild; it moves first, by rounds, and the ones waiting for the instance (which do not start
-while it migrates away) hand over right after it, with no tokens to move, so that the moved
-running generation reaches the destination first and goes on there without waiting behind them.
+those that have run (the instance's engine batches them; each has a KV cache to rebuild) by
+rounds, one at a time while the others keep decoding, and then the ones that have not started
+(they are held while the instance migrates away), with no tokens to move, so that the moved
+generations reach the destination first and go on there without waiting behind them.
 
 An instance unloaded under running generations (preemption) hands them over with no destination:
 the gateway resumes each one wherever the controller finds room, from the tokens it has.

@@ -348,7 +348,8 @@ class InstanceEngine:
         self.scheduler.account(step, seconds, time.monotonic())
         self.counters.iterations += 1
         self.counters.iteration_seconds += seconds
-        self.counters.prompt_tokens += sum(n for n in counts if n > 1)
+        self.counters.prompt_tokens += sum(n for seq, n in zip(seqs, counts, strict=True)
+                                           if seq.sampled == 0 or n > 1)  # not a decode
         for seq in seqs:
             if seq.sampled == 0:
                 seq.prefill_seconds += seconds

@@ -238,7 +238,7 @@ class Scheduler:
     @property
     def used(self) -> int:
         """KV positions allocated over all jobs."""
-        return sum(j.capacity for j in self.jobs.values())
+        return sum(j.capacity for j in list(self.jobs.values()))  # (read by metrics too)
 
     # --- deciding ------------------------------------------------------------------------------
 

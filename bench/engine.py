@@ -1,0 +1,160 @@
+"""The batching engine's throughput through the running runtime, for every scheduling policy,
+against transformers' padded batched ``generate`` in the same run (the limit for this model on
+this machine) and against run-to-completion (sllm before the engine).
+
+    .venv/bin/python -m bench.engine [--model smollm2-135m-instruct] [--batches 1,4,8,16]
+                                     [--tokens 64] [--policies mlfq,fcfs,run-to-completion]
+                                     [--json]
+
+It starts its own runtime (etcd, controller, gateway, one invoker) on free loopback ports over
+the model store of ``$SLLM_HOME`` (importing SmolLM2 when it is missing). For each policy one
+function (one instance: ``maxInstances: 1``, ``targetConcurrency`` the largest batch) is
+deployed, warmed up with one call, then sent ``batch`` concurrent streaming calls of the same
+prompt, each generating exactly ``--tokens`` tokens (``ignore_eos``). ``tokens_per_s`` is every
+token of the batch over the wall time from the first call sent to the last stream's end;
+``tpot_s`` the median over the streams of (last token - first token) / (tokens - 1), at the
+client. The ``generate`` rows run ``model.generate`` in this process on a batch of ``batch``
+copies of the same prompt ids (no padding), greedy, ``min_new_tokens = max_new_tokens``, on the
+same weights loaded from the same checkpoint, after the runtime has stopped (so the two never
+share the cores).
+
+Rows (``--json``): ``{"part": "throughput", "policy", "batch", "tokens_per_s", "tpot_s"}``
+(``policy: "generate"`` for transformers).
+
+Targets (issue 26): at batch 8, the batching policies reach >= 90% of ``generate`` and >= 3.5x
+run-to-completion; at batch 1, within 10% of ``generate``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import torch
+
+from bench.coldstart import PROMPT, store_with
+from bench.stats import machine, median, table
+from cli import launcher
+from sllm import config
+from sllm.sse import parse_events
+
+
+def invoke(gateway: str, function: str, tokens: int) -> dict[str, float]:
+    """One streaming call generating exactly ``tokens`` tokens: its token times (client)."""
+    times: list[float] = []
+    body = {"prompt": PROMPT, "max_tokens": tokens, "ignore_eos": True, "stream": True}
+    with httpx.Client(timeout=900) as c, \
+            c.stream("POST", f"{gateway}/v1/functions/{function}/invoke", json=body) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"invoke failed: {r.status_code} {r.read()!r}")
+        for event, data in parse_events(r.iter_lines()):
+            if event == "token":
+                times.append(time.perf_counter())
+            elif event == "error":
+                raise RuntimeError(f"stream error: {data}")
+    if len(times) != tokens:
+        raise RuntimeError(f"{len(times)} tokens, not {tokens}")
+    return {"first": times[0], "last": times[-1], "tpot": (times[-1] - times[0]) / max(1, tokens - 1)}
+
+
+def deploy(gateway: str, name: str, model: str, policy: str, batch: int, tokens: int) -> None:
+    manifest = {
+        "apiVersion": "sllm.dev/v1", "kind": "Function", "metadata": {"name": name},
+        "spec": {"model": model, "resources": {"memory": "2Gi"},
+                 "scaling": {"maxInstances": 1, "targetConcurrency": batch, "keepAlive": "10m"},
+                 "generation": {"maxTokens": tokens, "temperature": 0.0},
+                 "scheduling": {"policy": policy, "maxBatch": batch}},
+    }
+    httpx.put(f"{gateway}/v1/functions/{name}", json=manifest, timeout=30).raise_for_status()
+
+
+def through_runtime(args: argparse.Namespace, home: Path) -> list[dict[str, Any]]:
+    rows = []
+    gport, cport, eport, pport, iport = launcher.free_ports(5)
+    state = launcher.start(home, gateway_port=gport, controller_port=cport, etcd_port=eport,
+                           etcd_peer_port=pport, invoker_ports=[iport], store=config.store_root(),
+                           dram_pool="2Gi", stop_at_exit=True)
+    try:
+        gw = state.gateway_url
+        for policy in args.policies:
+            name = f"bench-{policy}"
+            deploy(gw, name, args.model, policy, max(args.batches), args.tokens)
+            invoke(gw, name, 4)  # the cold start and the first iterations, not counted
+            for batch in args.batches:
+                with cf.ThreadPoolExecutor(batch) as pool:
+                    t0 = time.perf_counter()
+                    runs = list(pool.map(lambda _: invoke(gw, name, args.tokens), range(batch)))
+                wall = max(r["last"] for r in runs) - t0
+                rows.append({"part": "throughput", "policy": policy, "batch": batch,
+                             "tokens_per_s": batch * args.tokens / wall,
+                             "tpot_s": median([r["tpot"] for r in runs])})
+                print(json.dumps(rows[-1]), flush=True) if not args.json else None
+            httpx.delete(f"{gw}/v1/functions/{name}", timeout=30)
+    finally:
+        launcher.stop(state)
+    return rows
+
+
+def with_generate(args: argparse.Namespace) -> list[dict[str, Any]]:
+    from invoker.instance import ModelInstance
+    from store.checkpoint import load_checkpoint
+
+    path = config.store_root() / args.model
+    ckpt = load_checkpoint(path, device="cpu")
+    inst = ModelInstance.from_tensors(path, ckpt.tensors, device="cpu")
+    ids = torch.tensor([inst.encode(prompt=PROMPT)])
+    rows = []
+    with torch.inference_mode():
+        inst.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4,
+                            do_sample=False)  # warm-up
+        for batch in args.batches:
+            x = ids.repeat(batch, 1)
+            t0 = time.perf_counter()
+            inst.model.generate(x, attention_mask=torch.ones_like(x), do_sample=False,
+                                max_new_tokens=args.tokens, min_new_tokens=args.tokens)
+            wall = time.perf_counter() - t0
+            rows.append({"part": "throughput", "policy": "generate", "batch": batch,
+                         "tokens_per_s": batch * args.tokens / wall,
+                         "tpot_s": wall / args.tokens})
+    ckpt.release()
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(prog="python -m bench.engine", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--batches", default="1,4,8,16")
+    ap.add_argument("--tokens", type=int, default=64, help="tokens each stream generates")
+    ap.add_argument("--policies", default="mlfq,fcfs,run-to-completion")
+    ap.add_argument("--json", action="store_true", help="one JSON line per row")
+    args = ap.parse_args()
+    args.batches = [int(b) for b in args.batches.split(",")]
+    args.policies = args.policies.split(",")
+    store_with(args.model)
+    with tempfile.TemporaryDirectory(prefix="sllm-bench-engine-") as tmp:
+        rows = through_runtime(args, Path(tmp))
+    rows += with_generate(args)
+    if args.json:
+        for r in rows:
+            print(json.dumps(r))
+        return
+    print(json.dumps(machine()))
+    limit = {r["batch"]: r["tokens_per_s"] for r in rows if r["policy"] == "generate"}
+    rtc = {r["batch"]: r["tokens_per_s"] for r in rows if r["policy"] == "run-to-completion"}
+    for r in rows:
+        r["of_generate"] = r["tokens_per_s"] / limit[r["batch"]]
+        r["x_rtc"] = r["tokens_per_s"] / rtc[r["batch"]] if r["batch"] in rtc else float("nan")
+    print(table(rows, [("policy", "policy", "s"), ("batch", "batch", "d"),
+                       ("tokens/s", "tokens_per_s", ".1f"), ("TPOT s", "tpot_s", ".3f"),
+                       ("of generate", "of_generate", ".2f"), ("x rtc", "x_rtc", ".2f")]))
+
+
+if __name__ == "__main__":
+    main()
