@@ -9,18 +9,27 @@ caches of :mod:`invoker.engine.kv`.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
 from typing import Protocol
 
 from invoker.instances import LoadedInstance
 from sllm.messages import GenerateRequest, StreamMessage
 
 
+class MessageStream(Protocol):
+    """A generation's messages (an async iterator); closing it early (the client went away)
+    cancels it."""
+
+    def __aiter__(self) -> MessageStream: ...
+
+    async def __anext__(self) -> StreamMessage: ...
+
+    async def aclose(self) -> None: ...
+
+
 class Engine(Protocol):
-    async def submit(self, instance: LoadedInstance, request: GenerateRequest
-                     ) -> AsyncGenerator[StreamMessage, None]:
+    async def submit(self, instance: LoadedInstance, request: GenerateRequest) -> MessageStream:
         """Start a generation of ``request`` on ``instance``; its messages, as they come.
-        Closing the iterator early (the client went away) cancels the generation.
+        Closing the stream early, read or not (the client went away), cancels the generation.
 
         Raises:
             SllmError: before the stream, for a request that cannot run (InvalidRequest,
@@ -29,4 +38,4 @@ class Engine(Protocol):
         ...
 
 
-__all__ = ["Engine", "StreamMessage"]
+__all__ = ["Engine", "MessageStream", "StreamMessage"]

@@ -21,24 +21,37 @@ Sequences join and leave between iterations. A sequence the scheduler does not c
 with its KV cache (preempted at an iteration boundary), unless the KV budget needs its memory:
 then it recomputes its cache when it runs again.
 
-Per sequence the stream is what :class:`invoker.generation.Generation` defines for one: the
-same stopping rules (length, cancel, handoff, EOS) and the same text (a token whose character is
-incomplete is sent one step late). A handoff (live migration, :mod:`invoker.migration`, or an
-unload) ends the sequence's stream with a :class:`~sllm.messages.MigratedMessage`; a migration
-rebuilds the sequence's cache on the destination, where the resumed sequence takes the prepared
-cache (:meth:`invoker.migration.Sessions.take`). While its instance migrates away, sequences that
-have not started stay held (they are handed over right after the running ones).
+A sequence stops, in this order of precedence: ``max_tokens`` generated, or prompt + generated
+filling the context window -> ``"length"``; its client gone (the stream closed) ->
+``"cancelled"``; a handoff -> a :class:`~sllm.messages.MigratedMessage`; an EOS sampled ->
+``"stop"``. The first three are checked at each iteration boundary (length also as soon as a
+token is sampled), EOS when it is sampled; the EOS is neither sent nor counted, unless the
+request sets ``ignore_eos`` (then it is sent and counted like any other token, and stops
+nothing).
+
+Each token's text is what the :class:`~invoker.detokenizer.IncrementalDetokenizer` emits for it.
+A token whose character is still incomplete (its text ``""`` with bytes held back) is sent one
+step late, once the next step shows whether the stream ends; where it ends, the detokenizer's
+flush is appended to that token's text, so the texts join to ``tokenizer.decode(token ids,
+skip_special_tokens=True)``. A resumed sequence first sends again the tokens the client has not
+received (from ``emitted`` on), with no forward pass, its detokenizer primed with the others.
+
+A handoff (live migration, :mod:`invoker.migration`, or an unload) ends the sequence's stream
+with a :class:`~sllm.messages.MigratedMessage` carrying every token generated; a token held back
+for its character is not sent (the destination sends it). A migration rebuilds the sequence's
+cache on the destination, where the resumed sequence takes the prepared cache
+(:meth:`invoker.migration.Sessions.take`). While its instance migrates away, sequences that have
+not started stay held (they are handed over right after the running ones).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import secrets
 import threading
 import time
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import Callable
 from collections.abc import Sequence as Sequence_
 from dataclasses import dataclass
 from typing import Any
@@ -124,7 +137,7 @@ class Sequence:
         """Ids ``[start, start + n)`` of prompt + generated."""
         p = len(self.prompt_ids)
         full = self.prompt_ids[start:start + n] if start < p else ()
-        return [*full, *self.token_ids[max(0, start - p):start + n - p]]
+        return [*full, *self.token_ids[max(0, start - p):max(0, start + n - p)]]
 
     def emit(self, token: int, index: int) -> None:
         """Hand a token to the stream (one step late when its text is incomplete)."""
@@ -195,7 +208,7 @@ class InstanceEngine:
     def open(self, prompt_ids: list[int], params: SamplingParams, *,
              resumed: Sequence_[int] = (), emitted: int = 0,
              prepared: tuple[DynamicCache | None, int] = (None, 0)
-             ) -> tuple[Run, AsyncGenerator[StreamMessage, None]]:
+             ) -> tuple[Run, SequenceStream]:
         """Queue a sequence for the next iteration (call on the event loop); its run (what a
         migration moves) and its stream. Closing the stream early cancels the sequence.
 
@@ -239,13 +252,18 @@ class InstanceEngine:
                        emitted, time.monotonic(), inst.tokenizer)
         cache, cached = prepared
         if cache is not None and cached:
+            known = len(prompt_ids) + len(resumed)
+            if not 0 < cached < known or cache.get_seq_length() != cached:
+                raise InvalidRequest(f"the prepared KV cache ({cache.get_seq_length()} positions, "
+                                     f"{cached} declared) does not fit the {known} ids: at least "
+                                     f"the last one must be left to compute", param="resume")
             kv.copy_from(cache, cached)
         with self._cond:
             if self._closing:
                 raise InstanceNotFound(f"instance {self.name!r} was unloaded")
             self._incoming.append(seq)
             self._cond.notify()
-        return run, _stream(seq, queue)
+        return run, SequenceStream(seq, queue)
 
     def close(self) -> None:
         """Blocking: stop the loop after its current iteration; sequences still in it are
@@ -310,8 +328,8 @@ class InstanceEngine:
         seq.start()
 
     def _settle(self) -> None:
-        """End the sequences that stop before the next step (Generation's order: length,
-        cancel, handoff)."""
+        """End the sequences that stop before the next step (the module docstring's order:
+        length, cancel, handoff)."""
         for seq in list(self._seqs.values()):
             if len(seq.token_ids) >= seq.limit:
                 self._finish(seq, "length")
@@ -442,7 +460,7 @@ class BatchEngine:
         return eng
 
     async def submit(self, instance: LoadedInstance, request: GenerateRequest
-                     ) -> AsyncGenerator[StreamMessage, None]:
+                     ) -> SequenceStream:
         """See :meth:`invoker.engine.Engine.submit`."""
         if instance.closed:
             raise InstanceNotFound(f"instance {instance.instance_id!r} was unloaded")
@@ -463,24 +481,38 @@ class BatchEngine:
         if instance.moving is not None:  # assigned before the migration began: follow the others
             run.hand_over(Target(instance.moving.to_url, instance.moving.to_instance))
         instance.runs[run.id] = run
-        return _unlisted(stream, instance.runs, run)
+        stream.on_end.append(lambda: instance.runs.pop(run.id, None))
+        return stream
 
 
-async def _stream(seq: Sequence, queue: asyncio.Queue[StreamMessage | None]
-                  ) -> AsyncGenerator[StreamMessage, None]:
-    try:
-        while (msg := await queue.get()) is not None:
-            yield msg
-    finally:
-        seq.cancel.set()  # the client went away, or we are done: the sequence leaves
+class SequenceStream:
+    """A sequence's messages, as they come (an async iterator). Closing it (``aclose``), read or
+    not, cancels the sequence: it leaves the engine at the next iteration boundary."""
 
+    def __init__(self, seq: Sequence, queue: asyncio.Queue[StreamMessage | None]) -> None:
+        self._seq = seq
+        self._queue = queue
+        self._ended = False
+        self.on_end: list[Callable[[], object]] = []  # called once, when it ends or is closed
 
-async def _unlisted(stream: AsyncGenerator[StreamMessage, None], runs: dict[str, Run], run: Run
-                    ) -> AsyncGenerator[StreamMessage, None]:
-    """``stream``, and ``run`` out of ``runs`` once it ends."""
-    try:
-        async with contextlib.aclosing(stream):
-            async for msg in stream:
-                yield msg
-    finally:
-        runs.pop(run.id, None)
+    def _end(self) -> None:
+        if not self._ended:
+            self._ended = True
+            self._seq.cancel.set()  # (nothing left to cancel when it ended by itself)
+            for callback in self.on_end:
+                callback()
+
+    def __aiter__(self) -> SequenceStream:
+        return self
+
+    async def __anext__(self) -> StreamMessage:
+        if self._ended:
+            raise StopAsyncIteration
+        msg = await self._queue.get()
+        if msg is None:
+            self._end()
+            raise StopAsyncIteration
+        return msg
+
+    async def aclose(self) -> None:
+        self._end()

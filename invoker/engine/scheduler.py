@@ -23,10 +23,15 @@ what is left of the iteration's token budget (``maxBatchTokens``) until ``maxBat
 
 **KV budget** (tokens of cache the instance may hold). Each job's cache grows by doubling up to
 its limit (:func:`capacity_for`), so a job that fits the budget alone always fits eventually
-(:meth:`Scheduler.fits`). A job whose next iteration would overflow the budget first takes the
-cache of jobs after it in the order (the lowest priority first): those are dropped and
+(:meth:`Scheduler.fits`). A job without a cache (new, or dropped) starts only when it and every
+job holding a cache could all grow to their limits within the budget, so the jobs that run never
+run out of room: preempted ones keep their caches. A job holding a cache whose next iteration
+would still overflow the budget (one a migration brought with its cache, admitted as it came)
+takes the caches of jobs after it in the order, the lowest priority first: those are dropped and
 recomputed when they run again (vLLM V1's recompute preemption); if that is not enough, it
-waits.
+waits. Letting new jobs take caches instead thrashes under MLFQ, where every arrival outranks
+the jobs that ran: the simulation measured mean JCTs 30 to 500 times fcfs's that way, with a
+budget of 10,000 tokens, as nearly finished jobs lost their caches over and over.
 
 Worked example (``test_scheduler.py``): mlfq, quantum 1 s, ratio 2, a profile where a prefill of
 P tokens takes ``0.1 + 0.01 P`` s. A 50-token prompt (0.6 s) joins level 0; a 300-token prompt
@@ -260,15 +265,20 @@ class Scheduler:
         drop: list[str] = []
         dropped: set[str] = set()
         used = self.used
+        reserved = sum(j.limit for j in self.jobs.values() if j.capacity)
         for rank, job in enumerate(order):
             if len(run) == self.config.batch or tokens == 0:
                 break
             n = min(job.pending, tokens)
             if n <= 0:
                 continue
+            if not job.capacity:  # it starts (or restarts) only with room to finish
+                if reserved + job.limit > self.kv_tokens:
+                    continue
+                reserved += job.limit
             extra = capacity_for(job.capacity, job.computed + n, job.limit) - job.capacity
-            if used + extra > self.kv_tokens:
-                # take the caches of lower-priority jobs, the lowest first
+            if used + extra > self.kv_tokens and job.capacity:
+                # a job holding a cache takes those of lower-priority jobs, the lowest first
                 for victim in reversed(order[rank + 1:]):
                     if used + extra <= self.kv_tokens:
                         break

@@ -1,6 +1,7 @@
 """The CUDA path in one process: an imported checkpoint loaded onto ``cuda:0`` from the SSD and
-DRAM tiers, a model instance built around the device buffer, greedy and sampled decoding, and a
-generation resumed from its tokens (the destination side of a live migration). Skipped without a
+DRAM tiers, a model instance built around the device buffer, greedy and sampled decoding through
+its batching engine, and a sequence resumed from its tokens (the destination side of a live
+migration). Skipped without a
 CUDA device; run on a GPU machine with ``pytest -m gpu``.
 """
 
@@ -12,7 +13,6 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from invoker.generation import Generation, Resume
 from invoker.instance import ModelInstance
 from invoker.warmup import warm_up
 from sllm.sampling import SamplingParams
@@ -20,6 +20,7 @@ from store.checkpoint.loader import LoadedCheckpoint, load_checkpoint
 from store.dram_pool import DramPool
 from store.importer import import_model
 from store.model_store import ModelStore
+from tests.helpers.engine import generate_alone
 from tests.helpers.kv_rounds import prefill_in_two_rounds
 from tests.helpers.tiny_model import make_tiny_llama, save_tiny_llama
 
@@ -75,10 +76,9 @@ def test_both_tiers_load_onto_the_device_and_decode_as_generate_does(
             assert param.is_cuda and low <= param.data_ptr() < high, name  # no copy was made
         assert instance.model.model.rotary_emb.inv_freq.is_cuda
         prompt_ids = instance.encode(prompt=PROMPT, raw=True)
-        gen = Generation(instance, prompt_ids, SamplingParams(max_tokens=N, ignore_eos=True))
-        ids = [t.token_id for t in gen]
-        assert gen.finish_reason == "length"
-        assert ids == greedy_reference(reference, prompt_ids)
+        got = generate_alone(instance, prompt_ids, SamplingParams(max_tokens=N, ignore_eos=True))
+        assert got.finish_reason == "length"
+        assert got.ids == greedy_reference(reference, prompt_ids)
     assert [(e.label, e.refs) for e in pool.entries()] == [("tiny", 0)]
 
 
@@ -97,7 +97,7 @@ def test_sampling_on_the_device_is_reproducible_per_seed(checkpoint: Path) -> No
     def draw(seed: int) -> list[int]:
         params = SamplingParams(max_tokens=N, temperature=1.0, top_p=0.9, seed=seed,
                                 ignore_eos=True)
-        return [t.token_id for t in Generation(instance, prompt_ids, params)]
+        return generate_alone(instance, prompt_ids, params).ids
 
     first = draw(1234)
     assert draw(1234) == first
@@ -108,18 +108,18 @@ def test_sampling_on_the_device_is_reproducible_per_seed(checkpoint: Path) -> No
 def test_a_resumed_generation_continues_exactly_on_the_device(
         checkpoint: Path, prepared: bool) -> None:
     """Token-based migration's destination (ServerlessLLM §5): given the tokens so far, with the
-    KV cache recomputed in rounds beforehand or at resume, it generates what the source would."""
+    KV cache recomputed in rounds beforehand or at resume, the engine generates what the source
+    would."""
     instance, _ = instance_on_cuda(checkpoint)
     prompt_ids = instance.encode(prompt=PROMPT, raw=True)
     params = SamplingParams(max_tokens=N, ignore_eos=True)
-    ids = [t.token_id for t in Generation(instance, prompt_ids, params)]
+    ids = generate_alone(instance, prompt_ids, params).ids
     at = N // 2
     cache, cached = None, 0
     if prepared:
         cache, cached = prefill_in_two_rounds(instance, [*prompt_ids, *ids[:at]])
-    rest = [t.token_id for t in Generation(instance, prompt_ids, params,
-                                           resume=Resume(ids[:at], emitted=at, cache=cache,
-                                                         cached=cached))]
+    rest = generate_alone(instance, prompt_ids, params, resumed=ids[:at], emitted=at,
+                          prepared=(cache, cached)).ids
     assert ids[:at] + rest == ids
 
 

@@ -1,11 +1,12 @@
-"""The decode loop and the model instance, on the tiny random-weight llama.
+"""One sequence's stream through an instance's batching engine, and the model instance, on
+the tiny random-weight llama.
 
 ``model.generate`` is the reference: our greedy stream must pick the same tokens.
 """
 
 from __future__ import annotations
 
-import threading
+import asyncio
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -14,10 +15,12 @@ import torch
 from pydantic import ValidationError
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-from invoker.generation import GeneratedToken, Generation
+from invoker.engine.batching import InstanceEngine
 from invoker.instance import ModelInstance
 from sllm.errors import CheckpointError, InvalidRequest, PromptTooLong
+from sllm.messages import TokenMessage
 from sllm.sampling import SamplingParams
+from tests.helpers.engine import Generated, collect, engine, generate
 from tests.helpers.tiny_model import make_tiny_llama, save_tiny_llama
 
 QUESTION = "What is the capital of France?"
@@ -55,11 +58,11 @@ def reference_greedy(
     return [int(t) for t in out[0, len(prompt_ids) :]]
 
 
-def run(
-    instance: ModelInstance, prompt_ids: list[int], params: SamplingParams
-) -> tuple[Generation, list[GeneratedToken]]:
-    generation = Generation(instance, prompt_ids, params)
-    return generation, list(generation)
+async def run(instance: ModelInstance, prompt_ids: list[int], params: SamplingParams
+              ) -> Generated:
+    """One sequence alone on an engine of its own."""
+    with engine(instance) as eng:
+        return await generate(eng, prompt_ids, params)
 
 
 def pack_like_loader(
@@ -92,7 +95,7 @@ def pack_like_loader(
 
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("kind", ["chat", "raw"])
-def test_greedy_stream_picks_the_same_tokens_as_generate(
+async def test_greedy_stream_picks_the_same_tokens_as_generate(
     tiny: Tiny,
     instances: Instances,
     seed: int,
@@ -104,92 +107,91 @@ def test_greedy_stream_picks_the_same_tokens_as_generate(
         prompt_ids = instance.encode(prompt=QUESTION)
     else:
         prompt_ids = instance.encode(prompt=RAW_PROMPT, raw=True)
-    generation, tokens = run(instance, prompt_ids, SamplingParams(max_tokens=40))
-    ids = [t.token_id for t in tokens]
+    got = await run(instance, prompt_ids, SamplingParams(max_tokens=40))
+    ids = got.ids
     expected = reference_greedy(model, prompt_ids, 40)
-    if generation.finish_reason == "stop":
+    if got.finish_reason == "stop":
         assert ids + [tokenizer.eos_token_id] == expected
     else:
-        assert generation.finish_reason == "length"
+        assert got.finish_reason == "length"
         assert ids == expected
-    assert [t.index for t in tokens] == list(range(len(tokens)))
-    assert "".join(t.text for t in tokens) == tokenizer.decode(ids, skip_special_tokens=True)
-    assert (generation.prompt_tokens, generation.completion_tokens) == (len(prompt_ids), len(ids))
+    assert [t.index for t in got.tokens] == list(range(len(ids)))
+    assert got.text == tokenizer.decode(ids, skip_special_tokens=True)
+    assert (got.done.prompt_tokens, got.done.completion_tokens) == (len(prompt_ids), len(ids))
 
 
-def test_eos_finishes_with_stop_and_is_neither_yielded_nor_counted(
+async def test_eos_finishes_with_stop_and_is_neither_sent_nor_counted(
     tiny: Tiny, instances: Instances
 ) -> None:
     model, tokenizer = tiny[1]
     prompt_ids = instances[1].encode(prompt=QUESTION)
-    generation, tokens = run(instances[1], prompt_ids, SamplingParams(max_tokens=100))
-    assert generation.finish_reason == "stop"
-    assert tokenizer.eos_token_id not in [t.token_id for t in tokens]
-    assert generation.completion_tokens == len(tokens) < 100
+    got = await run(instances[1], prompt_ids, SamplingParams(max_tokens=100))
+    assert got.finish_reason == "stop"
+    assert tokenizer.eos_token_id not in got.ids
+    assert got.done.completion_tokens == len(got.ids) < 100
     expected = reference_greedy(model, prompt_ids, 100)
-    assert [t.token_id for t in tokens] + [tokenizer.eos_token_id] == expected
+    assert got.ids + [tokenizer.eos_token_id] == expected
 
 
-def test_ignore_eos_generates_through_eos_to_max_tokens(tiny: Tiny, instances: Instances) -> None:
+async def test_ignore_eos_generates_through_eos_to_max_tokens(
+    tiny: Tiny, instances: Instances
+) -> None:
     model, tokenizer = tiny[1]
     prompt_ids = instances[1].encode(prompt=QUESTION)
-    stopped, _ = run(instances[1], prompt_ids, SamplingParams(max_tokens=100))
+    stopped = (await run(instances[1], prompt_ids, SamplingParams(max_tokens=100))).done
     n = stopped.completion_tokens + 5  # the plain run stops at its EOS, before n
-    generation, tokens = run(instances[1], prompt_ids, SamplingParams(max_tokens=n, ignore_eos=True))
-    assert generation.finish_reason == "length"
-    ids = [t.token_id for t in tokens]
-    assert len(ids) == generation.completion_tokens == n
-    assert ids[stopped.completion_tokens] == tokenizer.eos_token_id  # yielded as a token now
-    assert ids == reference_greedy(model, prompt_ids, n, ignore_eos=True)
+    got = await run(instances[1], prompt_ids, SamplingParams(max_tokens=n, ignore_eos=True))
+    assert got.finish_reason == "length"
+    assert len(got.ids) == got.done.completion_tokens == n
+    assert got.ids[stopped.completion_tokens] == tokenizer.eos_token_id  # sent as a token now
+    assert got.ids == reference_greedy(model, prompt_ids, n, ignore_eos=True)
 
 
-def test_max_tokens_reached_finishes_with_length(instances: Instances) -> None:
+async def test_max_tokens_reached_finishes_with_length(instances: Instances) -> None:
     prompt_ids = instances[1].encode(prompt=QUESTION)
-    generation, tokens = run(instances[1], prompt_ids, SamplingParams(max_tokens=5))
-    assert generation.finish_reason == "length"
-    assert len(tokens) == generation.completion_tokens == 5
+    got = await run(instances[1], prompt_ids, SamplingParams(max_tokens=5))
+    assert got.finish_reason == "length"
+    assert len(got.tokens) == got.done.completion_tokens == 5
 
 
-def test_partial_utf8_tokens_stream_empty_text_yet_join_to_the_full_decode(
+async def test_partial_utf8_tokens_stream_empty_text_yet_join_to_the_full_decode(
     tiny: Tiny, instances: Instances
 ) -> None:
     _, tokenizer = tiny[0]
-    for max_tokens in range(1, 41):  # every cut point, so the stream sometimes ends mid-character
-        params = SamplingParams(max_tokens=max_tokens)
-        _, tokens = run(instances[0], instances[0].encode(prompt=QUESTION), params)
-        ids = [t.token_id for t in tokens]
-        assert "".join(t.text for t in tokens) == tokenizer.decode(ids, skip_special_tokens=True)
+    prompt_ids = instances[0].encode(prompt=QUESTION)
+    with engine(instances[0]) as eng:
+        # every cut point, so the stream sometimes ends mid-character (the held-back token then
+        # comes last, with the flush)
+        runs = await asyncio.gather(*(generate(eng, prompt_ids, SamplingParams(max_tokens=n))
+                                      for n in range(1, 41)))
+    for got in runs:
+        assert got.text == tokenizer.decode(got.ids, skip_special_tokens=True)
     # seed 0 really produces partial byte tokens, held back as ""
-    assert any(tokenizer.decode([i]) == "\ufffd" for i in ids)
-    assert any(t.text == "" for t in tokens)
+    assert any(tokenizer.decode([i]) == "\ufffd" for i in runs[-1].ids)
+    assert any(t.text == "" for t in runs[-1].tokens)
 
 
-def test_timings_are_measured(instances: Instances) -> None:
+async def test_timings_are_measured(instances: Instances) -> None:
     prompt_ids = instances[0].encode(prompt=QUESTION)
-    generation, _ = run(instances[0], prompt_ids, SamplingParams(max_tokens=4))
-    assert generation.prefill_seconds > 0
-    assert generation.decode_seconds > 0
+    done = (await run(instances[0], prompt_ids, SamplingParams(max_tokens=4))).done
+    assert done.prefill_seconds > 0
+    assert done.decode_seconds > 0
 
 
-def test_one_instance_runs_generations_one_after_another(instances: Instances) -> None:
+async def test_one_engine_runs_sequences_one_after_another(instances: Instances) -> None:
     prompt_ids = instances[0].encode(prompt=QUESTION)
-    _, first = run(instances[0], prompt_ids, SamplingParams(max_tokens=10))
-    _, second = run(instances[0], prompt_ids, SamplingParams(max_tokens=10))
-    assert first == second
-
-
-def test_a_generation_iterates_only_once(instances: Instances) -> None:
-    prompt_ids = instances[0].encode(prompt=QUESTION)
-    generation, _ = run(instances[0], prompt_ids, SamplingParams(max_tokens=2))
-    with pytest.raises(RuntimeError):
-        list(generation)
+    params = SamplingParams(max_tokens=10)
+    with engine(instances[0]) as eng:
+        first = await generate(eng, prompt_ids, params)
+        second = await generate(eng, prompt_ids, params)
+    assert first.tokens == second.tokens and len(first.tokens) == 10
 
 
 # ---- from_tensors: the loader's buffer becomes the parameters -----------------------------------
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_from_tensors_uses_the_loader_buffer_without_copying_and_matches_generate(
+async def test_from_tensors_uses_the_loader_buffer_without_copying_and_matches_generate(
     tiny: Tiny, model_dirs: dict[int, Path], seed: int
 ) -> None:
     model, tokenizer = tiny[seed]
@@ -203,11 +205,10 @@ def test_from_tensors_uses_the_loader_buffer_without_copying_and_matches_generat
     assert not instance.model.training
 
     prompt_ids = instance.encode(prompt=QUESTION)
-    generation, tokens = run(instance, prompt_ids, SamplingParams(max_tokens=40))
-    ids = [t.token_id for t in tokens]
+    got = await run(instance, prompt_ids, SamplingParams(max_tokens=40))
     expected = reference_greedy(model, prompt_ids, 40)
-    stop = [tokenizer.eos_token_id] if generation.finish_reason == "stop" else []
-    assert ids + stop == expected
+    stop = [tokenizer.eos_token_id] if got.finish_reason == "stop" else []
+    assert got.ids + stop == expected
 
 
 def test_from_tensors_rebuilds_rotary_inv_freq_on_the_device(
@@ -249,15 +250,15 @@ def test_from_tensors_rejects_a_checkpoint_that_does_not_fit(
         ModelInstance.from_tensors(model_dirs[0], tensors)
 
 
-def test_from_pretrained_loads_a_hugging_face_folder(
+async def test_from_pretrained_loads_a_hugging_face_folder(
     tiny: Tiny, model_dirs: dict[int, Path]
 ) -> None:
     instance = ModelInstance.from_pretrained(model_dirs[1])
     prompt_ids = instance.encode(prompt=QUESTION)
-    generation, tokens = run(instance, prompt_ids, SamplingParams(max_tokens=100))
-    assert generation.finish_reason == "stop"
+    got = await run(instance, prompt_ids, SamplingParams(max_tokens=100))
+    assert got.finish_reason == "stop"
     expected = reference_greedy(tiny[1][0], prompt_ids, 100)
-    assert [t.token_id for t in tokens] + [tiny[1][1].eos_token_id] == expected
+    assert got.ids + [tiny[1][1].eos_token_id] == expected
 
 
 def test_eos_ids_gather_every_source_including_lists() -> None:
@@ -270,33 +271,33 @@ def test_eos_ids_gather_every_source_including_lists() -> None:
 # ---- sampling -----------------------------------------------------------------------------------
 
 
-def sampled(instance: ModelInstance, **kwargs: float | None) -> list[int]:
+async def sampled(instance: ModelInstance, **kwargs: float | None) -> list[int]:
     params = SamplingParams(max_tokens=20, **kwargs)  # type: ignore[arg-type]
-    _, tokens = run(instance, instance.encode(prompt=QUESTION), params)
-    return [t.token_id for t in tokens]
+    return (await run(instance, instance.encode(prompt=QUESTION), params)).ids
 
 
-def test_the_same_seed_samples_the_same_tokens(instances: Instances) -> None:
-    first = sampled(instances[0], temperature=1.0, seed=42)
-    assert first == sampled(instances[0], temperature=1.0, seed=42)
+async def test_the_same_seed_samples_the_same_tokens(instances: Instances) -> None:
+    first = await sampled(instances[0], temperature=1.0, seed=42)
+    assert first == await sampled(instances[0], temperature=1.0, seed=42)
 
 
-def test_different_seeds_sample_different_tokens(instances: Instances) -> None:
-    first = sampled(instances[0], temperature=1.0, seed=1)
-    assert first != sampled(instances[0], temperature=1.0, seed=2)
+async def test_different_seeds_sample_different_tokens(instances: Instances) -> None:
+    first = await sampled(instances[0], temperature=1.0, seed=1)
+    assert first != await sampled(instances[0], temperature=1.0, seed=2)
 
 
-def test_top_p_with_temperature_is_reproducible_and_a_tiny_top_p_is_greedy(
+async def test_top_p_with_temperature_is_reproducible_and_a_tiny_top_p_is_greedy(
     instances: Instances,
 ) -> None:
-    nucleus = sampled(instances[0], temperature=0.8, top_p=0.9, seed=3)
-    assert nucleus == sampled(instances[0], temperature=0.8, top_p=0.9, seed=3)
-    assert sampled(instances[0], temperature=1.5, top_p=1e-6, seed=3) == sampled(instances[0])
+    nucleus = await sampled(instances[0], temperature=0.8, top_p=0.9, seed=3)
+    assert nucleus == await sampled(instances[0], temperature=0.8, top_p=0.9, seed=3)
+    greedy = await sampled(instances[0])
+    assert await sampled(instances[0], temperature=1.5, top_p=1e-6, seed=3) == greedy
 
 
-def test_sampling_leaves_the_global_rng_alone(instances: Instances) -> None:
+async def test_sampling_leaves_the_global_rng_alone(instances: Instances) -> None:
     before = torch.get_rng_state()
-    sampled(instances[0], temperature=1.0)
+    await sampled(instances[0], temperature=1.0)
     assert torch.equal(torch.get_rng_state(), before)
 
 
@@ -331,50 +332,75 @@ def test_bad_sampling_params_are_refused_naming_the_field(
 # ---- stopping early -----------------------------------------------------------------------------
 
 
-def test_cancel_stops_between_steps(
-    tiny: Tiny, instances: Instances
+async def wait_for_cancelled(eng: InstanceEngine) -> None:
+    while eng.counters.cancelled == 0:
+        await asyncio.sleep(0.005)
+
+
+async def test_closing_the_stream_cancels_between_steps(tiny: Tiny, instances: Instances) -> None:
+    """The client goes away after three tokens: the sequence leaves at the next iteration
+    boundary, cancelled, and nothing more is computed for it (its DoneMessage has no reader)."""
+    model, _ = tiny[0]
+    prompt_ids = instances[0].encode(prompt=QUESTION)
+    params = SamplingParams(max_tokens=200, ignore_eos=True)
+    with engine(instances[0]) as eng:
+        _, stream = eng.open(prompt_ids, params)
+        got: list[TokenMessage] = []
+        async for msg in stream:
+            assert isinstance(msg, TokenMessage), msg
+            got.append(msg)
+            if msg.index == 2:
+                break
+        await stream.aclose()
+        await asyncio.wait_for(wait_for_cancelled(eng), 5)
+        drawn = eng.counters.generation_tokens
+        await asyncio.sleep(0.1)
+        assert eng.counters.generation_tokens == drawn < 200
+        assert eng.counters.finished == 1
+        assert eng.scheduler.jobs == {} and eng.scheduler.used == 0
+    ids = [t.token_id for t in got]
+    assert ids == reference_greedy(model, prompt_ids, 3, ignore_eos=True)
+
+
+async def test_a_sequence_cancelled_while_it_waits_computes_nothing(
+    instances: Instances,
 ) -> None:
-    cancel = threading.Event()
+    """Run to completion: the second sequence waits for the first; its client gives up before
+    it runs, so it is never prefilled, and the first runs on undisturbed."""
     prompt_ids = instances[0].encode(prompt=QUESTION)
-    generation = Generation(instances[0], prompt_ids, SamplingParams(max_tokens=40), cancel=cancel)
-    tokens = []
-    for token in generation:
-        tokens.append(token)
-        if token.index == 2:
-            cancel.set()
-    assert generation.finish_reason == "cancelled"
-    assert 3 <= len(tokens) <= 4  # a token held for its partial character still comes out
-    ids = [t.token_id for t in tokens]
-    assert "".join(t.text for t in tokens) == tiny[0][1].decode(ids, skip_special_tokens=True)
+    params = SamplingParams(max_tokens=200, ignore_eos=True)
+    with engine(instances[0], policy="run-to-completion") as eng:
+        first = asyncio.create_task(collect(eng.open(prompt_ids, params)[1]))
+        _, stream = eng.open([5, 6, 7], SamplingParams(max_tokens=5))  # arrives second
+        waiting = asyncio.create_task(anext(stream))
+        await asyncio.sleep(0.01)  # the stream starts and waits for its first message
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        await stream.aclose()  # as the invoker's route does when its client goes away
+        await asyncio.wait_for(wait_for_cancelled(eng), 5)
+        assert not first.done()
+        assert len((await first).ids) == 200
+        assert eng.counters.generation_tokens == 200  # none for the cancelled one
+        assert eng.counters.prompt_tokens == len(prompt_ids)  # nor a prefill
 
 
-def test_cancel_set_before_the_start_generates_nothing(instances: Instances) -> None:
-    cancel = threading.Event()
-    cancel.set()
-    prompt_ids = instances[0].encode(prompt=QUESTION)
-    generation = Generation(instances[0], prompt_ids, SamplingParams(max_tokens=5), cancel=cancel)
-    assert list(generation) == []
-    assert (generation.finish_reason, generation.completion_tokens) == ("cancelled", 0)
+async def test_closing_a_stream_before_reading_it_cancels(instances: Instances) -> None:
+    with engine(instances[0]) as eng:
+        _, stream = eng.open([5, 6, 7], SamplingParams(max_tokens=200, ignore_eos=True))
+        await stream.aclose()
+        await asyncio.wait_for(wait_for_cancelled(eng), 2)
 
 
-def test_closing_the_iterator_early_counts_as_cancelled(instances: Instances) -> None:
-    prompt_ids = instances[0].encode(prompt=QUESTION)
-    generation = Generation(instances[0], prompt_ids, SamplingParams(max_tokens=40))
-    iterator = iter(generation)
-    next(iterator)
-    iterator.close()  # type: ignore[attr-defined]
-    assert generation.finish_reason == "cancelled"
-
-
-def test_generation_is_clipped_to_the_context_window(
+async def test_generation_is_clipped_to_the_context_window(
     tiny: Tiny,
 ) -> None:
     model, tokenizer = tiny[0]
     instance = ModelInstance.from_model(model, tokenizer, context_window=40)
     prompt_ids = instance.encode(prompt=QUESTION)
-    generation, tokens = run(instance, prompt_ids, SamplingParams(max_tokens=100))
-    assert generation.finish_reason == "length"
-    assert len(prompt_ids) + len(tokens) == 40
+    got = await run(instance, prompt_ids, SamplingParams(max_tokens=100))
+    assert got.finish_reason == "length"
+    assert len(prompt_ids) + len(got.ids) == 40
 
 
 # ---- prompts ------------------------------------------------------------------------------------
@@ -425,9 +451,14 @@ def test_a_prompt_that_fills_the_context_window_is_too_long(instances: Instances
     assert str(len(instances[0].tokenizer.encode("fox " * window))) in caught.value.message
 
 
-def test_generation_refuses_prompt_ids_that_leave_no_room(instances: Instances) -> None:
+async def test_the_engine_refuses_prompt_ids_that_leave_no_room(instances: Instances) -> None:
     window = instances[0].context_window
-    with pytest.raises(PromptTooLong):
-        Generation(instances[0], [5] * window, SamplingParams(max_tokens=1))
-    with pytest.raises(InvalidRequest):
-        Generation(instances[0], [], SamplingParams(max_tokens=1))
+    with engine(instances[0]) as eng:
+        with pytest.raises(PromptTooLong):
+            eng.open([5] * window, SamplingParams(max_tokens=1))
+        with pytest.raises(InvalidRequest) as caught:
+            eng.open([], SamplingParams(max_tokens=1))
+        assert caught.value.param == "prompt"
+        # one position short of the window leaves room for one token
+        got = await collect(eng.open([5] * (window - 1), SamplingParams(max_tokens=5))[1])
+        assert got.finish_reason in ("length", "stop") and len(got.ids) <= 1

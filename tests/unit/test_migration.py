@@ -1,22 +1,24 @@
-"""Token-based migration at the level of one generation and one pair of instances: a
-generation resumed from its tokens (with or without a KV cache prepared in rounds) continues
-exactly as it would have, the source stops at a token boundary when told, and the destination's
-sessions check what they are given. The end-to-end protocol (invokers, gateway, controller) is
-in ``test_e2e_migration.py``.
+"""Token-based migration at the level of one sequence in an instance's batching engine: a
+sequence resumed from its tokens (with or without a KV cache prepared in rounds) continues
+exactly as it would have, the source stops at a token boundary when told and ends its stream
+with every token, and the destination's sessions check what they are given. The end-to-end
+protocol (invokers, gateway, controller) is in ``test_e2e_migration.py``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
 
 import pytest
 
-from invoker.generation import Generation, Resume, extend_cache, token_seed
+from invoker.generation import extend_cache, token_seed
 from invoker.instance import ModelInstance
-from invoker.migration import Sessions
+from invoker.migration import Sessions, Target
 from sllm.errors import Conflict, InvalidRequest
-from sllm.messages import PrefillRequest
+from sllm.messages import DoneMessage, MigratedMessage, PrefillRequest, TokenMessage
 from sllm.sampling import SamplingParams
+from tests.helpers.engine import collect, engine, generate, generate_alone
 from tests.helpers.kv_rounds import prefill_in_two_rounds
 from tests.helpers.tiny_model import make_tiny_llama
 
@@ -34,27 +36,18 @@ def prompt_ids(instance: ModelInstance) -> list[int]:
     return instance.encode(prompt="The quick brown fox", raw=True)
 
 
-def generate(instance: ModelInstance, prompt_ids: list[int], params: SamplingParams,
-             resume: Resume | None = None) -> tuple[Generation, list[int], str]:
-    gen = Generation(instance, prompt_ids, params, resume=resume)
-    tokens = list(gen)
-    assert [t.index for t in tokens] == list(range(tokens[0].index if tokens else 0,
-                                                   (tokens[0].index if tokens else 0) + len(tokens)))
-    return gen, [t.token_id for t in tokens], "".join(t.text for t in tokens)
-
-
 @pytest.fixture(scope="module")
 def reference(instance: ModelInstance, prompt_ids: list[int]) -> tuple[list[int], str]:
-    gen, ids, text = generate(instance, prompt_ids, SamplingParams(max_tokens=N))
-    assert gen.finish_reason == "length" and len(ids) == N
-    return ids, text
+    got = generate_alone(instance, prompt_ids, SamplingParams(max_tokens=N))
+    assert got.finish_reason == "length" and len(got.ids) == N
+    return got.ids, got.text
 
 
 @pytest.mark.parametrize("at", [0, 1, N // 2, N - 2, N - 1])
 @pytest.mark.parametrize("prepared", [False, True])
-def test_greedy_resume_continues_exactly(instance: ModelInstance, prompt_ids: list[int],
-                                         reference: tuple[list[int], str], at: int,
-                                         prepared: bool) -> None:
+async def test_greedy_resume_continues_exactly(instance: ModelInstance, prompt_ids: list[int],
+                                               reference: tuple[list[int], str], at: int,
+                                               prepared: bool) -> None:
     """Moved after ``at`` tokens (before the first, in the middle, a few before the end), with
     the KV cache recomputed in two rounds or not at all: same tokens, same text."""
     ids, text = reference
@@ -63,85 +56,145 @@ def test_greedy_resume_continues_exactly(instance: ModelInstance, prompt_ids: li
         full = [*prompt_ids, *ids[:at]]
         cache, cached = prefill_in_two_rounds(instance, full)
         assert cached == len(full) - 1
-    gen, rest, rest_text = generate(instance, prompt_ids, SamplingParams(max_tokens=N),
-                                    Resume(ids[:at], emitted=at, cache=cache, cached=cached))
-    assert ids[:at] + rest == ids
-    assert gen.finish_reason == "length" and gen.completion_tokens == N
+    with engine(instance) as eng:
+        got = await generate(eng, prompt_ids, SamplingParams(max_tokens=N), resumed=ids[:at],
+                             emitted=at, prepared=(cache, cached))
+        # a prepared cache is not prefilled again: only the last id and the tokens after it
+        positions = 1 if prepared else len(prompt_ids) + at
+        assert eng.counters.prompt_tokens == positions
+    assert ids[:at] + got.ids == ids
+    assert got.tokens[0].index == at
+    assert got.finish_reason == "length" and got.done.completion_tokens == N
     first_text = instance.tokenizer.decode(ids[:at], skip_special_tokens=True)
-    assert first_text + rest_text == text
+    assert first_text + got.text == text
 
 
-def test_tokens_the_client_did_not_receive_are_yielded_again(
+async def test_a_resumed_sequence_prefilled_in_chunks_continues_exactly(
         instance: ModelInstance, prompt_ids: list[int], reference: tuple[list[int], str]) -> None:
     ids, _ = reference
-    _, rest, _ = generate(instance, prompt_ids, SamplingParams(max_tokens=N),
-                          Resume(ids[:10], emitted=7))
-    assert rest == ids[7:]
+    budget = len(prompt_ids) - 3  # the first chunk ends inside the prompt
+    with engine(instance, maxBatchTokens=budget) as eng:
+        got = await generate(eng, prompt_ids, SamplingParams(max_tokens=N), resumed=ids[:7],
+                             emitted=7)
+    assert ids[:7] + got.ids == ids
 
 
-def test_resumed_text_joins_across_incomplete_characters(instance: ModelInstance,
-                                                         prompt_ids: list[int]) -> None:
+async def test_tokens_the_client_did_not_receive_are_sent_again(
+        instance: ModelInstance, prompt_ids: list[int], reference: tuple[list[int], str]) -> None:
+    ids, _ = reference
+    with engine(instance) as eng:
+        got = await generate(eng, prompt_ids, SamplingParams(max_tokens=N), resumed=ids[:10],
+                             emitted=7)
+    assert got.ids == ids[7:] and got.tokens[0].index == 7
+
+
+async def test_resumed_text_joins_across_incomplete_characters(instance: ModelInstance,
+                                                               prompt_ids: list[int]) -> None:
     """Sampled tokens of a byte-level vocabulary often split a character, so a token may reach
-    the client with no text yet, or still be held back when the generation moves. Moved after
+    the client with no text yet, or still be held back when the sequence moves. Moved after
     every token, held one back or not, the client's text is that of the whole generation."""
     params = SamplingParams(max_tokens=N, temperature=1.5, seed=7)
-    gen = Generation(instance, prompt_ids, params)
-    tokens = list(gen)
-    ids, text = gen.token_ids, "".join(t.text for t in tokens)
-    assert any(t.text == "" for t in tokens)  # the case arises
-    for emitted in range(N):
-        for held in (0, 1):
-            sent = "".join(t.text for t in tokens[:emitted])
-            _, _, rest = generate(instance, prompt_ids, params,
-                                  Resume(ids[: emitted + held], emitted=emitted))
-            assert sent + rest == text, (emitted, held)
+    with engine(instance) as eng:
+        whole = await generate(eng, prompt_ids, params)
+        ids, tokens = whole.ids, whole.tokens
+        assert len(ids) == N
+        assert any(t.text == "" for t in tokens)  # the case arises
+        cases = [(emitted, held) for emitted in range(N) for held in (0, 1)]
+        rests = [await generate(eng, prompt_ids, params, resumed=ids[: emitted + held],
+                                emitted=emitted) for emitted, held in cases]
+    for (emitted, held), rest in zip(cases, rests, strict=True):
+        sent = "".join(t.text for t in tokens[:emitted])
+        assert sent + rest.text == whole.text, (emitted, held)
 
 
-def test_sampling_with_a_seed_resumes_the_same_draws(instance: ModelInstance,
-                                                     prompt_ids: list[int]) -> None:
+async def test_sampling_with_a_seed_resumes_the_same_draws(instance: ModelInstance,
+                                                           prompt_ids: list[int]) -> None:
     params = SamplingParams(max_tokens=N, temperature=1.0, seed=1234)
-    _, ids, _ = generate(instance, prompt_ids, params)
-    _, rest, _ = generate(instance, prompt_ids, params, Resume(ids[:15], emitted=15))
+    with engine(instance) as eng:
+        ids = (await generate(eng, prompt_ids, params)).ids
+        rest = (await generate(eng, prompt_ids, params, resumed=ids[:15], emitted=15)).ids
+        other = (await generate(eng, prompt_ids, SamplingParams(max_tokens=N, temperature=1.0,
+                                                                seed=1235))).ids
     assert ids[:15] + rest == ids
-    _, other, _ = generate(instance, prompt_ids, SamplingParams(max_tokens=N, temperature=1.0,
-                                                                seed=1235))
     assert other != ids
     assert token_seed(1234, 0) != token_seed(1234, 1) != token_seed(1235, 1)
 
 
-def test_handoff_stops_at_a_token_boundary(instance: ModelInstance, prompt_ids: list[int],
-                                           reference: tuple[list[int], str]) -> None:
-    handoff = threading.Event()
-    gen = Generation(instance, prompt_ids, SamplingParams(max_tokens=N), handoff=handoff)
-    got = []
-    for tok in gen:
-        got.append(tok.token_id)
-        if len(got) == 5:
-            handoff.set()
-    assert gen.finish_reason == "migrated"
-    assert gen.token_ids == reference[0][:5] == got
+async def test_handoff_stops_at_a_token_boundary_with_every_token(
+        instance: ModelInstance, prompt_ids: list[int], reference: tuple[list[int], str]) -> None:
+    """Handed over once the client has five tokens: the stream ends with a MigratedMessage
+    naming the target and carrying every token generated (one held back for its incomplete
+    character included), and a destination resumed from it finishes the uninterrupted run."""
+    ids, text = reference
+    params = SamplingParams(max_tokens=N)
+    with engine(instance) as eng:
+        run, stream = eng.open(prompt_ids, params)
+        got: list[TokenMessage] = []
+        async for msg in stream:
+            if isinstance(msg, TokenMessage):
+                got.append(msg)
+                if len(got) == 5:
+                    run.hand_over(Target("http://destination", "inst-2", "sess-1"))
+            else:
+                last = msg
+        assert isinstance(last, MigratedMessage), last
+        assert await run.ended == "migrated"
+        moved = last.token_ids
+        assert 5 <= len(moved) < N and moved == ids[: len(moved)]
+        assert [t.token_id for t in got] in (moved, moved[:-1])  # a held token is not sent
+        assert (last.invoker_url, last.instance_id, last.session, last.reason) == (
+            "http://destination", "inst-2", "sess-1", "migrated")
+        assert last.prompt_tokens == len(prompt_ids) and last.prefill_seconds > 0
+        rest = await generate(eng, prompt_ids, params, resumed=moved, emitted=len(got))
+    assert [t.token_id for t in got] + rest.ids == ids
+    assert "".join(t.text for t in got) + rest.text == text
+    assert rest.done.completion_tokens == N
 
 
-def test_a_finish_wins_over_a_late_handoff(instance: ModelInstance, prompt_ids: list[int]) -> None:
-    handoff = threading.Event()
-    gen = Generation(instance, prompt_ids, SamplingParams(max_tokens=3), handoff=handoff)
-    for tok in gen:
-        if tok.index == 2:
-            handoff.set()  # after the last token: the generation is done anyway
-    assert gen.finish_reason == "length" and len(gen.token_ids) == 3
+async def test_a_finish_wins_over_a_handoff(instance: ModelInstance, prompt_ids: list[int]) -> None:
+    with engine(instance) as eng:
+        run, stream = eng.open(prompt_ids, SamplingParams(max_tokens=3))
+        got: list[TokenMessage] = []
+        async for msg in stream:
+            if isinstance(msg, TokenMessage):
+                got.append(msg)
+                if msg.index == 2:
+                    run.hand_over(Target())  # after the last token: the sequence is done anyway
+            else:
+                last = msg
+        assert isinstance(last, DoneMessage) and last.finish_reason == "length"
+        assert len(got) == 3
+        # length is checked before a handoff: a sequence resumed with all its tokens finishes
+        run, stream = eng.open(prompt_ids, SamplingParams(max_tokens=3), resumed=[9, 8, 7],
+                               emitted=2)
+        run.hand_over(Target())
+        resumed = await collect(stream)
+    assert resumed.ids == [7] and resumed.done.finish_reason == "length"
+    assert resumed.done.completion_tokens == 3
 
 
-def test_resume_rejects_what_does_not_fit(instance: ModelInstance, prompt_ids: list[int]) -> None:
-    with pytest.raises(InvalidRequest):
-        Generation(instance, prompt_ids, SamplingParams(max_tokens=N), resume=Resume([1, 2], 3))
-    cache = extend_cache(instance, None, prompt_ids[:2])
-    with pytest.raises(InvalidRequest):  # the cache covers 2 positions, not 3
-        Generation(instance, prompt_ids, SamplingParams(max_tokens=N),
-                   resume=Resume([], 0, cache=cache, cached=3))
-    whole = extend_cache(instance, None, prompt_ids)
-    with pytest.raises(InvalidRequest):  # nothing left to feed the first step
-        Generation(instance, prompt_ids, SamplingParams(max_tokens=N),
-                   resume=Resume([], 0, cache=whole, cached=len(prompt_ids)))
+async def test_resume_rejects_an_emitted_count_beyond_its_tokens(
+        instance: ModelInstance, prompt_ids: list[int]) -> None:
+    with engine(instance) as eng:
+        with pytest.raises(InvalidRequest) as caught:
+            eng.open(prompt_ids, SamplingParams(max_tokens=N), resumed=[1, 2], emitted=3)
+        assert caught.value.param == "resume"
+        window = instance.context_window
+        with pytest.raises(InvalidRequest):  # prompt + moved tokens overflow the window
+            eng.open(prompt_ids, SamplingParams(max_tokens=N),
+                     resumed=[5] * (window - len(prompt_ids) + 1))
+
+
+@pytest.mark.parametrize("case", ["short", "whole"])
+async def test_resume_rejects_a_prepared_cache_that_does_not_fit(
+        instance: ModelInstance, prompt_ids: list[int], case: str) -> None:
+    if case == "short":  # the cache covers 2 positions, not 3
+        prepared = (extend_cache(instance, None, prompt_ids[:2]), 3)
+    else:  # nothing left to feed the first step
+        prepared = (extend_cache(instance, None, prompt_ids), len(prompt_ids))
+    with engine(instance) as eng, pytest.raises(InvalidRequest):
+        await asyncio.wait_for(
+            generate(eng, prompt_ids, SamplingParams(max_tokens=N), prepared=prepared), 2)
 
 
 def test_sessions_extend_in_order_and_match_the_tokens(instance: ModelInstance,
