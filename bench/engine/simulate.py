@@ -64,7 +64,7 @@ class Outcome:
     preemptions: int
 
     def row(self) -> dict[str, float]:
-        return {"requests": int(len(self.jct)), "jct_mean_s": float(self.jct.mean()),
+        return {"requests": len(self.jct), "jct_mean_s": float(self.jct.mean()),
                 "jct_p99_s": float(np.percentile(self.jct, 99)),
                 "ttft_mean_s": float(self.ttft.mean()),
                 "ttft_p99_s": float(np.percentile(self.ttft, 99))}

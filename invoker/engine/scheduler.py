@@ -8,7 +8,10 @@ generated) and how many of them its KV cache holds (``computed``). Each iteratio
 ``n <= known - computed`` positions of a job: a prefill chunk, or the one new token of a decode;
 when ``n`` reaches ``known`` the engine samples the job's next token. :meth:`Scheduler.decide`
 takes the jobs in the policy's order (:class:`sllm.manifest.Scheduling`) and gives each, in turn,
-what is left of the iteration's token budget (``maxBatchTokens``) until ``maxBatch`` jobs run:
+its share of the iteration's token budget (``maxBatchTokens``): the first ``maxBatch`` jobs that
+may run form the batch, and the budget goes to their decodes first (one token each), then to
+their prefill chunks in the order, so that a long prompt never stalls the decodes beside it
+(Sarathi-Serve's stall-free batching). The order is the policy's:
 
 - ``fcfs`` and ``run-to-completion``: started jobs first, then by arrival (vLLM's running queue
   before its waiting one); run-to-completion runs one job at a time.
@@ -259,45 +262,62 @@ class Scheduler:
 
     def decide(self, now: float) -> Step:
         """The next iteration (module docstring); an empty ``run`` when nothing can run."""
-        order = [j for j in self.order(now) if j.started or not j.held]
-        tokens = self.config.maxBatchTokens
-        run: list[tuple[str, int]] = []
-        drop: list[str] = []
-        dropped: set[str] = set()
-        used = self.used
+        order = [j for j in self.order(now) if (j.started or not j.held) and j.pending > 0]
+        # the batch, in the order: a decode takes one token of the budget, a prefill chunk what
+        # is left once the decodes after it (that the batch still has room for) have theirs, so
+        # that a long prompt never stalls the decodes beside it (stall-free batching)
         reserved = sum(j.limit for j in self.jobs.values() if j.capacity)
+        decodes_after = [0] * (len(order) + 1)
+        for i in range(len(order) - 1, -1, -1):
+            decodes_after[i] = decodes_after[i + 1] + (order[i].pending == 1)
+        tokens = self.config.maxBatchTokens
+        chosen: list[tuple[int, Job]] = []
+        counts: dict[str, int] = {}
         for rank, job in enumerate(order):
-            if len(run) == self.config.batch or tokens == 0:
+            slots = self.config.batch - len(chosen)
+            if slots == 0 or tokens == 0:
                 break
-            n = min(job.pending, tokens)
-            if n <= 0:
-                continue
+            if job.pending == 1:
+                n = 1
+            else:
+                n = min(job.pending, tokens - min(slots - 1, decodes_after[rank + 1]))
+                if n <= 0:
+                    continue
             if not job.capacity:  # it starts (or restarts) only with room to finish
                 if reserved + job.limit > self.kv_tokens:
                     continue
                 reserved += job.limit
+            chosen.append((rank, job))
+            counts[job.id] = n
+            tokens -= n
+        # room for the caches to grow
+        run: list[tuple[str, int]] = []
+        drop: list[str] = []
+        used = self.used
+        for rank, job in chosen:
+            n = counts.get(job.id, 0)
+            if not n:
+                continue
             extra = capacity_for(job.capacity, job.computed + n, job.limit) - job.capacity
             if used + extra > self.kv_tokens and job.capacity:
                 # a job holding a cache takes those of lower-priority jobs, the lowest first
                 for victim in reversed(order[rank + 1:]):
                     if used + extra <= self.kv_tokens:
                         break
-                    if victim.capacity and victim.id not in dropped:
-                        dropped.add(victim.id)
+                    if victim.capacity and victim.id not in drop and victim.id not in counts:
                         drop.append(victim.id)
                         used -= victim.capacity
-                if used + extra > self.kv_tokens:
-                    continue  # waits for memory
+            if used + extra > self.kv_tokens:
+                continue  # waits for memory
             used += extra
-            tokens -= n
             run.append((job.id, n))
         for job_id in drop:
             job = self.jobs[job_id]
             job.computed = job.capacity = 0
             self.counters.dropped += 1
-        chosen = {j for j, _ in run}
-        self.counters.preemptions += len(self._last - chosen)
-        self._last = chosen
+        chosen_ids = {j for j, _ in run}
+        self.counters.preemptions += len(self._last - chosen_ids)
+        self._last = chosen_ids
         return Step(tuple(run), tuple(drop))
 
     def account(self, step: Step, seconds: float, now: float) -> None:

@@ -147,3 +147,18 @@ def test_the_manifest_validates_the_scheduling() -> None:
                 {"typo": 1}):
         with pytest.raises(ValidationError):
             Scheduling(**bad)
+
+
+def test_a_long_prefill_never_stalls_the_decodes_beside_it() -> None:
+    """mlfq puts the new job first, yet the decodes after it keep their token (stall-free)."""
+    s = sched(policy="mlfq", quantum=0.01, quantumRatio=10, maxBatch=4, maxBatchTokens=32)
+    for j in ("a", "b"):
+        s.add(j, now=0.0, known=4, limit=100)
+    step = s.decide(now=0.0)
+    s.account(step, seconds=0.1, now=0.1)  # both used level 0's quantum: level 1 now
+    s.generated("a")
+    s.generated("b")
+    s.add("long", now=0.2, known=500, limit=600)
+    s.jobs["long"].level = 0  # (whatever skip-join said) first in the order
+    step = s.decide(now=0.2)
+    assert step.run == (("long", 30), ("a", 1), ("b", 1))
