@@ -1,25 +1,18 @@
-"""The batching engine's throughput through the running runtime, for every scheduling policy,
-against transformers' padded batched ``generate`` in the same run (the limit for this model on
-this machine) and against run-to-completion (sllm before the engine).
-
-    .venv/bin/python -m bench.engine [--model smollm2-135m-instruct] [--batches 1,4,8,16]
-                                     [--tokens 64] [--policies mlfq,fcfs,run-to-completion]
-                                     [--json]
+"""The throughput part of ``python -m bench.engine``: concurrent streams on one instance through
+the running runtime, for every scheduling policy, against transformers' padded batched
+``generate`` in the same run (the limit for this model on this machine) and against
+run-to-completion (sllm before the engine).
 
 It starts its own runtime (etcd, controller, gateway, one invoker) on free loopback ports over
-the model store of ``$SLLM_HOME`` (importing SmolLM2 when it is missing). For each policy one
-function (one instance: ``maxInstances: 1``, ``targetConcurrency`` the largest batch) is
-deployed, warmed up with one call, then sent ``batch`` concurrent streaming calls of the same
-prompt, each generating exactly ``--tokens`` tokens (``ignore_eos``). ``tokens_per_s`` is every
-token of the batch over the wall time from the first call sent to the last stream's end;
-``tpot_s`` the median over the streams of (last token - first token) / (tokens - 1), at the
-client. The ``generate`` rows run ``model.generate`` in this process on a batch of ``batch``
-copies of the same prompt ids (no padding), greedy, ``min_new_tokens = max_new_tokens``, on the
-same weights loaded from the same checkpoint, after the runtime has stopped (so the two never
-share the cores).
-
-Rows (``--json``): ``{"part": "throughput", "policy", "batch", "tokens_per_s", "tpot_s"}``
-(``policy: "generate"`` for transformers).
+the model store of ``$SLLM_HOME``. For each policy one function (one instance: ``maxInstances:
+1``, ``targetConcurrency`` the largest batch) is deployed, warmed up with one call, then sent
+``batch`` concurrent streaming calls of the same prompt, each generating exactly ``--tokens``
+tokens (``ignore_eos``). ``tokens_per_s`` is every token of the batch over the wall time from
+the first call sent to the last stream's end; ``tpot_s`` the median over the streams of (last
+token - first token) / (tokens - 1), at the client. The ``generate`` rows run
+``model.generate`` in this process on a batch of ``batch`` copies of the same prompt ids (no
+padding), greedy, ``min_new_tokens = max_new_tokens``, on the same weights loaded from the same
+checkpoint, after the runtime has stopped (so the two never share the cores).
 
 Targets (issue 26): at batch 8, the batching policies reach >= 90% of ``generate`` and >= 3.5x
 run-to-completion; at batch 1, within 10% of ``generate``.
@@ -38,8 +31,8 @@ from typing import Any
 import httpx
 import torch
 
-from bench.coldstart import PROMPT, store_with
-from bench.stats import machine, median, table
+from bench.coldstart import PROMPT
+from bench.stats import median, table
 from cli import launcher
 from sllm import config
 from sllm.sse import parse_events
@@ -89,12 +82,14 @@ def through_runtime(args: argparse.Namespace, home: Path) -> list[dict[str, Any]
             for batch in args.batches:
                 with cf.ThreadPoolExecutor(batch) as pool:
                     t0 = time.perf_counter()
-                    runs = list(pool.map(lambda _: invoke(gw, name, args.tokens), range(batch)))
+                    runs = list(pool.map(invoke, [gw] * batch, [name] * batch,
+                                         [args.tokens] * batch))
                 wall = max(r["last"] for r in runs) - t0
                 rows.append({"part": "throughput", "policy": policy, "batch": batch,
                              "tokens_per_s": batch * args.tokens / wall,
                              "tpot_s": median([r["tpot"] for r in runs])})
-                print(json.dumps(rows[-1]), flush=True) if not args.json else None
+                if not args.json:
+                    print(json.dumps(rows[-1]), flush=True)
             httpx.delete(f"{gw}/v1/functions/{name}", timeout=30)
     finally:
         launcher.stop(state)
@@ -126,35 +121,22 @@ def with_generate(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(prog="python -m bench.engine", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--batches", default="1,4,8,16")
-    ap.add_argument("--tokens", type=int, default=64, help="tokens each stream generates")
-    ap.add_argument("--policies", default="mlfq,fcfs,run-to-completion")
-    ap.add_argument("--json", action="store_true", help="one JSON line per row")
-    args = ap.parse_args()
-    args.batches = [int(b) for b in args.batches.split(",")]
-    args.policies = args.policies.split(",")
-    store_with(args.model)
+def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every policy through the runtime, then ``generate``: the part's rows."""
     with tempfile.TemporaryDirectory(prefix="sllm-bench-engine-") as tmp:
         rows = through_runtime(args, Path(tmp))
-    rows += with_generate(args)
-    if args.json:
-        for r in rows:
-            print(json.dumps(r))
-        return
-    print(json.dumps(machine()))
+    return rows + with_generate(args)
+
+
+def report(rows: list[dict[str, Any]]) -> str:
+    """The rows as a table, with each row's share of ``generate`` and its speed-up over
+    run-to-completion at the same batch."""
     limit = {r["batch"]: r["tokens_per_s"] for r in rows if r["policy"] == "generate"}
     rtc = {r["batch"]: r["tokens_per_s"] for r in rows if r["policy"] == "run-to-completion"}
-    for r in rows:
-        r["of_generate"] = r["tokens_per_s"] / limit[r["batch"]]
-        r["x_rtc"] = r["tokens_per_s"] / rtc[r["batch"]] if r["batch"] in rtc else float("nan")
-    print(table(rows, [("policy", "policy", "s"), ("batch", "batch", "d"),
-                       ("tokens/s", "tokens_per_s", ".1f"), ("TPOT s", "tpot_s", ".3f"),
-                       ("of generate", "of_generate", ".2f"), ("x rtc", "x_rtc", ".2f")]))
-
-
-if __name__ == "__main__":
-    main()
+    shown = [{**r, "of_generate": r["tokens_per_s"] / limit[r["batch"]] if r["batch"] in limit
+              else float("nan"),
+              "x_rtc": r["tokens_per_s"] / rtc[r["batch"]] if r["batch"] in rtc else float("nan")}
+             for r in rows]
+    return table(shown, [("policy", "policy", "s"), ("batch", "batch", "d"),
+                         ("tokens/s", "tokens_per_s", ".1f"), ("TPOT s", "tpot_s", ".3f"),
+                         ("of generate", "of_generate", ".2f"), ("x rtc", "x_rtc", ".2f")])

@@ -1,0 +1,116 @@
+"""The batching engine's benchmark, one command, every policy in the same run:
+
+    .venv/bin/python -m bench.engine [--parts throughput,simulation] [--trace PATH] [--json]
+                                     [--batches 1,4,8,16] [--tokens 64] [--loads 0.5,0.7,0.9]
+
+- ``throughput`` (:mod:`bench.engine.throughput`): 1-16 concurrent streams of fixed length on one
+  SmolLM2 instance through the running runtime, per policy, against transformers' batched
+  ``generate`` in the same run;
+- ``simulation`` (:mod:`bench.engine.simulate`): the real scheduler over the whole trace and its
+  heavy-tailed variant (output lengths ~ Pareto(1.2), the trace's mean), at several loads, under
+  two cost models: this machine's (SmolLM2, profiled in the same run by
+  :mod:`bench.engine.profile`; token counts divided by 8, batch 16) and an assumed GPU one (see
+  :data:`GPU`; token counts as in the trace, batch 64); each with the KV budget unlimited and
+  with a budget of :data:`KV_TOKENS` tokens. The load is the request rate over the instance's
+  saturated capacity (:meth:`~bench.engine.simulate.Cost.capacity_rps`).
+
+JSON rows: ``{"part": "throughput", "policy", "batch", "tokens_per_s", "tpot_s"}`` and
+``{"part": "simulation", "workload", "policy", "load", "requests", "jct_mean_s", "jct_p99_s",
+"ttft_mean_s", "ttft_p99_s", "cost", "kv_tokens"}`` (``policy: "srpt"`` for the oracle).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from bench.engine import simulate as sim
+from bench.engine import workload
+from bench.stats import machine, table
+from sllm.manifest import Scheduling
+
+GPU = sim.Cost(fixed_s=0.012, prefill_s=0.00012, decode_s=0.0003, name="gpu (assumed)")
+"""An assumed GPU iteration, of the magnitude a 7B model in fp16 on one A100-class GPU shows in
+published vLLM and Sarathi-Serve measurements (about 12 ms a decode iteration at small batch,
+about 0.12 ms a prefill token): not measured here, since no GPU was lent when it was written."""
+
+KV_TOKENS = 10_000
+"""A bounded KV budget: SmolLM2-135M in float32 under ``memory: 1Gi`` (about 0.5 GB of cache at
+46 KB a token)."""
+
+CONTEXT = 8192
+
+
+def simulation(args: argparse.Namespace, cpu: sim.Cost) -> list[dict[str, Any]]:
+    raw = workload.read_trace(args.trace)
+    rows = []
+    for cost, divide, batch in ((cpu, 8, 16), (GPU, 1, 64)):
+        config = Scheduling(maxBatch=batch)
+        unit = workload.scaled(raw, divide=divide, context=CONTEXT, load=1.0, capacity_rps=1.0)
+        capacity = cost.capacity_rps(unit, batch)
+        for load in args.loads:
+            trace = workload.scaled(raw, divide=divide, context=CONTEXT, load=load,
+                                    capacity_rps=capacity)
+            heavy = workload.heavy_tail(trace, alpha=1.2, context=CONTEXT)
+            for name, requests in (("trace", trace), ("heavy-tail", heavy)):
+                for kv in (1 << 40, KV_TOKENS):
+                    for policy in ("fcfs", "mlfq", "srpt"):
+                        out = sim.simulate(requests, policy, cost, config, kv)
+                        rows.append({"part": "simulation", "workload": name, "policy": policy,
+                                     "load": load, **out.row(), "cost": cost.name,
+                                     "kv_tokens": None if kv == 1 << 40 else kv})
+                        if not args.json:
+                            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(prog="python -m bench.engine", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--parts", default="throughput,simulation")
+    ap.add_argument("--trace", type=Path, default=workload.TRACE)
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--batches", default="1,4,8,16")
+    ap.add_argument("--tokens", type=int, default=64, help="tokens each throughput stream generates")
+    ap.add_argument("--policies", default="mlfq,fcfs,run-to-completion")
+    ap.add_argument("--loads", default="0.5,0.7,0.9")
+    ap.add_argument("--json", action="store_true", help="one JSON line per row")
+    args = ap.parse_args()
+    args.batches = [int(b) for b in args.batches.split(",")]
+    args.policies = args.policies.split(",")
+    args.loads = [float(x) for x in args.loads.split(",")]
+    parts = args.parts.split(",")
+
+    from bench.coldstart import store_with
+    from bench.engine import profile, throughput
+
+    store = store_with(args.model)
+    rows: list[dict[str, Any]] = []
+    if "throughput" in parts:
+        rows += throughput.run(args)
+    if "simulation" in parts:
+        cost, fit = profile.profile(profile.load(store.path(args.model)))
+        rows += [{"part": "profile", **r} for r in fit]
+        rows.append({"part": "cost", "cost": cost.name, "fixed_s": cost.fixed_s,
+                     "prefill_s": cost.prefill_s, "decode_s": cost.decode_s})
+        rows += simulation(args, cost)
+    if args.json:
+        for r in rows:
+            print(json.dumps(r))
+        return
+    print(json.dumps(machine()))
+    through = [r for r in rows if r["part"] == "throughput"]
+    if through:
+        print(throughput.report(through))
+    simulated = [r for r in rows if r["part"] == "simulation"]
+    if simulated:
+        print(table(simulated, [(c, c, f) for c, f in (
+            ("cost", "s"), ("workload", "s"), ("kv_tokens", "d"), ("load", ".1f"),
+            ("policy", "s"), ("jct_mean_s", ".2f"), ("jct_p99_s", ".2f"), ("ttft_mean_s", ".2f"),
+            ("ttft_p99_s", ".2f"))]))
+
+
+if __name__ == "__main__":
+    main()
