@@ -9,9 +9,10 @@
 - ``simulation`` (:mod:`bench.engine.simulate`): the real scheduler over the whole trace and its
   heavy-tailed variant (output lengths ~ Pareto(1.2), the trace's mean), at several loads, under
   two cost models: this machine's (SmolLM2, profiled in the same run by
-  :mod:`bench.engine.profile`; token counts divided by 8, batch 16) and an assumed GPU one (see
-  :data:`GPU`; token counts as in the trace, batch 64); each with the KV budget unlimited and
-  with a budget of :data:`KV_TOKENS` tokens. The load is the request rate over the instance's
+  :mod:`bench.engine.profile`; token counts divided by 8, batch 16; the KV budget unlimited and
+  :data:`KV_TOKENS` tokens) and an assumed GPU one (see :data:`GPU`; token counts as in the
+  trace, batch 64, the KV budget unlimited; at ``--gpu-loads`` only, its runs being the slow
+  ones: a minute each). The load is the request rate over the instance's
   saturated capacity (:meth:`~bench.engine.simulate.Cost.capacity_rps`).
 
 JSON rows: ``{"part": "throughput", "policy", "batch", "tokens_per_s", "tpot_s"}`` and
@@ -46,16 +47,17 @@ CONTEXT = 8192
 def simulation(args: argparse.Namespace, cpu: sim.Cost) -> list[dict[str, Any]]:
     raw = workload.read_trace(args.trace)
     rows = []
-    for cost, divide, batch in ((cpu, 8, 16), (GPU, 1, 64)):
+    for cost, divide, batch, loads, budgets in ((cpu, 8, 16, args.loads, (1 << 40, KV_TOKENS)),
+                                                (GPU, 1, 64, args.gpu_loads, (1 << 40,))):
         config = Scheduling(maxBatch=batch)
         unit = workload.scaled(raw, divide=divide, context=CONTEXT, load=1.0, capacity_rps=1.0)
         capacity = cost.capacity_rps(unit, batch)
-        for load in args.loads:
+        for load in loads:
             trace = workload.scaled(raw, divide=divide, context=CONTEXT, load=load,
                                     capacity_rps=capacity)
             heavy = workload.heavy_tail(trace, alpha=1.2, context=CONTEXT)
             for name, requests in (("trace", trace), ("heavy-tail", heavy)):
-                for kv in (1 << 40, KV_TOKENS):
+                for kv in budgets:
                     for policy in ("fcfs", "mlfq", "srpt"):
                         out = sim.simulate(requests, policy, cost, config, kv)
                         rows.append({"part": "simulation", "workload": name, "policy": policy,
@@ -75,12 +77,14 @@ def main() -> None:
     ap.add_argument("--batches", default="1,4,8,16")
     ap.add_argument("--tokens", type=int, default=64, help="tokens each throughput stream generates")
     ap.add_argument("--policies", default="mlfq,fcfs,run-to-completion")
-    ap.add_argument("--loads", default="0.5,0.7,0.9")
+    ap.add_argument("--loads", default="0.5,0.7,0.9", help="the simulation's, on this machine")
+    ap.add_argument("--gpu-loads", default="0.9", help="the simulation's, on the assumed GPU")
     ap.add_argument("--json", action="store_true", help="one JSON line per row")
     args = ap.parse_args()
     args.batches = [int(b) for b in args.batches.split(",")]
     args.policies = args.policies.split(",")
     args.loads = [float(x) for x in args.loads.split(",")]
+    args.gpu_loads = [float(x) for x in args.gpu_loads.split(",")]
     parts = args.parts.split(",")
 
     from bench.coldstart import store_with

@@ -12,7 +12,9 @@ the first call sent to the last stream's end; ``tpot_s`` the median over the str
 token - first token) / (tokens - 1), at the client. The ``generate`` rows run
 ``model.generate`` in this process on a batch of ``batch`` copies of the same prompt ids (no
 padding), greedy, ``min_new_tokens = max_new_tokens``, on the same weights loaded from the same
-checkpoint, after the runtime has stopped (so the two never share the cores).
+checkpoint, after the runtime has stopped (so the two never share the cores); before them the
+``engine`` rows run the same streams on :class:`~invoker.engine.batching.InstanceEngine` in this
+process (fcfs, no HTTP), which splits the engine's cost from the serving path's.
 
 Targets (issue 26): at batch 8, the batching policies reach >= 90% of ``generate`` and >= 3.5x
 run-to-completion; at batch 1, within 10% of ``generate``.
@@ -21,6 +23,7 @@ run-to-completion; at batch 1, within 10% of ``generate``.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import concurrent.futures as cf
 import json
 import tempfile
@@ -34,8 +37,14 @@ import torch
 from bench.coldstart import PROMPT
 from bench.stats import median, table
 from cli import launcher
+from invoker.engine.batching import InstanceEngine
+from invoker.instance import ModelInstance
 from sllm import config
+from sllm.manifest import Scheduling
+from sllm.messages import TokenMessage
+from sllm.sampling import SamplingParams
 from sllm.sse import parse_events
+from store.checkpoint import load_checkpoint
 
 
 def invoke(gateway: str, function: str, tokens: int) -> dict[str, float]:
@@ -96,15 +105,41 @@ def through_runtime(args: argparse.Namespace, home: Path) -> list[dict[str, Any]
     return rows
 
 
-def with_generate(args: argparse.Namespace) -> list[dict[str, Any]]:
-    from invoker.instance import ModelInstance
-    from store.checkpoint import load_checkpoint
+async def _engine_rows(inst: ModelInstance, args: argparse.Namespace) -> list[dict[str, Any]]:
+    eng = InstanceEngine(inst, "bench", Scheduling(policy="fcfs", maxBatch=max(args.batches)),
+                         1 << 40)
+    ids = inst.encode(prompt=PROMPT)
+    params = SamplingParams(max_tokens=args.tokens, ignore_eos=True)
 
+    async def one() -> float:
+        _, stream = eng.open(ids, params)
+        times = [time.perf_counter() async for m in stream if isinstance(m, TokenMessage)]
+        return (times[-1] - times[0]) / max(1, len(times) - 1)
+
+    rows = []
+    try:
+        await asyncio.gather(*(one() for _ in range(2)))  # warm-up
+        for batch in args.batches:
+            t0 = time.perf_counter()
+            tpots = await asyncio.gather(*(one() for _ in range(batch)))
+            wall = time.perf_counter() - t0
+            rows.append({"part": "throughput", "policy": "engine", "batch": batch,
+                         "tokens_per_s": batch * args.tokens / wall, "tpot_s": median(tpots)})
+    finally:
+        eng.close()
+    return rows
+
+
+def in_process(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The engine alone in this process (fcfs, no HTTP: what the serving path costs is the
+    difference with the runtime's rows), then transformers' ``generate``, on one load of the
+    model's weights."""
     path = config.store_root() / args.model
     ckpt = load_checkpoint(path, device="cpu")
     inst = ModelInstance.from_tensors(path, ckpt.tensors, device="cpu")
+    rows = asyncio.run(_engine_rows(inst, args))
+    inst.model.set_attn_implementation("sdpa")  # generate as a user runs it
     ids = torch.tensor([inst.encode(prompt=PROMPT)])
-    rows = []
     with torch.inference_mode():
         inst.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4,
                             do_sample=False)  # warm-up
@@ -122,10 +157,11 @@ def with_generate(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Every policy through the runtime, then ``generate``: the part's rows."""
+    """Every policy through the runtime, then the engine alone and ``generate``: the part's
+    rows."""
     with tempfile.TemporaryDirectory(prefix="sllm-bench-engine-") as tmp:
         rows = through_runtime(args, Path(tmp))
-    return rows + with_generate(args)
+    return rows + in_process(args)
 
 
 def report(rows: list[dict[str, Any]]) -> str:
