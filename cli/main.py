@@ -267,6 +267,7 @@ def fn_get(ctx: click.Context, name: str, as_json: bool) -> None:
     for i in view["instances"]:
         click.echo(f"\ninstance {i['id']}: {i['state']} on {i['invoker_id']}"
                    + (f", loaded from {i['tier']} in {i['load_seconds']:.3f} s" if i.get("load_seconds") else "")
+                   + (f", KV cache for {i['kv_budget_tokens']} tokens" if i.get("kv_budget_tokens") is not None else "")
                    + (f" ({i['reason']})" if i.get("reason") else ""))
         for line in placement_lines(i.get("placement")):
             click.echo("  " + line)

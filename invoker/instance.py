@@ -145,6 +145,21 @@ class ModelInstance:
 
     # ---- prompts --------------------------------------------------------------------------------
 
+    @property
+    def kv_shape(self) -> tuple[int, int, int]:
+        """``(layers, kv_heads, head_dim)`` of the model's KV cache."""
+        config = self.model.config
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        return (config.num_hidden_layers, getattr(config, "num_key_value_heads", None) or heads,
+                head_dim)
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """KV-cache bytes one token takes (keys and values, every layer)."""
+        layers, heads, head_dim = self.kv_shape
+        return 2 * layers * heads * head_dim * self.model.dtype.itemsize
+
     def encode(
         self,
         *,

@@ -184,16 +184,18 @@ class Instances:
         instance, ckpt = await asyncio.to_thread(self._load_blocking, path, device, pool)
         seconds = time.monotonic() - t0
         tier = "remote" if transfer is not None else ckpt.tier
+        kv_budget = max(0, req.memory_bytes - ckpt.nbytes)
         resp = LoadResponse(
             instance_id=iid, device=device, nbytes=ckpt.nbytes, load_seconds=seconds + transfer_s,
             read_seconds=ckpt.seconds, tier=tier, transfer_seconds=transfer_s,
             transferred_bytes=transfer.transferred if transfer is not None else 0,
             source=transfer.source if transfer is not None else None,
+            kv_budget_bytes=kv_budget, kv_budget_tokens=kv_budget // instance.kv_bytes_per_token,
         )
         self.loaded[iid] = LoadedInstance(
             instance_id=iid, function=req.function, model=req.model, instance=instance,
             checkpoint=ckpt, load_seconds=seconds, loaded_at=time.time(), response=resp,
-            scheduling=req.scheduling, kv_budget_bytes=req.memory_bytes - ckpt.nbytes,
+            scheduling=req.scheduling, kv_budget_bytes=kv_budget,
         )
         log.info("loaded instance %s (%s, %s tier, %d bytes read) in %.3f s%s", iid, req.model,
                  tier, ckpt.nbytes, seconds,

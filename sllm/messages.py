@@ -134,6 +134,7 @@ class InstanceRecord(Wire):
     fetched_from: str | None = None  # where it was fetched from: a peer invoker's URL or the root
     lost_at: float | None = None  # unix seconds it was marked lost
     migrated_to: str | None = None  # the instance its generations moved to (live migration)
+    kv_budget_tokens: int | None = None  # tokens of KV cache its memory leaves (once loaded)
 
 
 # --- gateway <-> controller ---------------------------------------------------------------------
@@ -195,6 +196,8 @@ class LoadResponse(Wire):
     transfer_seconds: float = 0.0  # fetching the checkpoint into the local store first
     transferred_bytes: int = 0  # bytes fetched (less than nbytes when a transfer resumed)
     source: str | None = None  # where it was fetched from (a peer URL or the store root)
+    kv_budget_bytes: int = 0  # what its KV caches may take: memory_bytes less the weights
+    kv_budget_tokens: int = 0  # the same in tokens of this model's cache
 
 
 class MigrateRequest(Wire):

@@ -12,7 +12,8 @@
   :mod:`bench.engine.profile`; token counts divided by 8, batch 16; the KV budget unlimited and
   :data:`KV_TOKENS` tokens) and an assumed GPU one (see :data:`GPU`; token counts as in the
   trace, batch 64, the KV budget unlimited; at ``--gpu-loads`` only, its runs being the slow
-  ones: a minute each). The load is the request rate over the instance's
+  ones: a minute each; the MLFQ's quantum and starvation scaled by the ratio of the two
+  machines' full-batch decode iterations). The load is the request rate over the instance's
   saturated capacity (:meth:`~bench.engine.simulate.Cost.capacity_rps`).
 
 JSON rows: ``{"part": "throughput", "policy", "batch", "tokens_per_s", "tpot_s"}`` and
@@ -47,9 +48,13 @@ CONTEXT = 8192
 def simulation(args: argparse.Namespace, cpu: sim.Cost) -> list[dict[str, Any]]:
     raw = workload.read_trace(args.trace)
     rows = []
+    default = Scheduling()
     for cost, divide, batch, loads, budgets in ((cpu, 8, 16, args.loads, (1 << 40, KV_TOKENS)),
                                                 (GPU, 1, 64, args.gpu_loads, (1 << 40,))):
-        config = Scheduling(maxBatch=batch)
+        # the MLFQ's seconds are this machine's: on another, as many of its full iterations
+        scale = cost.seconds(0, batch) / cpu.seconds(0, 16)
+        config = Scheduling(maxBatch=batch, quantum=default.quantum * scale,
+                            starvation=default.starvation * scale)
         unit = workload.scaled(raw, divide=divide, context=CONTEXT, load=1.0, capacity_rps=1.0)
         capacity = cost.capacity_rps(unit, batch)
         for load in loads:
@@ -108,6 +113,11 @@ def main() -> None:
     through = [r for r in rows if r["part"] == "throughput"]
     if through:
         print(throughput.report(through))
+    for r in rows:
+        if r["part"] == "cost":
+            print(f"cost model {r['cost']}: {r['fixed_s'] * 1e3:.1f} ms + {r['prefill_s'] * 1e3:.3f} "
+                  f"ms per prefill token + {r['decode_s'] * 1e3:.2f} ms per decode (GPU: "
+                  f"{GPU.fixed_s * 1e3:.1f} + {GPU.prefill_s * 1e3:.3f} + {GPU.decode_s * 1e3:.2f})")
     simulated = [r for r in rows if r["part"] == "simulation"]
     if simulated:
         print(table(simulated, [(c, c, f) for c, f in (

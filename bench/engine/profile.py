@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from bench.engine.simulate import Cost
-from invoker.engine.kv import PackedBatch, SequenceKV, enable, forward_packed, kv_shape
+from invoker.engine.kv import PackedBatch, SequenceKV, enable, forward_packed
 from invoker.instance import ModelInstance
 from store.checkpoint import load_checkpoint
 
@@ -35,7 +35,7 @@ def iteration_seconds(inst: ModelInstance, prefill: int, decodes: int, repeats: 
     ``prefill`` tokens and ``decodes`` decodes (seconds)."""
     model = inst.model
     enable(model)
-    shape, limit = kv_shape(model.config), CONTEXT + prefill + 8
+    shape, limit = inst.kv_shape, CONTEXT + prefill + 8
     times = []
     for _ in range(repeats + 1):  # the first one warms up
         kvs, counts = [], []

@@ -116,6 +116,7 @@ class Lifecycle:
                 live.nbytes = resp.nbytes
                 table.set_state(live, S.IDLE, loaded_at=now, last_used=now, ready_by=None,
                                 load_seconds=resp.load_seconds, read_seconds=resp.read_seconds,
+                                kv_budget_tokens=resp.kv_budget_tokens,
                                 tier=resp.tier, transfer_seconds=resp.transfer_seconds or None,
                                 fetched_from=resp.source)
                 table.note_copy(rec.model, rec.invoker_id)

@@ -63,10 +63,8 @@ from invoker.detokenizer import IncrementalDetokenizer
 from invoker.engine.kv import (
     PackedBatch,
     SequenceKV,
-    bytes_per_token,
     enable,
     forward_packed,
-    kv_shape,
 )
 from invoker.engine.scheduler import Scheduler, Step
 from invoker.generation import sample, token_seed
@@ -190,8 +188,8 @@ class InstanceEngine:
         self.name = name
         self._moving = moving
         enable(instance.model)
-        self._shape = kv_shape(instance.model.config)
-        self.bytes_per_token = bytes_per_token(instance.model)
+        self._shape = instance.kv_shape
+        self.bytes_per_token = instance.kv_bytes_per_token
         self.kv_budget_bytes = kv_budget_bytes
         self.scheduler = Scheduler(scheduling, max(0, kv_budget_bytes) // self.bytes_per_token)
         self.counters = EngineCounters()

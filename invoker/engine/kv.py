@@ -37,25 +37,12 @@ ATTENTION = "sllm_packed"
 """The name of :func:`packed_attention` among transformers' attention implementations."""
 
 
-def kv_shape(config: Any) -> tuple[int, int, int]:
-    """``(layers, kv_heads, head_dim)`` of a decoder-only model's config."""
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return config.num_hidden_layers, getattr(config, "num_key_value_heads", None) or heads, head_dim
-
-
-def bytes_per_token(model: transformers.PreTrainedModel) -> int:
-    """KV-cache bytes one token takes in ``model`` (keys and values, every layer)."""
-    layers, heads, head_dim = kv_shape(model.config)
-    return 2 * layers * heads * head_dim * model.dtype.itemsize
-
-
 class SequenceKV:
     """The keys and values of one sequence's positions ``[0, length)``; nothing is allocated
     until the first :meth:`reserve`.
 
     Args:
-        shape: ``(layers, kv_heads, head_dim)`` (:func:`kv_shape`).
+        shape: ``(layers, kv_heads, head_dim)`` (:attr:`invoker.instance.ModelInstance.kv_shape`).
         limit: the most positions it will ever hold (tokens).
         dtype, device: of the model.
     """

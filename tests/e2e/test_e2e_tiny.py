@@ -505,6 +505,46 @@ def test_concurrent_invocations_queue_for_the_single_instance(cluster: Cluster) 
     assert len(insts) == 1  # maxInstances: 1
 
 
+def test_concurrent_calls_are_batched_in_one_instance_and_its_engine_is_on_metrics(
+        cluster: Cluster, reference: Any) -> None:
+    """targetConcurrency 4 under fcfs: four streams run together in one instance's iterations
+    (fewer iterations than tokens), each with transformers' greedy tokens; the invoker's
+    /metrics names the instance; the instance states its KV budget."""
+    cluster.deploy(manifest("batched", MODEL, scaling={"maxInstances": 1, "targetConcurrency": 4,
+                                                       "keepAlive": "600s"},
+                            generation={"maxTokens": 40, "temperature": 0.0},
+                            scheduling={"policy": "fcfs", "maxBatch": 4}))
+
+    def call(_: int) -> dict[str, Any]:
+        with cluster.client() as c:
+            r = c.post("/v1/functions/batched/invoke", json={"prompt": PROMPT, "ignore_eos": True})
+            assert r.status_code == 200, r.text
+            return r.json()  # type: ignore[no-any-return]
+
+    with ThreadPoolExecutor(4) as ex:
+        results = list(ex.map(call, range(4)))
+    want = reference.tokenizer.decode(reference(messages=user(PROMPT), max_new_tokens=40),
+                                      skip_special_tokens=True)
+    assert [r["text"] for r in results] == [want] * 4
+    with cluster.client() as c:
+        [inst] = [i for i in c.get("/v1/instances").json()["instances"] if i["function"] == "batched"]
+        assert inst["kv_budget_tokens"] > 0
+        text = httpx.get(f"{inst['invoker_url']}/metrics", timeout=10).text
+    labels = f'instance="{inst["id"]}",function="batched"'
+    samples = {line.split("{")[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if labels in line}
+    assert samples["sllm_generation_tokens_total"] >= 4 * 40
+    assert samples["sllm_iterations_total"] < 4 * 40  # the streams shared iterations
+    assert samples["sllm_num_requests_running"] == 0 and 0 <= samples["sllm_kv_cache_usage_perc"]
+
+
+def test_a_bad_scheduling_section_is_refused_naming_the_field(cluster: Cluster) -> None:
+    body = manifest("bad-sched", MODEL, scheduling={"policy": "lifo"})
+    with cluster.client() as c:
+        r = c.put("/v1/functions/bad-sched", json=body)
+    assert r.status_code == 422 and r.json()["error"]["param"] == "spec.scheduling.policy", r.text
+
+
 def _instances_in_etcd(cluster: Cluster, function: str) -> list[InstanceRecord]:
     async def read() -> list[InstanceRecord]:
         async with Etcd(cluster.state.etcd_endpoint) as etcd:
