@@ -194,11 +194,11 @@ class Scheduling(_Strict):
     - ``fcfs``: continuous batching in arrival order (vLLM's default).
     - ``run-to-completion``: one sequence at a time, each to its end (a batch of one).
 
-    The MLFQ defaults are the simulation's choice on this machine's cost model (``python -m
-    bench.engine``, docs/benchmarks.md): a quantum of about ten full-batch iterations, levels
-    four times longer each, and promotion after 30 s, which at 0.7 of capacity cut the trace's
-    p99 TTFT to about 0.4x fcfs's at 1.07x its mean JCT. They are seconds of this machine's
-    iterations: a GPU, whose iterations are ten times shorter, wants them smaller.
+    The MLFQ defaults are the simulation's choice on this machine's profiled cost model
+    (``python -m bench.engine``, docs/benchmarks.md §7.2): a quantum of about twenty full-batch
+    iterations, levels twice as long each (FastServe's ratio), and promotion after 30 s without
+    running. They are seconds of this machine's iterations: a GPU, whose iterations are several
+    times shorter, wants them that many times smaller.
 
     Attributes:
         policy: see above.
@@ -215,7 +215,7 @@ class Scheduling(_Strict):
     maxBatch: int = Field(default=16, ge=1, le=1024)
     maxBatchTokens: int = Field(default=256, ge=1, le=1 << 20)
     quantum: float = 2.0
-    quantumRatio: float = Field(default=4.0, ge=1.0)
+    quantumRatio: float = Field(default=2.0, ge=1.0)
     starvation: float = 30.0
 
     @field_validator("quantum", "starvation", mode="before")

@@ -530,7 +530,7 @@ def test_concurrent_calls_are_batched_in_one_instance_and_its_engine_is_on_metri
         [inst] = [i for i in c.get("/v1/instances").json()["instances"] if i["function"] == "batched"]
         assert inst["kv_budget_tokens"] > 0
         text = httpx.get(f"{inst['invoker_url']}/metrics", timeout=10).text
-    labels = f'instance="{inst["id"]}",function="batched"'
+    labels = f'function="batched",instance="{inst["id"]}"'  # (sorted by name)
     samples = {line.split("{")[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                if labels in line}
     assert samples["sllm_generation_tokens_total"] >= 4 * 40
