@@ -33,7 +33,7 @@ would still overflow the budget (one a migration brought with its cache, admitte
 takes the caches of jobs after it in the order, the lowest priority first: those are dropped and
 recomputed when they run again (vLLM V1's recompute preemption); if that is not enough, it
 waits. Letting new jobs take caches instead thrashes under MLFQ, where every arrival outranks
-the jobs that ran: the simulation measured mean JCTs 30 to 500 times fcfs's that way, with a
+the jobs that ran: the simulation measured mean JCTs up to 500 times fcfs's that way, with a
 budget of 10,000 tokens, as nearly finished jobs lost their caches over and over.
 
 Worked example (``test_scheduler.py``): mlfq, quantum 1 s, ratio 2, a profile where a prefill of
