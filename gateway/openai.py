@@ -10,11 +10,13 @@ it (``param``), never accepted and silently ignored:
   ``ignore_eos``;
 - accepted because they change nothing here (:data:`NO_OP_FIELDS`): ``user``, ``metadata``,
   ``store``, ...;
-- refused unless they hold their neutral value (:data:`REFUSED_FIELDS`): the sampling controls
-  the engine does not implement yet (``presence_penalty`` and ``frequency_penalty`` other than 0,
-  ``repetition_penalty`` other than 1, ``top_k``, ``min_p``, ``min_tokens``), ``n`` > 1,
-  ``stop``, ``logprobs``, ``suffix``, ``echo``, ``response_format`` other than text, tools and
-  ``tool_choice`` other than ``none``, ``logit_bias``;
+- honoured (:class:`~sllm.sampling.SamplingOverrides`): ``max_tokens``, ``temperature``,
+  ``top_p``, ``seed``, ``stop``, ``top_k``, ``repetition_penalty``, ``presence_penalty``,
+  ``frequency_penalty``, ``min_tokens`` and vLLM's ``ignore_eos``;
+- refused unless they hold their neutral value (:data:`REFUSED_FIELDS`): what the engine does
+  not implement yet (``min_p``, ``n`` > 1, ``logprobs``), ``suffix``, ``echo``,
+  ``response_format`` other than text, tools and ``tool_choice`` other than ``none``,
+  ``logit_bias``;
 - refused: any other field, as OpenAI refuses an unrecognized argument.
 
 A whitespace-only ``prompt`` is refused (400, ``param: prompt``) like the native API's, before
@@ -63,13 +65,7 @@ def _is(*neutral: Any) -> Callable[[Any], bool]:
 REFUSED_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "n": (_is(None, 1), "only n=1 is supported"),
     "best_of": (_is(None, 1), "only best_of=1 is supported"),
-    "stop": (_is(None, "", []), "stop sequences are not supported yet"),
-    "presence_penalty": (_is(None, 0), "only 0 is supported (no presence penalty yet)"),
-    "frequency_penalty": (_is(None, 0), "only 0 is supported (no frequency penalty yet)"),
-    "repetition_penalty": (_is(None, 1), "only 1 is supported (no repetition penalty yet)"),
-    "top_k": (_is(None, 0, -1), "top-k sampling is not supported yet (use top_p)"),
-    "min_p": (_is(None, 0), "min-p sampling is not supported yet (use top_p)"),
-    "min_tokens": (_is(None, 0), "min_tokens is not supported yet"),
+    "min_p": (_is(None, 0), "min-p sampling is not supported yet (use top_p or top_k)"),
     "logprobs": (_is(None, False), "log probabilities are not supported"),
     "top_logprobs": (_is(None, 0), "log probabilities are not supported"),
     "echo": (_is(None, False), "echo is not supported"),

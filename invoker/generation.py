@@ -16,7 +16,7 @@ token's text reaches the stream).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -77,12 +77,49 @@ def _forward(instance: ModelInstance, cache: DynamicCache, ids: Sequence[int]) -
     return instance.model(input_ids=input_ids, cache=cache, use_cache=True, **extra)
 
 
+def penalise(logits: torch.Tensor, params: SamplingParams, prompt_ids: Sequence[int],
+             token_ids: Sequence[int], eos_ids: Iterable[int]) -> torch.Tensor:
+    """The logits after the request's processors, in transformers' order: the repetition
+    penalty over prompt + output (``RepetitionPenaltyLogitsProcessor``), OpenAI's presence and
+    frequency penalties over the output, no EOS before ``min_tokens``
+    (``MinNewTokensLengthLogitsProcessor``).
+
+    Args:
+        logits: shape (vocab,), one position's.
+        token_ids: the tokens generated so far (moved ones included), EOS never among them.
+
+    Returns:
+        A new float32 tensor of shape (vocab,) (``logits`` itself when nothing applies).
+    """
+    if not params.penalised:
+        return logits
+    out = logits.float().clone()
+    vocab = out.shape[-1]
+    if params.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted({*prompt_ids, *token_ids}), dtype=torch.long,
+                            device=out.device)
+        seen = seen[seen < vocab]
+        score = out[seen]
+        out[seen] = torch.where(score < 0, score * params.repetition_penalty,
+                                score / params.repetition_penalty)
+    if (params.presence_penalty or params.frequency_penalty) and token_ids:
+        counts = torch.bincount(torch.tensor(list(token_ids), dtype=torch.long,
+                                             device=out.device), minlength=vocab)[:vocab]
+        out -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0)
+    if len(token_ids) < params.min_tokens:
+        eos = [i for i in eos_ids if i < vocab]
+        if eos:
+            out[eos] = -float("inf")
+    return out
+
+
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
-    """Pick the next token from one position's logits.
+    """Pick the next token from one position's logits (after :func:`penalise`).
 
     Args:
         logits: shape (vocab,), any float dtype, on the generator's device.
-        params: temperature and top_p (greedy when temperature is 0).
+        params: temperature, top_k and top_p, applied in that order as transformers' warpers
+            are (greedy when temperature is 0).
         generator: the source of randomness (unused when greedy).
 
     Returns:
@@ -90,7 +127,11 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     """
     if params.greedy:
         return int(torch.argmax(logits).item())
-    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
+    scaled = logits.float() / params.temperature
+    if 0 < params.top_k < scaled.shape[-1]:
+        kth = torch.topk(scaled, params.top_k).values[-1]
+        scaled = scaled.masked_fill(scaled < kth, -float("inf"))
+    probs = torch.softmax(scaled, dim=-1)
     if params.top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
         # keep a token when the mass before it is still below top_p (so the first is always kept)

@@ -2,7 +2,8 @@
 (a function's defaults), the native and OpenAI request models (what a call may override), the
 gateway -> invoker wire message and the engine.
 
-- :data:`MaxTokens`, :data:`Temperature`, :data:`TopP`: the bounds, as annotated types;
+- :data:`MaxTokens`, :data:`Temperature`, :data:`TopP`, :data:`TopK`, :data:`Penalty`,
+  :data:`RepetitionPenalty`, :data:`MinTokens`, :data:`Stop`: the bounds, as annotated types;
 - :class:`SamplingParams`: the complete set a generation runs with;
 - :class:`SamplingOverrides`: what one request sets, unset fields taking the function's
   defaults (:meth:`SamplingOverrides.resolve`).
@@ -10,9 +11,9 @@ gateway -> invoker wire message and the engine.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
 
 MAX_TOKENS_LIMIT = 32768
 """The most tokens one request may ask for (the context window may cut it shorter)."""
@@ -31,6 +32,31 @@ up to at least this."""
 Seed = Annotated[int, Field(strict=True)]
 """Any integer; the generator is seeded per token from it (64 bits of it count)."""
 
+TopK = Annotated[int, Field(strict=True, ge=-1)]
+"""Sample among the ``k`` most likely tokens; 0 or -1 turns it off (transformers' ``top_k``,
+vLLM's -1)."""
+
+Penalty = Annotated[float, Field(strict=True, ge=-2.0, le=2.0, allow_inf_nan=False)]
+"""OpenAI's presence and frequency penalties, in [-2, 2]."""
+
+RepetitionPenalty = Annotated[float, Field(strict=True, gt=0.0, le=10.0, allow_inf_nan=False)]
+"""transformers' (CTRL's) repetition penalty, in (0, 10]; 1 is none."""
+
+MinTokens = Annotated[int, Field(strict=True, ge=0, le=MAX_TOKENS_LIMIT)]
+"""Tokens to generate before an EOS may end the generation."""
+
+MAX_STOPS = 4
+"""Stop sequences one request may give (OpenAI's limit)."""
+
+Stop = Annotated[tuple[Annotated[str, Field(min_length=1, max_length=256)], ...],
+                 Field(max_length=MAX_STOPS)]
+"""Up to :data:`MAX_STOPS` non-empty strings; the text ends before the first one generated."""
+
+
+def _stops(v: Any) -> Any:
+    """OpenAI's ``stop`` is a string or a list of strings (or null)."""
+    return (v,) if isinstance(v, str) else tuple(v) if isinstance(v, list) else v
+
 
 class SamplingParams(BaseModel):
     """How to pick each next token: what a generation runs with.
@@ -46,6 +72,17 @@ class SamplingParams(BaseModel):
             generation has exactly ``max_tokens`` tokens unless the context window ends it
             first; for benchmarks and tests that need a fixed output length (vLLM's
             ``ignore_eos``).
+        top_k: sample among the ``top_k`` most likely tokens (0 or -1: all), before ``top_p``.
+        repetition_penalty: every token of the prompt and of the output so far has its logit
+            divided by it when positive, multiplied when negative (transformers'
+            ``RepetitionPenaltyLogitsProcessor``); applies to greedy decoding too.
+        presence_penalty, frequency_penalty: OpenAI's: each token's logit less
+            ``frequency_penalty`` times its count in the output so far and ``presence_penalty``
+            if it is there at all.
+        min_tokens: no EOS before this many tokens (transformers'
+            ``MinNewTokensLengthLogitsProcessor``).
+        stop: the generation ends (``"stop"``) once its text holds one of these; the text ends
+            before it.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -55,6 +92,20 @@ class SamplingParams(BaseModel):
     top_p: TopP = 1.0
     seed: Seed | None = None
     ignore_eos: StrictBool = False
+    top_k: TopK = 0
+    repetition_penalty: RepetitionPenalty = 1.0
+    presence_penalty: Penalty = 0.0
+    frequency_penalty: Penalty = 0.0
+    min_tokens: MinTokens = 0
+    stop: Stop = ()
+
+    _stop_list = field_validator("stop", mode="before")(_stops)
+
+    @property
+    def penalised(self) -> bool:
+        """Whether any logits processor applies (else the logits are sampled as they are)."""
+        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
+                or self.frequency_penalty != 0.0 or self.min_tokens > 0)
 
     @property
     def greedy(self) -> bool:
@@ -71,6 +122,14 @@ class SamplingOverrides(BaseModel):
     top_p: TopP | None = None
     seed: Seed | None = None
     ignore_eos: StrictBool = False
+    top_k: TopK | None = None
+    repetition_penalty: RepetitionPenalty | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    min_tokens: MinTokens | None = None
+    stop: Stop | None = None
+
+    _stop_list = field_validator("stop", mode="before")(_stops)
 
     def overrides(self) -> SamplingOverrides:
         """These fields alone (of a request model that inherits them and adds its own)."""
@@ -86,4 +145,8 @@ class SamplingOverrides(BaseModel):
             top_p=defaults.top_p if self.top_p is None else self.top_p,
             seed=self.seed if self.seed is not None else seed if seed is not None else defaults.seed,
             ignore_eos=self.ignore_eos,
+            **{name: getattr(self, name) if getattr(self, name) is not None
+               else getattr(defaults, name)
+               for name in ("top_k", "repetition_penalty", "presence_penalty",
+                            "frequency_penalty", "min_tokens", "stop")},
         )

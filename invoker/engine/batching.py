@@ -13,7 +13,8 @@ Every iteration
 3. runs one forward pass over all of them packed into one row
    (:func:`~invoker.engine.kv.forward_packed`), each sequence attending to its own KV cache;
 4. samples the next token of each sequence whose chunk reached its last known id, with the
-   sequence's own parameters and generator (seeded per token, as
+   sequence's own parameters (its penalties and ``min_tokens``,
+   :func:`invoker.generation.penalise`, then temperature, top-k and top-p) and generator (seeded per token, as
    :func:`invoker.generation.token_seed` says, so a seeded sequence draws the same tokens alone
    or batched, here or after a migration), and hands it to the sequence's stream.
 
@@ -23,7 +24,8 @@ then it recomputes its cache when it runs again.
 
 A sequence stops, in this order of precedence: ``max_tokens`` generated, or prompt + generated
 filling the context window -> ``"length"``; its client gone (the stream closed) ->
-``"cancelled"``; a handoff -> a :class:`~sllm.messages.MigratedMessage`; an EOS sampled ->
+``"cancelled"``; a handoff -> a :class:`~sllm.messages.MigratedMessage`; an EOS sampled, or
+its text reaching one of its ``stop`` strings (:mod:`invoker.stops`: the text ends before it) ->
 ``"stop"``. The first three are checked at each iteration boundary (length also as soon as a
 token is sampled), EOS when it is sampled; the EOS is neither sent nor counted, unless the
 request sets ``ignore_eos`` (then it is sent and counted like any other token, and stops
@@ -67,10 +69,11 @@ from invoker.engine.kv import (
     forward_packed,
 )
 from invoker.engine.scheduler import Scheduler, Step
-from invoker.generation import sample, token_seed
+from invoker.generation import penalise, sample, token_seed
 from invoker.instance import ModelInstance
 from invoker.instances import LoadedInstance
 from invoker.migration import Run, Sessions, Target
+from invoker.stops import StopMatcher
 from sllm.errors import InstanceNotFound, InternalError, InvalidRequest, PromptTooLong, SllmError
 from sllm.manifest import Scheduling
 from sllm.messages import (
@@ -129,7 +132,9 @@ class Sequence:
         self.decode_seconds = 0.0
         self.sampled = 0  # tokens sampled here
         self.detokenizer: IncrementalDetokenizer | None = None
-        self.held: TokenMessage | None = None  # a token whose text waits for more bytes
+        self.stops = StopMatcher(params.stop) if params.stop else None
+        self.stopped = False  # a stop string ended it (found among resumed tokens)
+        self.held: TokenMessage | None = None  # a token whose text waits for more
 
     def ids(self, start: int, n: int) -> list[int]:
         """Ids ``[start, start + n)`` of prompt + generated."""
@@ -137,26 +142,48 @@ class Sequence:
         full = self.prompt_ids[start:start + n] if start < p else ()
         return [*full, *self.token_ids[max(0, start - p):max(0, start + n - p)]]
 
-    def emit(self, token: int, index: int) -> None:
-        """Hand a token to the stream (one step late when its text is incomplete)."""
+    def emit(self, token: int, index: int) -> bool:
+        """Hand a token to the stream: one step late while its text is incomplete (a partial
+        character, or a tail that may begin a stop string). Returns whether a stop string ended
+        the text (the token is sent with the text before it)."""
         assert self.detokenizer is not None
-        msg = TokenMessage(index=index, token_id=token, text=self.detokenizer.push(token))
+        text = self.detokenizer.push(token)
+        hit = False
+        if self.stops is not None:
+            text, hit = self.stops.push(text)
+        msg = TokenMessage(index=index, token_id=token, text=text)
         if self.held is not None:
             self.post(self.held)
             self.held = None
-        if self.detokenizer.pending:
+        if hit:
+            self.post(msg)
+        elif self.detokenizer.pending or (self.stops is not None and self.stops.held):
             self.held = msg
         else:
             self.post(msg)
+        return hit
+
+    def tail(self) -> str:
+        """The text held back, once the stream ends for another reason than a stop string."""
+        assert self.detokenizer is not None
+        text = self.detokenizer.flush()
+        if self.stops is None:
+            return text
+        text, hit = self.stops.push(text)
+        return text if hit else text + self.stops.flush()
 
     def start(self) -> None:
         """Replay the resumed tokens: those the client has go through the detokenizer, the
         rest are sent again."""
         self.detokenizer = IncrementalDetokenizer(self.tokenizer)
         for token in self.token_ids[: self.emitted]:
-            self.detokenizer.push(token)
+            text = self.detokenizer.push(token)
+            if self.stops is not None:
+                self.stops.push(text)
         for index in range(self.emitted, len(self.token_ids)):
-            self.emit(self.token_ids[index], index)
+            if self.emit(self.token_ids[index], index):
+                self.stopped = True
+                return
 
 
 class _Post:
@@ -329,7 +356,9 @@ class InstanceEngine:
         """End the sequences that stop before the next step (the module docstring's order:
         length, cancel, handoff)."""
         for seq in list(self._seqs.values()):
-            if len(seq.token_ids) >= seq.limit:
+            if seq.stopped:
+                self._done(seq, "stop")
+            elif len(seq.token_ids) >= seq.limit:
                 self._finish(seq, "length")
             elif seq.cancel.is_set():
                 self.counters.cancelled += 1
@@ -379,13 +408,16 @@ class InstanceEngine:
                 continue
             seq.token_ids.append(token)
             self.scheduler.generated(seq.run.id)
-            seq.emit(token, len(seq.token_ids) - 1)
-            if len(seq.token_ids) >= seq.limit:
+            if seq.emit(token, len(seq.token_ids) - 1):
+                self._done(seq, "stop")
+            elif len(seq.token_ids) >= seq.limit:
                 self._finish(seq, "length")
 
     def _sample(self, seq: Sequence, logits: torch.Tensor) -> int:
         if not seq.params.greedy:
             seq.generator.manual_seed(token_seed(seq.seed, len(seq.token_ids)))
+        logits = penalise(logits, seq.params, seq.prompt_ids, seq.token_ids,
+                          self.instance.eos_token_ids)
         return sample(logits, seq.params, seq.generator)
 
     def _remove(self, seq: Sequence, reason: str) -> None:
@@ -396,9 +428,8 @@ class InstanceEngine:
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         if seq.held is not None:
-            assert seq.detokenizer is not None
             held = seq.held
-            seq.post(held.model_copy(update={"text": held.text + seq.detokenizer.flush()}))
+            seq.post(held.model_copy(update={"text": held.text + seq.tail()}))
             seq.held = None
         self._done(seq, reason)
 

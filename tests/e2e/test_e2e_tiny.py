@@ -325,11 +325,14 @@ def test_bad_input_gets_a_clear_error_and_the_runtime_keeps_serving(
 
 
 ANSWER_CHANGING = {
-    "presence_penalty": 0.5, "frequency_penalty": -1, "repetition_penalty": 1.2, "top_k": 40,
-    "min_p": 0.1, "min_tokens": 4, "response_format": {"type": "json_object"},
-    "tool_choice": "auto", "suffix": " the end", "stop": ["\n"], "n": 2, "logprobs": True,
+    "min_p": 0.1, "response_format": {"type": "json_object"},
+    "tool_choice": "auto", "suffix": " the end", "n": 2, "logprobs": True,
     "top_logprobs": 3, "echo": True, "logit_bias": {"50": 100}, "best_of": 2,
     "tools": [{"type": "function", "function": {"name": "f"}}],
+}
+HONOURED = {
+    "presence_penalty": 0.5, "frequency_penalty": -1, "repetition_penalty": 1.2, "top_k": 40,
+    "min_tokens": 4, "stop": ["\n"],
 }
 NEUTRAL = {
     "presence_penalty": 0, "frequency_penalty": 0.0, "repetition_penalty": 1, "top_k": -1,
@@ -355,11 +358,45 @@ def test_fields_that_would_change_the_answer_are_refused_by_name(cluster: Cluste
         status, data = conn.request("POST", endpoint, json.dumps({**base, **NEUTRAL}).encode())
         assert status == 200, data
         assert json.loads(data)["usage"]["completion_tokens"] == 2
+        for field, value in HONOURED.items():  # honoured now: accepted
+            status, data = conn.request("POST", endpoint, json.dumps({**base, field: value}).encode())
+            assert status == 200, (field, data)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_stop_string_ends_the_text_before_it_on_both_apis(
+        cluster: Cluster, reference: Any, stream: bool) -> None:
+    """A stop string spanning a token boundary of the greedy answer: the text (whole or
+    streamed) is the answer's text before it, and the finish reason is stop."""
+    tok = reference.tokenizer
+    want = reference(prompt=PROMPT, max_new_tokens=30)
+    pieces = [tok.decode(want[:i], skip_special_tokens=True) for i in range(len(want) + 1)]
+    full = pieces[-1]
+    cut = len(pieces[12])
+    stop = full[cut - 2:cut + 2]
+    before = full[:full.find(stop)]
+    body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 30, "stop": stop, "stream": stream}
+    with cluster.client() as c:
+        if not stream:
+            r = c.post("/v1/completions", json=body)
+            assert r.status_code == 200, r.text
+            [choice] = r.json()["choices"]
+            assert (choice["text"], choice["finish_reason"]) == (before, "stop")
+        else:
+            with c.stream("POST", "/v1/completions", json=body) as r:
+                chunks = [json.loads(line[len("data: "):]) for line in r.iter_lines()
+                          if line.startswith("data: {")]
+            assert "".join(ch["choices"][0]["text"] for ch in chunks) == before
+            assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    native = {"prompt": PROMPT, "raw": True, "max_tokens": 30, "stop": [stop]}
+    with cluster.client() as c:
+        r = c.post("/v1/functions/tiny/invoke", json=native)
+    assert r.status_code == 200 and r.json()["text"] == before, r.text
 
 
 FIELDS = sorted({"model", "prompt", "messages", "raw", "max_tokens", "max_completion_tokens",
                  "temperature", "top_p", "seed", "ignore_eos", "stream", "stream_options",
-                 *REFUSED_FIELDS, *NO_OP_FIELDS})
+                 *HONOURED, *REFUSED_FIELDS, *NO_OP_FIELDS})
 """Every request field either API knows, so that mutations hit the validators behind them."""
 
 EDGE_VALUES = [
