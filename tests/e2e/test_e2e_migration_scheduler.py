@@ -135,24 +135,33 @@ def test_a_stream_with_nowhere_to_go_ends_with_an_error_event_and_a_record(
             assert m["reason"] == "failed" and m["to_instance"] is None and m["at_token"] >= 10
 
 
-@pytest.mark.parametrize("policy", ["run-to-completion", "fcfs"])
-def test_two_generations_on_one_instance_move(pair: Cluster, policy: str) -> None:
-    """targetConcurrency 2. Run to completion: one generation runs, the other waits for the
-    instance; migrated, the running one moves by rounds and the waiting one right after it
-    (nothing to recompute). Batched (fcfs): both run, and both move by rounds. Every stream
-    ends with the text of a run without migration."""
+@pytest.mark.parametrize(("policy", "count"), [("run-to-completion", 2), ("fcfs", 4)])
+def test_generations_on_one_instance_move(pair: Cluster, policy: str, count: int) -> None:
+    """Run to completion, two calls: one generation runs, the other waits for the instance;
+    migrated, the running one moves by rounds and the waiting one right after it (nothing to
+    recompute). Batched (fcfs), four calls: all run in one batch; they move by rounds one at a
+    time while the others keep streaming from the source. Every stream ends with the text of a
+    run without migration."""
     pair.deploy(manifest("two", "tiny-slow", scaling={
-        "maxInstances": 1, "targetConcurrency": 2, "keepAlive": "600s"},
+        "maxInstances": 1, "targetConcurrency": count, "keepAlive": "600s"},
         generation={"maxTokens": 220, "temperature": 0.0}, scheduling={"policy": policy}))
     reference = stream(pair, "two")
-    started = threading.Event()
+    # run to completion: once the running one has 5 tokens; batched: once every one has
+    started = threading.Barrier(2 if policy == "run-to-completion" else count + 1)
+    reached: set[int] = set()
+
+    def on_token(k: int, n: int) -> None:
+        if n == 5 and (policy != "run-to-completion" or not reached):
+            reached.add(k)
+            started.wait(60)
+
     results: list[dict[str, Any]] = []
-    threads = [threading.Thread(target=lambda: results.append(stream(
-        pair, "two", lambda n: started.set() if n == 5 else None))) for _ in range(2)]
+    threads = [threading.Thread(target=lambda k=k: results.append(stream(
+        pair, "two", lambda n: on_token(k, n)))) for k in range(count)]
     for t in threads:
         t.start()
     with pair.client() as c:
-        assert started.wait(60)
+        started.wait(60)
         [source] = instances(c, "two")
         assert source["state"] == "active"
         r = c.post(f"/v1/instances/{source['id']}/migrate", json={})
@@ -160,11 +169,11 @@ def test_two_generations_on_one_instance_move(pair: Cluster, policy: str) -> Non
         answer = r.json()
         # the waiting one always moves; a running one moves, or finishes during the rounds
         # (the destination's load takes a while on this machine)
-        assert answer["moved"] + answer["finished"] == 2 and answer["moved"] >= 1, answer
+        assert answer["moved"] + answer["finished"] == count and answer["moved"] >= 1, answer
         assert answer["to_invoker"] != source["invoker_id"]
         for t in threads:
             t.join(120)
-    assert len(results) == 2
+    assert len(results) == count
     moves = []
     for out in results:
         assert out["error"] is None and out["done"]["text"] == reference["done"]["text"]
@@ -176,5 +185,5 @@ def test_two_generations_on_one_instance_move(pair: Cluster, policy: str) -> Non
               and not m["kv_cache_prepared"]]
     if policy == "run-to-completion":  # the one that had not started: nothing to recompute
         assert len(waited) == 1
-    else:  # both were running
-        assert waited == [] and all(m["at_token"] >= 5 for m in moves)
+    else:  # all were running
+        assert waited == [] and all(m["at_token"] >= 5 and m["kv_cache_prepared"] for m in moves)
