@@ -7,9 +7,6 @@ what each gives alone, and the policies order them as they say.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncGenerator, Iterator
-from typing import Any
 
 import pytest
 import torch
@@ -17,41 +14,16 @@ import torch
 from invoker.engine.batching import InstanceEngine
 from invoker.instance import ModelInstance
 from sllm.errors import InvalidRequest
-from sllm.manifest import Scheduling
-from sllm.messages import DoneMessage, StreamMessage, TokenMessage
+from sllm.messages import TokenMessage
 from sllm.sampling import SamplingParams
+from tests.helpers.engine import collect, engine
 from tests.helpers.tiny_model import make_tiny_llama
-
-BUDGET = 64 << 20
 
 
 @pytest.fixture(scope="module")
 def instance() -> ModelInstance:
     model, tokenizer = make_tiny_llama(seed=0, max_position_embeddings=512)
     return ModelInstance.from_model(model, tokenizer)
-
-
-@contextlib.contextmanager
-def engine(instance: ModelInstance, budget: int = BUDGET, **scheduling: Any
-           ) -> Iterator[InstanceEngine]:
-    eng = InstanceEngine(instance, "test", Scheduling(**scheduling), budget)
-    try:
-        yield eng
-    finally:
-        eng.close()
-
-
-async def collect(stream: AsyncGenerator[StreamMessage, None]) -> list[StreamMessage]:
-    return [m async for m in stream]
-
-
-def tokens(msgs: list[StreamMessage]) -> list[int]:
-    return [m.token_id for m in msgs if isinstance(m, TokenMessage)]
-
-
-def done(msgs: list[StreamMessage]) -> DoneMessage:
-    assert isinstance(msgs[-1], DoneMessage), msgs[-1]
-    return msgs[-1]
 
 
 def reference(instance: ModelInstance, prompt: list[int], n: int) -> list[int]:
@@ -71,19 +43,19 @@ async def test_eight_batched_sequences_each_pick_the_tokens_of_generate_alone(
     with engine(instance, policy="fcfs", maxBatch=8, maxBatchTokens=32) as eng:
         got = await asyncio.gather(*(collect(eng.open(p, params)[1]) for p in PROMPTS))
         assert eng.counters.iterations < 8 * 24  # they ran together
-    assert [tokens(m) for m in got] == want
-    assert all(done(m).finish_reason == "length" for m in got)
+    assert [m.ids for m in got] == want
+    assert all(m.done.finish_reason == "length" for m in got)
 
 
 async def test_a_seeded_sampled_sequence_draws_the_same_tokens_alone_and_batched(
         instance: ModelInstance) -> None:
     params = SamplingParams(max_tokens=30, temperature=0.9, top_p=0.9, seed=7, ignore_eos=True)
     with engine(instance, policy="fcfs") as eng:
-        alone = tokens(await collect(eng.open(PROMPTS[1], params)[1]))
+        alone = (await collect(eng.open(PROMPTS[1], params)[1])).ids
         others = SamplingParams(max_tokens=30, temperature=1.0, ignore_eos=True)
         batched = await asyncio.gather(collect(eng.open(PROMPTS[1], params)[1]),
                                        *(collect(eng.open(p, others)[1]) for p in PROMPTS[2:6]))
-    assert tokens(batched[0]) == alone and len(alone) == 30
+    assert batched[0].ids == alone and len(alone) == 30
 
 
 async def test_under_mlfq_a_burst_of_short_jobs_finishes_before_a_long_one(
@@ -115,8 +87,8 @@ async def test_run_to_completion_runs_one_sequence_after_another(instance: Model
         first, second = await asyncio.gather(collect(eng.open(PROMPTS[0], params)[1]),
                                              collect(eng.open(PROMPTS[2], params)[1]))
         assert eng.counters.iterations == 40
-    assert done(second).queued_seconds >= done(first).prefill_seconds + done(first).decode_seconds
-    assert tokens(second) == reference(instance, PROMPTS[2], 20)
+    assert second.done.queued_seconds >= first.done.prefill_seconds + first.done.decode_seconds
+    assert second.ids == reference(instance, PROMPTS[2], 20)
 
 
 async def test_a_client_that_goes_away_frees_its_slot(instance: ModelInstance) -> None:
@@ -142,7 +114,7 @@ async def test_a_request_whose_cache_can_never_fit_is_refused_with_the_numbers(
         assert e.value.param == "max_tokens"
         # one that fits runs
         msgs = await collect(eng.open(list(range(5, 45)), SamplingParams(max_tokens=50))[1])
-        assert done(msgs).completion_tokens > 0
+        assert msgs.done.completion_tokens > 0
 
 
 async def test_sequences_that_overflow_the_kv_budget_together_take_turns(
@@ -154,4 +126,4 @@ async def test_sequences_that_overflow_the_kv_budget_together_take_turns(
     with engine(instance, budget=256 * 512, policy="fcfs") as eng:  # 256 tokens: 512 bytes each
         got = await asyncio.gather(*(collect(eng.open(p, params)[1]) for p in prompts))
         assert eng.scheduler.used == 0
-    assert [tokens(m) for m in got] == [reference(instance, p, 30) for p in prompts]
+    assert [m.ids for m in got] == [reference(instance, p, 30) for p in prompts]
