@@ -46,6 +46,7 @@ from starlette.routing import Route
 
 from invoker import metrics as invoker_metrics
 from invoker.config import InvokerConfig
+from invoker.engine import Engine
 from invoker.engine.batching import BatchEngine
 from invoker.fetching import Fetcher
 from invoker.instances import Instances
@@ -75,9 +76,10 @@ def create_app(config: InvokerConfig) -> Starlette:
     node = Node(config, store)
     fetcher = Fetcher(config, store, node)
     instances = Instances(config, store, node, fetcher)
-    engine = BatchEngine(instances.sessions)
+    batching = BatchEngine(instances.sessions)
+    engine: Engine = batching
     metrics = invoker_metrics.registry(lambda: {
-        iid: (instances.loaded[iid].function, eng) for iid, eng in list(engine.engines.items())
+        iid: (instances.loaded[iid].function, eng) for iid, eng in list(batching.engines.items())
         if iid in instances.loaded})
 
     async def health(request: Request) -> Response:

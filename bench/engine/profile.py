@@ -51,7 +51,7 @@ def iteration_seconds(inst: ModelInstance, prefill: int, decodes: int, repeats: 
             kvs.append(SequenceKV(shape, limit, model.dtype, inst.device))
             counts.append(prefill)
         ids = [5] * sum(counts)
-        keep = [i for i in range(len(counts))] if not prefill else [*range(decodes), len(ids) - 1]
+        keep = [*range(decodes), *([len(ids) - 1] if prefill else [])]  # each one's last
         with torch.inference_mode():
             t0 = time.perf_counter()
             forward_packed(model, ids, PackedBatch(kvs, counts), keep)

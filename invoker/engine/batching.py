@@ -216,9 +216,9 @@ class InstanceEngine:
         self._moving = moving
         enable(instance.model)
         self._shape = instance.kv_shape
-        self.bytes_per_token = instance.kv_bytes_per_token
         self.kv_budget_bytes = kv_budget_bytes
-        self.scheduler = Scheduler(scheduling, max(0, kv_budget_bytes) // self.bytes_per_token)
+        self.scheduler = Scheduler(scheduling,
+                                   max(0, kv_budget_bytes) // instance.kv_bytes_per_token)
         self.counters = EngineCounters()
         self._cond = threading.Condition()
         self._incoming: list[Sequence] = []
@@ -266,7 +266,7 @@ class InstanceEngine:
         if not self.scheduler.fits(positions):
             raise InvalidRequest(
                 f"the request needs up to {positions} tokens of KV cache "
-                f"({positions * self.bytes_per_token} bytes); the instance's budget is "
+                f"({positions * inst.kv_bytes_per_token} bytes); the instance's budget is "
                 f"{self.kv_budget_bytes} bytes ({self.scheduler.kv_tokens} tokens): lower "
                 f"max_tokens or shorten the prompt", param="max_tokens")
         loop = asyncio.get_running_loop()
@@ -299,12 +299,6 @@ class InstanceEngine:
             self._cond.notify()
         if threading.current_thread() is not self._thread:
             self._thread.join()
-
-    def stats(self) -> dict[str, int]:
-        """Sequences running and waiting, and KV positions used and budgeted, now."""
-        s = self.scheduler
-        return {"running": s.running(), "waiting": s.waiting(), "kv_used_tokens": s.used,
-                "kv_budget_tokens": s.kv_tokens, "preemptions": s.counters.preemptions}
 
     # --- the engine's thread ---------------------------------------------------------------------
 

@@ -61,11 +61,6 @@ class SequenceKV:
         """Positions allocated (tokens)."""
         return 0 if self.data is None else self.data.shape[3]
 
-    @property
-    def nbytes(self) -> int:
-        """Bytes allocated."""
-        return 0 if self.data is None else self.data.numel() * self.data.element_size()
-
     def reserve(self, length: int) -> None:
         """Make room for positions ``[0, length)``, keeping those held; the capacity grows as
         :func:`invoker.engine.scheduler.capacity_for` says, the rule the KV budget counts by.
