@@ -56,6 +56,7 @@ from sllm.messages import (
     MigratedMessage,
     Prompt,
     ResumeRequest,
+    TokenLogprobs,
     TokenMessage,
 )
 from sllm.sampling import SamplingOverrides
@@ -142,6 +143,7 @@ class Activation:
     done: DoneMessage | None = None
     text: list[str] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)  # relayed to the client, in order
+    logprobs: list[TokenLogprobs] = field(default_factory=list)  # theirs, when asked for
     moves: list[Move] = field(default_factory=list)
     error: SllmError | None = None  # what ended the stream, when it failed
     _started: float = field(default_factory=time.time)  # unix seconds
@@ -182,6 +184,8 @@ class Activation:
                             last_at = now
                             self.token_ids.append(msg.token_id)
                             self.text.append(msg.text)
+                            if msg.logprobs is not None:
+                                self.logprobs.append(msg.logprobs)
                             yield msg
                         elif isinstance(msg, DoneMessage):
                             self.done = msg
@@ -225,15 +229,19 @@ class Activation:
             if ending.token_ids[: len(self.token_ids)] != self.token_ids:
                 raise InvokerError("the migrated tokens do not extend the tokens relayed")
             ids, move = ending.token_ids, Move(ending.reason, old.instance_id)
+            logprobs = ending.logprobs
         else:
             ids, move = list(self.token_ids), Move("failed", old.instance_id, error=ending.message)
+            logprobs = list(self.logprobs)
         move.at_token, move.moved_tokens = len(self.token_ids), len(ids)
         self.moves.append(move)
         METRICS.moves.labels(self.function, move.reason).inc()
         log.info("activation %s: %s on %s after %d tokens", self.id, move.reason, old.instance_id,
                  len(self.token_ids))
         await self._response.aclose()
-        resume = ResumeRequest(token_ids=ids, emitted=len(self.token_ids))
+        resume = ResumeRequest(token_ids=ids, emitted=len(self.token_ids),
+                               logprobs=logprobs if self.request.sampling.logprobs is not None
+                               else None)
         if isinstance(ending, MigratedMessage) and ending.instance_id and ending.invoker_url:
             # a live migration: the destination is loaded and holds the recomputed KV cache
             dest = old.model_copy(update={"instance_id": ending.instance_id,
@@ -292,8 +300,8 @@ class Activation:
                 "error": None if self.error is None else self.error.to_body()["error"]}
 
     def summary(self) -> dict[str, Any]:
-        """The final event / non-streaming body: text, finish reason, usage, timings, and the
-        moves the generation made."""
+        """The final event / non-streaming body: text, finish reason, usage, timings, the
+        moves the generation made, and the tokens' log probabilities when asked for."""
         return {
             "activation_id": self.id,
             "function": self.function,
@@ -303,6 +311,8 @@ class Activation:
             "usage": self.usage(),
             "timings": self.timings.as_dict(),
             "migrations": [m.as_dict() for m in self.moves],
+            **({"logprobs": [lp.model_dump() for lp in self.logprobs]}
+               if self.request.sampling.logprobs is not None else {}),
         }
 
 

@@ -1,7 +1,8 @@
 """``POST /v1/functions/{name}/invoke``: sllm's own invocation API.
 
 Body: :class:`~sllm.messages.InvokeRequest` (``prompt`` or chat ``messages``, ``max_tokens``,
-``temperature``, ``top_p``, ``seed``, ``ignore_eos``, ``stream``). The response carries the
+``temperature``, ``top_p``, ``seed``, ``ignore_eos``, the other sampling fields of
+:class:`~sllm.sampling.SamplingOverrides`, ``stream``). The response carries the
 activation id in the ``X-Activation-Id`` header.
 
 - ``stream: false``: one JSON body ``{activation_id, function, instance_id, text, finish_reason,
@@ -9,6 +10,10 @@ activation id in the ``X-Activation-Id`` header.
 - ``stream: true``: Server-Sent Events, one ``event: token`` per token
   (``{"index", "token_id", "text"}``), then ``event: done`` with the same body as the non-streaming
   answer. An error after the first event is an ``event: error`` carrying the error envelope.
+
+With ``logprobs: k`` each token event has ``logprobs`` (``{"logprob", "token", "top": [{"token_id",
+"token", "logprob"}]}``, :class:`~sllm.messages.TokenLogprobs`: the chosen token's natural-log
+probability and the ``k`` most likely tokens'), and the answer a ``logprobs`` list of them.
 """
 
 from __future__ import annotations
@@ -40,7 +45,10 @@ async def invoke(request: Request, upstream: Upstream) -> Response:
     async def events() -> AsyncIterator[str]:
         try:
             async for tok in act.tokens():
-                yield event({"index": tok.index, "token_id": tok.token_id, "text": tok.text}, "token")
+                data = {"index": tok.index, "token_id": tok.token_id, "text": tok.text}
+                if tok.logprobs is not None:
+                    data["logprobs"] = tok.logprobs.model_dump()
+                yield event(data, "token")
         except SllmError as e:
             yield event(e.to_body(), "error")
             return

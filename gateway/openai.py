@@ -6,15 +6,16 @@ Every request field is either honoured, or known to change nothing, or refused w
 it (``param``), never accepted and silently ignored:
 
 - honoured: ``model``, ``messages`` / ``prompt``, ``max_tokens`` (``max_completion_tokens``),
-  ``temperature``, ``top_p``, ``seed``, ``stream``, ``stream_options.include_usage``, and vLLM's
-  ``ignore_eos``;
+  ``stream``, ``stream_options.include_usage``, and the sampling fields
+  (:class:`~sllm.sampling.SamplingOverrides`): ``temperature``, ``top_p``, ``seed``, ``stop``,
+  ``top_k``, ``repetition_penalty``, ``presence_penalty``, ``frequency_penalty``,
+  ``min_tokens``, vLLM's ``ignore_eos``, and log probabilities (chat: ``logprobs`` and
+  ``top_logprobs`` up to 20; completions: ``logprobs`` up to 5), answered in each API's own
+  shape (the model's raw distribution, :class:`~sllm.sampling.SamplingParams`);
 - accepted because they change nothing here (:data:`NO_OP_FIELDS`): ``user``, ``metadata``,
   ``store``, ...;
-- honoured (:class:`~sllm.sampling.SamplingOverrides`): ``max_tokens``, ``temperature``,
-  ``top_p``, ``seed``, ``stop``, ``top_k``, ``repetition_penalty``, ``presence_penalty``,
-  ``frequency_penalty``, ``min_tokens`` and vLLM's ``ignore_eos``;
 - refused unless they hold their neutral value (:data:`REFUSED_FIELDS`): what the engine does
-  not implement yet (``min_p``, ``n`` > 1, ``logprobs``), ``suffix``, ``echo``,
+  not implement yet (``min_p``, ``n`` > 1), ``suffix``, ``echo``,
   ``response_format`` other than text, tools and ``tool_choice`` other than ``none``,
   ``logit_bias``;
 - refused: any other field, as OpenAI refuses an unrecognized argument.
@@ -27,9 +28,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    ValidationError,
+    field_validator,
+)
 from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -39,8 +47,8 @@ from gateway.upstream import Upstream
 from sllm import routes
 from sllm.errors import InvalidRequest, SllmError
 from sllm.http import read_model
-from sllm.messages import ChatMessage, Prompt
-from sllm.sampling import MaxTokens, SamplingOverrides
+from sllm.messages import ChatMessage, Prompt, TokenLogprobs, TokenMessage
+from sllm.sampling import MaxTokens, SamplingOverrides, TopLogprobs
 from sllm.sse import SSE_HEADERS, event
 from sllm.validation import invalid_request
 
@@ -66,8 +74,6 @@ REFUSED_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "n": (_is(None, 1), "only n=1 is supported"),
     "best_of": (_is(None, 1), "only best_of=1 is supported"),
     "min_p": (_is(None, 0), "min-p sampling is not supported yet (use top_p or top_k)"),
-    "logprobs": (_is(None, False), "log probabilities are not supported"),
-    "top_logprobs": (_is(None, 0), "log probabilities are not supported"),
     "echo": (_is(None, False), "echo is not supported"),
     "suffix": (_is(None, ""), "suffix (insertion) is not supported"),
     "logit_bias": (_is(None, {}), "logit_bias is not supported"),
@@ -160,21 +166,32 @@ def _prompt(**fields: Any) -> Prompt:
 class ChatCompletionRequest(_OpenAIRequest):
     messages: list[_ChatTurn] = Field(min_length=1)
     max_completion_tokens: MaxTokens | None = None
+    logprobs: StrictBool | None = None  # type: ignore[assignment]  # chat's spelling
+    top_logprobs: TopLogprobs | None = None
 
     def to_prompt(self) -> Prompt:
         """The chat as sllm's prompt. Raises InvalidRequest (a tool turn, too long a chat)."""
         return _prompt(messages=[m.to_message() for m in self.messages])
 
     def overrides(self) -> SamplingOverrides:
-        """As the base's, ``max_completion_tokens`` first (OpenAI's newer name)."""
-        base = super().overrides()
-        if self.max_completion_tokens is None:
-            return base
-        return base.model_copy(update={"max_tokens": self.max_completion_tokens})
+        """As the base's, ``max_completion_tokens`` first (OpenAI's newer name); ``logprobs:
+        true`` with ``top_logprobs`` alternatives (0 when unset).
+
+        Raises:
+            InvalidRequest: ``top_logprobs`` without ``logprobs: true``.
+        """
+        if self.top_logprobs and not self.logprobs:
+            raise InvalidRequest("top_logprobs: logprobs must be true when top_logprobs is set",
+                                 param="top_logprobs")
+        update: dict[str, Any] = {"logprobs": (self.top_logprobs or 0) if self.logprobs else None}
+        if self.max_completion_tokens is not None:
+            update["max_tokens"] = self.max_completion_tokens
+        return super().overrides(**update)
 
 
 class CompletionRequest(_OpenAIRequest):
     prompt: str | list[str]
+    logprobs: Annotated[int, Field(strict=True, ge=0, le=5)] | None = None  # legacy bound
 
     @field_validator("prompt")
     @classmethod
@@ -193,21 +210,46 @@ def _finish(reason: str | None) -> str | None:
     return {"stop": "stop", "length": "length", "cancelled": "stop"}.get(reason or "", reason)
 
 
+def _chat_logprob(lp: TokenLogprobs) -> dict[str, Any]:
+    """One token of chat's ``logprobs.content``."""
+    def entry(token: str, logprob: float) -> dict[str, Any]:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+    return {**entry(lp.token, lp.logprob),
+            "top_logprobs": [entry(t.token, t.logprob) for t in lp.top]}
+
+
+def _completion_logprobs(tokens: list[TokenMessage], offset: int) -> dict[str, Any]:
+    """Completions' (legacy) ``logprobs`` of ``tokens``, whose text starts at ``offset``
+    characters into the completion."""
+    out: dict[str, Any] = {"tokens": [], "token_logprobs": [], "top_logprobs": [],
+                           "text_offset": []}
+    for tok in tokens:
+        assert tok.logprobs is not None
+        out["tokens"].append(tok.logprobs.token)
+        out["token_logprobs"].append(tok.logprobs.logprob)
+        out["top_logprobs"].append({t.token: t.logprob for t in tok.logprobs.top})
+        out["text_offset"].append(offset)
+        offset += len(tok.text)
+    return out
+
+
 def _streamed(
     req: _OpenAIRequest, act: activation.Activation, *, obj: str, cid: str, created: int,
-    token_chunk: Callable[[str, str | None], dict[str, Any]], first: dict[str, Any] | None = None,
+    token_chunk: Callable[[TokenMessage | None, str | None], dict[str, Any]],
+    first: dict[str, Any] | None = None,
 ) -> StreamingResponse:
-    """The SSE reply: ``first`` (if any), one chunk per token with text, a last chunk with the
-    finish reason, a usage chunk when ``stream_options.include_usage``, then ``data: [DONE]``.
-    ``token_chunk(text, finish_reason)`` builds one chunk."""
+    """The SSE reply: ``first`` (if any), one chunk per token with text (or with log
+    probabilities, when asked for), a last chunk with the finish reason, a usage chunk when
+    ``stream_options.include_usage``, then ``data: [DONE]``. ``token_chunk(token,
+    finish_reason)`` builds one chunk (``token`` None for the last)."""
     async def body() -> AsyncIterator[str]:
         try:
             if first is not None:
                 yield event(first)
             async for tok in act.tokens():
-                if tok.text:
-                    yield event(token_chunk(tok.text, None))
-            yield event(token_chunk("", _finish(act.done.finish_reason if act.done else None)))
+                if tok.text or tok.logprobs is not None:
+                    yield event(token_chunk(tok, None))
+            yield event(token_chunk(None, _finish(act.done.finish_reason if act.done else None)))
             if req.include_usage():
                 yield event({"id": cid, "object": obj, "created": created, "model": req.model,
                              "choices": [], "usage": act.usage()})
@@ -221,11 +263,10 @@ def _streamed(
                              background=BackgroundTask(act.aclose))
 
 
-async def _finished(act: activation.Activation) -> str | None:
-    """Run the activation to its end; returns the OpenAI finish reason."""
-    async for _ in act.tokens():
-        pass
-    return _finish(act.done.finish_reason if act.done else None)
+async def _finished(act: activation.Activation) -> tuple[str | None, list[TokenMessage]]:
+    """Run the activation to its end; returns the OpenAI finish reason and the tokens."""
+    tokens = [tok async for tok in act.tokens()]
+    return _finish(act.done.finish_reason if act.done else None), tokens
 
 
 def _extras(act: activation.Activation) -> dict[str, Any]:
@@ -235,26 +276,37 @@ def _extras(act: activation.Activation) -> dict[str, Any]:
 async def chat_completions(request: Request, upstream: Upstream) -> Response:
     req = await read_model(request, ChatCompletionRequest)
     req.refuse_unsupported()
-    act = await activation.start(upstream, req.model, req.to_prompt(), req.overrides())
+    overrides = req.overrides()
+    act = await activation.start(upstream, req.model, req.to_prompt(), overrides)
     cid, created = f"chatcmpl-{act.id}", int(time.time())
+    wants = overrides.logprobs is not None
 
-    def chunk(delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
+    def chunk(delta: dict[str, Any], finish: str | None,
+              logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
         return {
             "id": cid, "object": "chat.completion.chunk", "created": created, "model": req.model,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+            "choices": [{"index": 0, "delta": delta, "logprobs": logprobs,
+                         "finish_reason": finish}],
         }
 
+    def token_chunk(tok: TokenMessage | None, finish: str | None) -> dict[str, Any]:
+        if tok is None:
+            return chunk({}, finish)
+        lp = ({"content": [_chat_logprob(tok.logprobs)], "refusal": None}
+              if wants and tok.logprobs is not None else None)
+        return chunk({"content": tok.text}, finish, lp)
+
     if req.stream:
-        return _streamed(
-            req, act, obj="chat.completion.chunk", cid=cid, created=created,
-            token_chunk=lambda text, finish: chunk({"content": text} if text else {}, finish),
-            first=chunk({"role": "assistant", "content": ""}, None),
-        )
-    finish = await _finished(act)
+        return _streamed(req, act, obj="chat.completion.chunk", cid=cid, created=created,
+                         token_chunk=token_chunk,
+                         first=chunk({"role": "assistant", "content": ""}, None))
+    finish, tokens = await _finished(act)
+    logprobs = ({"content": [_chat_logprob(t.logprobs) for t in tokens if t.logprobs],
+                 "refusal": None} if wants else None)
     return JSONResponse({
         "id": cid, "object": "chat.completion", "created": created, "model": req.model,
         "choices": [{
-            "index": 0, "logprobs": None, "finish_reason": finish,
+            "index": 0, "logprobs": logprobs, "finish_reason": finish,
             "message": {"role": "assistant", "content": "".join(act.text)},
         }],
         **_extras(act),
@@ -264,19 +316,33 @@ async def chat_completions(request: Request, upstream: Upstream) -> Response:
 async def completions(request: Request, upstream: Upstream) -> Response:
     req = await read_model(request, CompletionRequest)
     req.refuse_unsupported()
-    act = await activation.start(upstream, req.model, req.to_prompt(), req.overrides())
+    overrides = req.overrides()
+    act = await activation.start(upstream, req.model, req.to_prompt(), overrides)
     cid, created = f"cmpl-{act.id}", int(time.time())
+    wants = overrides.logprobs is not None
+    offset = 0  # characters streamed so far
 
-    def chunk(text: str, finish: str | None) -> dict[str, Any]:
+    def chunk(text: str, finish: str | None, logprobs: dict[str, Any] | None = None
+              ) -> dict[str, Any]:
         return {
             "id": cid, "object": "text_completion", "created": created, "model": req.model,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
+            "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}],
         }
 
+    def token_chunk(tok: TokenMessage | None, finish: str | None) -> dict[str, Any]:
+        nonlocal offset
+        if tok is None:
+            return chunk("", finish)
+        lp = _completion_logprobs([tok], offset) if wants and tok.logprobs else None
+        offset += len(tok.text)
+        return chunk(tok.text, finish, lp)
+
     if req.stream:
-        return _streamed(req, act, obj="text_completion", cid=cid, created=created, token_chunk=chunk)
-    finish = await _finished(act)
-    return JSONResponse({**chunk("".join(act.text), finish), **_extras(act)},
+        return _streamed(req, act, obj="text_completion", cid=cid, created=created,
+                         token_chunk=token_chunk)
+    finish, tokens = await _finished(act)
+    logprobs = _completion_logprobs([t for t in tokens if t.logprobs], 0) if wants else None
+    return JSONResponse({**chunk("".join(act.text), finish, logprobs), **_extras(act)},
                         headers={"X-Activation-Id": act.id})
 
 

@@ -330,12 +330,31 @@ class Prompt(Wire):
         return Prompt(prompt=self.prompt, messages=self.messages, raw=self.raw)
 
 
+class TokenLogprob(Wire):
+    """One token's log probability (natural log) at a position."""
+
+    token_id: int
+    token: str  # the token's text alone (``tokenizer.decode([token_id])``)
+    logprob: float
+
+
+class TokenLogprobs(Wire):
+    """A generated token's log probability and the most likely tokens at its position, most
+    likely first (``SamplingParams.logprobs`` of them)."""
+
+    logprob: float
+    token: str
+    top: list[TokenLogprob]
+
+
 class ResumeRequest(Wire):
     """A generation moved from another instance: go on after ``token_ids``."""
 
     token_ids: list[int]  # generated before the move (no EOS)
     emitted: int = Field(ge=0)  # of which the client has received the first ``emitted``
     session: str | None = None  # a live migration whose KV cache this invoker prepared
+    # the tokens' log probabilities, when the request asks for them (one per token id)
+    logprobs: list[TokenLogprobs] | None = None
 
 
 class GenerateRequest(Wire):
@@ -359,6 +378,7 @@ class TokenMessage(Wire):
     index: int  # 0-based position among generated tokens
     token_id: int
     text: str
+    logprobs: TokenLogprobs | None = None  # when the request asked for them
 
 
 class DoneMessage(Wire):
@@ -379,6 +399,7 @@ class MigratedMessage(Wire):
 
     type: Literal["migrated"] = "migrated"
     token_ids: list[int]  # every token generated so far, held-back ones included
+    logprobs: list[TokenLogprobs] | None = None  # theirs, when the request asked for them
     prompt_tokens: int
     prefill_seconds: float
     decode_seconds: float

@@ -3,7 +3,8 @@
 gateway -> invoker wire message and the engine.
 
 - :data:`MaxTokens`, :data:`Temperature`, :data:`TopP`, :data:`TopK`, :data:`Penalty`,
-  :data:`RepetitionPenalty`, :data:`MinTokens`, :data:`Stop`: the bounds, as annotated types;
+  :data:`RepetitionPenalty`, :data:`MinTokens`, :data:`Stop`, :data:`TopLogprobs`: the bounds,
+  as annotated types;
 - :class:`SamplingParams`: the complete set a generation runs with;
 - :class:`SamplingOverrides`: what one request sets, unset fields taking the function's
   defaults (:meth:`SamplingOverrides.resolve`).
@@ -53,6 +54,13 @@ Stop = Annotated[tuple[Annotated[str, Field(min_length=1, max_length=256)], ...]
 """Up to :data:`MAX_STOPS` non-empty strings; the text ends before the first one generated."""
 
 
+MAX_TOP_LOGPROBS = 20
+"""The most alternatives a token's log probabilities may list (OpenAI's limit)."""
+
+TopLogprobs = Annotated[int, Field(strict=True, ge=0, le=MAX_TOP_LOGPROBS)]
+"""How many of the most likely tokens to list beside each generated token's log probability."""
+
+
 def _stops(v: Any) -> Any:
     """OpenAI's ``stop`` is a string or a list of strings (or null)."""
     return (v,) if isinstance(v, str) else tuple(v) if isinstance(v, list) else v
@@ -83,6 +91,10 @@ class SamplingParams(BaseModel):
             ``MinNewTokensLengthLogitsProcessor``).
         stop: the generation ends (``"stop"``) once its text holds one of these; the text ends
             before it.
+        logprobs: None: no log probabilities; ``k``: each generated token comes with its log
+            probability (natural log) and the ``k`` most likely tokens' at that position. They
+            are the model's own distribution: the log-softmax of its logits before penalties,
+            temperature, top-k and top-p (vLLM's default, ``raw_logprobs``).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -98,6 +110,7 @@ class SamplingParams(BaseModel):
     frequency_penalty: Penalty = 0.0
     min_tokens: MinTokens = 0
     stop: Stop = ()
+    logprobs: TopLogprobs | None = None
 
     _stop_list = field_validator("stop", mode="before")(_stops)
 
@@ -128,13 +141,16 @@ class SamplingOverrides(BaseModel):
     frequency_penalty: Penalty | None = None
     min_tokens: MinTokens | None = None
     stop: Stop | None = None
+    logprobs: TopLogprobs | None = None
 
     _stop_list = field_validator("stop", mode="before")(_stops)
 
-    def overrides(self) -> SamplingOverrides:
-        """These fields alone (of a request model that inherits them and adds its own)."""
-        return SamplingOverrides(**{name: getattr(self, name)
-                                    for name in SamplingOverrides.model_fields})
+    def overrides(self, **update: Any) -> SamplingOverrides:
+        """These fields alone (of a request model that inherits them and adds its own), with
+        ``update`` instead of the fields it names (a request model that spells one otherwise,
+        as OpenAI's chat spells ``logprobs``)."""
+        fields = {name: getattr(self, name) for name in SamplingOverrides.model_fields}
+        return SamplingOverrides(**{**fields, **update})
 
     def resolve(self, defaults: SamplingParams, *, seed: int | None = None) -> SamplingParams:
         """These overrides over ``defaults``; ``seed`` is used when the request set none (the
@@ -148,5 +164,5 @@ class SamplingOverrides(BaseModel):
             **{name: getattr(self, name) if getattr(self, name) is not None
                else getattr(defaults, name)
                for name in ("top_k", "repetition_penalty", "presence_penalty",
-                            "frequency_penalty", "min_tokens", "stop")},
+                            "frequency_penalty", "min_tokens", "stop", "logprobs")},
         )

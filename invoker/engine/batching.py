@@ -16,7 +16,8 @@ Every iteration
    sequence's own parameters (its penalties and ``min_tokens``,
    :func:`invoker.generation.penalise`, then temperature, top-k and top-p) and generator (seeded per token, as
    :func:`invoker.generation.token_seed` says, so a seeded sequence draws the same tokens alone
-   or batched, here or after a migration), and hands it to the sequence's stream.
+   or batched, here or after a migration), and hands it to the sequence's stream (with its log
+   probability and the most likely alternatives', from the raw logits, when the request asks).
 
 Sequences join and leave between iterations. A sequence the scheduler does not choose waits
 with its KV cache (preempted at an iteration boundary), unless the KV budget needs its memory:
@@ -83,6 +84,8 @@ from sllm.messages import (
     GenerateRequest,
     MigratedMessage,
     StreamMessage,
+    TokenLogprob,
+    TokenLogprobs,
     TokenMessage,
 )
 from sllm.sampling import SamplingParams
@@ -113,7 +116,8 @@ class Sequence:
 
     def __init__(self, run: Run, prompt_ids: Sequence_[int], params: SamplingParams, limit: int,
                  kv: SequenceKV, post: _Post, resumed: list[int], emitted: int,
-                 arrived: float, tokenizer: Any) -> None:
+                 arrived: float, tokenizer: Any,
+                 resumed_logprobs: Sequence_[TokenLogprobs] | None = None) -> None:
         self.run = run
         self.tokenizer = tokenizer
         self.prompt_ids = tuple(prompt_ids)
@@ -122,6 +126,9 @@ class Sequence:
         self.kv = kv
         self.post = post
         self.token_ids: list[int] = list(resumed)
+        # one per token when the request asks for log probabilities (else None)
+        self.logprobs: list[TokenLogprobs] | None = (
+            None if params.logprobs is None else list(resumed_logprobs or ()))
         self.emitted = emitted
         self.seed = params.seed if params.seed is not None else secrets.randbits(63)
         self.generator = torch.Generator(device=kv.device)
@@ -151,7 +158,8 @@ class Sequence:
         hit = False
         if self.stops is not None:
             text, hit = self.stops.push(text)
-        msg = TokenMessage(index=index, token_id=token, text=text)
+        msg = TokenMessage(index=index, token_id=token, text=text,
+                           logprobs=None if self.logprobs is None else self.logprobs[index])
         if self.held is not None:
             self.post(self.held)
             self.held = None
@@ -220,6 +228,7 @@ class InstanceEngine:
         self.scheduler = Scheduler(scheduling,
                                    max(0, kv_budget_bytes) // instance.kv_bytes_per_token)
         self.counters = EngineCounters()
+        self._pieces: dict[int, str] = {}
         self._cond = threading.Condition()
         self._incoming: list[Sequence] = []
         self._seqs: dict[str, Sequence] = {}
@@ -232,7 +241,8 @@ class InstanceEngine:
 
     def open(self, prompt_ids: list[int], params: SamplingParams, *,
              resumed: Sequence_[int] = (), emitted: int = 0,
-             prepared: tuple[DynamicCache | None, int] = (None, 0)
+             prepared: tuple[DynamicCache | None, int] = (None, 0),
+             resumed_logprobs: Sequence_[TokenLogprobs] | None = None,
              ) -> tuple[Run, SequenceStream]:
         """Queue a sequence for the next iteration (call on the event loop); its run (what a
         migration moves) and its stream. Closing the stream early cancels the sequence.
@@ -243,6 +253,8 @@ class InstanceEngine:
             resumed: tokens generated before it moved here; the client has the first
                 ``emitted``.
             prepared: a KV cache a migration prepared and the positions it covers.
+            resumed_logprobs: the resumed tokens' log probabilities, one each (required when
+                ``params.logprobs`` is set and tokens are resumed).
 
         Raises:
             InvalidRequest: no prompt; resumed tokens overflowing the context; a sequence whose
@@ -261,6 +273,10 @@ class InstanceEngine:
             raise InvalidRequest("the moved tokens overflow the context window", param="resume")
         if not 0 <= emitted <= len(resumed):
             raise InvalidRequest(f"emitted must be in [0, {len(resumed)}]", param="resume")
+        if params.logprobs is not None and resumed and (
+                resumed_logprobs is None or len(resumed_logprobs) != len(resumed)):
+            raise InvalidRequest("the moved tokens need their log probabilities, one each",
+                                 param="resume")
         limit = min(params.max_tokens, window - len(prompt_ids))
         positions = len(prompt_ids) + limit
         if not self.scheduler.fits(positions):
@@ -274,7 +290,7 @@ class InstanceEngine:
         queue: asyncio.Queue[StreamMessage | None] = asyncio.Queue()
         kv = SequenceKV(self._shape, positions, inst.model.dtype, inst.device)
         seq = Sequence(run, prompt_ids, params, limit, kv, _Post(loop, queue), list(resumed),
-                       emitted, time.monotonic(), inst.tokenizer)
+                       emitted, time.monotonic(), inst.tokenizer, resumed_logprobs)
         cache, cached = prepared
         if cache is not None and cached:
             known = len(prompt_ids) + len(resumed)
@@ -383,6 +399,9 @@ class InstanceEngine:
             logits = forward_packed(self.instance.model, ids,
                                     PackedBatch([s.kv for s in seqs], counts), keep)
             tokens = [self._sample(seq, row) for seq, row in zip(sampling, logits, strict=True)]
+            logprobs = [self._logprobs(row, token, seq.params.logprobs)
+                        if seq.params.logprobs is not None else None
+                        for seq, row, token in zip(sampling, logits, tokens, strict=True)]
         seconds = time.perf_counter() - t0
         self.scheduler.account(step, seconds, time.monotonic())
         self.counters.iterations += 1
@@ -394,13 +413,15 @@ class InstanceEngine:
                 seq.prefill_seconds += seconds
             else:
                 seq.decode_seconds += seconds
-        for seq, token in zip(sampling, tokens, strict=True):
+        for seq, token, lp in zip(sampling, tokens, logprobs, strict=True):
             seq.sampled += 1
             self.counters.generation_tokens += 1
             if token in self.instance.eos_token_ids and not seq.params.ignore_eos:
                 self._finish(seq, "stop")
                 continue
             seq.token_ids.append(token)
+            if seq.logprobs is not None and lp is not None:
+                seq.logprobs.append(lp)
             self.scheduler.generated(seq.run.id)
             if seq.emit(token, len(seq.token_ids) - 1):
                 self._done(seq, "stop")
@@ -413,6 +434,24 @@ class InstanceEngine:
         logits = penalise(logits, seq.params, seq.prompt_ids, seq.token_ids,
                           self.instance.eos_token_ids)
         return sample(logits, seq.params, seq.generator)
+
+    def _logprobs(self, logits: torch.Tensor, token: int, top: int) -> TokenLogprobs:
+        """``token``'s log probability under one position's raw logits (shape (vocab,)) and
+        the ``top`` most likely tokens', most likely first."""
+        lp = torch.log_softmax(logits.float(), dim=-1)
+        best = torch.topk(lp, top) if top else None
+        pairs = [] if best is None else zip(best.indices.tolist(), best.values.tolist(),
+                                            strict=True)
+        return TokenLogprobs(
+            logprob=float(lp[token]), token=self._piece(token),
+            top=[TokenLogprob(token_id=i, token=self._piece(i), logprob=v) for i, v in pairs])
+
+    def _piece(self, token: int) -> str:
+        """A token's text alone (cached per id)."""
+        text = self._pieces.get(token)
+        if text is None:
+            text = self._pieces[token] = self.instance.tokenizer.decode([token])
+        return text
 
     def _remove(self, seq: Sequence, reason: str) -> None:
         self._seqs.pop(seq.run.id, None)
@@ -432,6 +471,7 @@ class InstanceEngine:
             target = seq.run.target or Target(reason="preempted")
             seq.post(MigratedMessage(
                 token_ids=list(seq.token_ids), prompt_tokens=len(seq.prompt_ids),
+                logprobs=None if seq.logprobs is None else list(seq.logprobs),
                 prefill_seconds=seq.prefill_seconds, decode_seconds=seq.decode_seconds,
                 invoker_url=target.invoker_url, instance_id=target.instance_id,
                 session=target.session, reason=target.reason))
@@ -494,13 +534,16 @@ class BatchEngine:
         resumed: list[int] = []
         emitted = 0
         prepared: tuple[DynamicCache | None, int] = (None, 0)
+        resumed_logprobs = None
         if request.resume is not None:
             resumed, emitted = list(request.resume.token_ids), request.resume.emitted
+            resumed_logprobs = request.resume.logprobs
             if request.resume.session is not None:
                 prepared = self._sessions.take(request.resume.session, instance.instance_id,
                                                [*prompt_ids, *resumed])
         run, stream = self.engine(instance).open(prompt_ids, request.sampling, resumed=resumed,
-                                                 emitted=emitted, prepared=prepared)
+                                                 emitted=emitted, prepared=prepared,
+                                                 resumed_logprobs=resumed_logprobs)
         if instance.moving is not None:  # assigned before the migration began: follow the others
             run.hand_over(Target(instance.moving.to_url, instance.moving.to_instance))
         instance.runs[run.id] = run

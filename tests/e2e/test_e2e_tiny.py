@@ -326,8 +326,8 @@ def test_bad_input_gets_a_clear_error_and_the_runtime_keeps_serving(
 
 ANSWER_CHANGING = {
     "min_p": 0.1, "response_format": {"type": "json_object"},
-    "tool_choice": "auto", "suffix": " the end", "n": 2, "logprobs": True,
-    "top_logprobs": 3, "echo": True, "logit_bias": {"50": 100}, "best_of": 2,
+    "tool_choice": "auto", "suffix": " the end", "n": 2,
+    "echo": True, "logit_bias": {"50": 100}, "best_of": 2,
     "tools": [{"type": "function", "function": {"name": "f"}}],
 }
 HONOURED = {
@@ -337,7 +337,7 @@ HONOURED = {
 NEUTRAL = {
     "presence_penalty": 0, "frequency_penalty": 0.0, "repetition_penalty": 1, "top_k": -1,
     "min_tokens": 0, "response_format": {"type": "text"}, "tool_choice": "none", "suffix": "",
-    "stop": None, "n": 1, "logprobs": False, "user": "someone", "metadata": {"team": "a"},
+    "stop": None, "n": 1, "user": "someone", "metadata": {"team": "a"},
 }
 
 
@@ -358,9 +358,64 @@ def test_fields_that_would_change_the_answer_are_refused_by_name(cluster: Cluste
         status, data = conn.request("POST", endpoint, json.dumps({**base, **NEUTRAL}).encode())
         assert status == 200, data
         assert json.loads(data)["usage"]["completion_tokens"] == 2
-        for field, value in HONOURED.items():  # honoured now: accepted
-            status, data = conn.request("POST", endpoint, json.dumps({**base, field: value}).encode())
-            assert status == 200, (field, data)
+        logprobs = {"logprobs": True, "top_logprobs": 3} if "chat" in endpoint else {"logprobs": 3}
+        for fields in [*({k: v} for k, v in HONOURED.items()), logprobs]:  # honoured now
+            status, data = conn.request("POST", endpoint, json.dumps({**base, **fields}).encode())
+            assert status == 200, (fields, data)
+
+
+def test_log_probabilities_in_each_apis_shape_streamed_or_not(cluster: Cluster) -> None:
+    """Greedy tokens with their log probabilities and top 3: the chosen token is the most
+    likely, the list is sorted, the streamed chunks carry what the whole answer does; chat's
+    shape (``logprobs.content``) and completions' legacy one (``tokens``, ``token_logprobs``,
+    ``top_logprobs``, ``text_offset``); the native API's per token event. ``top_logprobs``
+    without ``logprobs`` is refused."""
+    def chunks(c: httpx.Client, path: str, body: dict[str, Any]) -> list[dict[str, Any]]:
+        with c.stream("POST", path, json={**body, "stream": True}) as r:
+            assert r.status_code == 200
+            return [json.loads(line[len("data: "):]) for line in r.iter_lines()
+                    if line.startswith("data: {")]
+
+    chat = {"model": "tiny", "messages": user("hi"), "max_tokens": 6, "ignore_eos": True,
+            "logprobs": True, "top_logprobs": 3}
+    legacy = {"model": "tiny", "prompt": PROMPT, "max_tokens": 6, "ignore_eos": True, "logprobs": 3}
+    with cluster.client() as c:
+        r = c.post("/v1/chat/completions", json=chat)
+        assert r.status_code == 200, r.text
+        [choice] = r.json()["choices"]
+        content = choice["logprobs"]["content"]
+        assert len(content) == 6
+        for entry in content:
+            tops = [t["logprob"] for t in entry["top_logprobs"]]
+            assert len(tops) == 3 and tops == sorted(tops, reverse=True) and tops[0] <= 0
+            assert (entry["token"], entry["logprob"]) == (
+                entry["top_logprobs"][0]["token"], tops[0])  # greedy: the most likely
+            assert entry["bytes"] == list(entry["token"].encode())
+        streamed = [lp for ch in chunks(c, "/v1/chat/completions", chat)
+                    if (lp := ch["choices"][0]["logprobs"])]
+        assert [e for lp in streamed for e in lp["content"]] == content
+
+        r = c.post("/v1/completions", json=legacy)
+        assert r.status_code == 200, r.text
+        [choice] = r.json()["choices"]
+        lp = choice["logprobs"]
+        assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == 6
+        assert lp["text_offset"][0] == 0 and lp["text_offset"] == sorted(lp["text_offset"])
+        assert all(max(top.values()) == chosen and len(top) <= 3
+                   for top, chosen in zip(lp["top_logprobs"], lp["token_logprobs"], strict=True))
+        parts = [ch["choices"][0]["logprobs"] for ch in chunks(c, "/v1/completions", legacy)]
+        assert [t for p in parts if p for t in p["token_logprobs"]] == lp["token_logprobs"]
+        assert [o for p in parts if p for o in p["text_offset"]] == lp["text_offset"]
+
+        r = c.post("/v1/functions/tiny/invoke",
+                   json={"prompt": PROMPT, "raw": True, "max_tokens": 6, "ignore_eos": True,
+                         "logprobs": 2})
+        assert r.status_code == 200, r.text
+        assert [e["logprob"] for e in r.json()["logprobs"]] == lp["token_logprobs"]
+        assert all(len(e["top"]) == 2 for e in r.json()["logprobs"])
+
+        r = c.post("/v1/chat/completions", json={**chat, "logprobs": False})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "top_logprobs"
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -396,6 +451,7 @@ def test_a_stop_string_ends_the_text_before_it_on_both_apis(
 
 FIELDS = sorted({"model", "prompt", "messages", "raw", "max_tokens", "max_completion_tokens",
                  "temperature", "top_p", "seed", "ignore_eos", "stream", "stream_options",
+                 "logprobs", "top_logprobs",
                  *HONOURED, *REFUSED_FIELDS, *NO_OP_FIELDS})
 """Every request field either API knows, so that mutations hit the validators behind them."""
 

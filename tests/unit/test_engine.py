@@ -127,3 +127,44 @@ async def test_sequences_that_overflow_the_kv_budget_together_take_turns(
         got = await asyncio.gather(*(collect(eng.open(p, params)[1]) for p in prompts))
         assert eng.scheduler.used == 0
     assert [m.ids for m in got] == [reference(instance, p, 30) for p in prompts]
+
+
+async def test_log_probabilities_are_the_models_raw_distribution_alone_and_batched(
+        instance: ModelInstance) -> None:
+    """Each token's logprob and top 5 equal the log-softmax of ``generate``'s raw logits at that
+    step, for a sequence batched with others that ask for none."""
+    prompt, n = PROMPTS[3], 12
+    out = instance.model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=n,
+                                  min_new_tokens=n, output_logits=True,
+                                  return_dict_in_generate=True)
+    want = [torch.log_softmax(step[0].float(), -1) for step in out.logits]
+    params = SamplingParams(max_tokens=n, ignore_eos=True, logprobs=5)
+    plain = SamplingParams(max_tokens=n, ignore_eos=True)
+    with engine(instance, policy="fcfs", maxBatchTokens=32) as eng:
+        got, *others = await asyncio.gather(collect(eng.open(prompt, params)[1]),
+                                            *(collect(eng.open(p, plain)[1]) for p in PROMPTS[:3]))
+    assert got.ids == [int(t) for t in out.sequences[0, len(prompt):]]
+    for tok, lp in zip(got.tokens, want, strict=True):
+        assert tok.logprobs is not None
+        assert tok.logprobs.logprob == pytest.approx(float(lp[tok.token_id]), abs=1e-4)
+        best = torch.topk(lp, 5)
+        assert [t.token_id for t in tok.logprobs.top] == best.indices.tolist()
+        assert [t.logprob for t in tok.logprobs.top] == pytest.approx(best.values.tolist(), abs=1e-4)
+        assert tok.logprobs.top[0].token == instance.tokenizer.decode([best.indices[0].item()])
+    assert all(t.logprobs is None for o in others for t in o.tokens)
+
+
+async def test_resumed_tokens_are_sent_again_with_the_log_probabilities_they_came_with(
+        instance: ModelInstance) -> None:
+    params = SamplingParams(max_tokens=8, ignore_eos=True, logprobs=2)
+    with engine(instance, policy="fcfs") as eng:
+        first = await collect(eng.open(PROMPTS[2], params)[1])
+        lps = [t.logprobs for t in first.tokens]
+        resumed = await collect(eng.open(PROMPTS[2], params, resumed=first.ids[:5], emitted=3,
+                                         resumed_logprobs=lps[:5])[1])
+        with pytest.raises(InvalidRequest, match="log probabilities"):
+            eng.open(PROMPTS[2], params, resumed=first.ids[:5], emitted=3)
+    assert resumed.ids == first.ids[3:]
+    assert [t.logprobs for t in resumed.tokens[:2]] == lps[3:5]
+    assert [t.logprobs.logprob for t in resumed.tokens[2:]] == pytest.approx(
+        [lp.logprob for lp in lps[5:]], abs=1e-4)
