@@ -337,7 +337,8 @@ def create_app(config: ControllerConfig) -> Starlette:
     async def acquire(request: Request) -> Response:
         req = await read_model(request, AcquireRequest)
         record = await ctl.registry.get(req.function, cached=True)
-        assignment = await ctl.pool.admission.acquire(record.manifest, may_migrate=not req.resume)
+        assignment = await ctl.pool.admission.acquire(record.manifest, may_migrate=not req.resume,
+                                                          prefer=req.prefer)
         return model_response(assignment)
 
     async def release(request: Request) -> Response:

@@ -318,10 +318,11 @@ class Activation:
 
 async def acquire_and_open(
     upstream: Upstream, function: str, request_for: Callable[[Assignment], GenerateRequest], *,
-    resume: bool, release: Callable[..., object],
+    resume: bool, release: Callable[..., object], prefer: str | None = None,
 ) -> tuple[Assignment, GenerateRequest, httpx.Response, float]:
     """Acquire an instance of ``function`` and open its token stream with
-    ``request_for(assignment)``. When the invoker cannot be reached, or the instance was
+    ``request_for(assignment)`` (on the instance ``prefer`` when it has a free slot). When the
+    invoker cannot be reached, or the instance was
     unloaded under the assignment (preempted), the slot is given back (``release(instance id,
     failed=...)``) and another instance is tried, up to :data:`UNREACHABLE_RETRIES` times:
     nothing was generated there, so trying again is safe (the controller checks an unreachable
@@ -336,7 +337,7 @@ async def acquire_and_open(
             unreachable invoker or a vanished instance).
     """
     for attempt in range(UNREACHABLE_RETRIES + 1):
-        assignment = await upstream.acquire(function, resume=resume)
+        assignment = await upstream.acquire(function, resume=resume, prefer=prefer)
         acquired_at = time.monotonic()
         try:
             request = request_for(assignment)
@@ -356,10 +357,11 @@ async def acquire_and_open(
 
 
 async def start(upstream: Upstream, function: str, prompt: Prompt,
-                overrides: SamplingOverrides) -> Activation:
-    """Start an invocation of ``function``: acquire an instance (through a cold start if needed)
-    and open the token stream. Sampling fields ``overrides`` leaves unset take the function's
-    defaults (the assignment's); a sampled request with no seed gets one here.
+                overrides: SamplingOverrides, *, prefer: str | None = None) -> Activation:
+    """Start an invocation of ``function``: acquire an instance (through a cold start if needed;
+    the instance ``prefer`` when it has a free slot) and open the token stream. Sampling fields
+    ``overrides`` leaves unset take the function's defaults (the assignment's); a sampled
+    request with no seed gets one here.
 
     Raises:
         SllmError: before any token, with its HTTP status (FunctionNotFound, TooManyRequests,
@@ -375,7 +377,8 @@ async def start(upstream: Upstream, function: str, prompt: Prompt,
                                sampling=overrides.resolve(assignment.defaults, seed=seed))
 
     assignment, request, response, acquired_at = await acquire_and_open(
-        upstream, function, request_for, resume=False, release=upstream.release_soon)
+        upstream, function, request_for, resume=False, release=upstream.release_soon,
+        prefer=prefer)
     acquire_s = acquired_at - t0
     timings = Timings(
         cold_start=assignment.cold, tier=assignment.tier, queue=assignment.queue_seconds,

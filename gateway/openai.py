@@ -11,11 +11,14 @@ it (``param``), never accepted and silently ignored:
   ``top_k``, ``repetition_penalty``, ``presence_penalty``, ``frequency_penalty``,
   ``min_tokens``, vLLM's ``ignore_eos``, and log probabilities (chat: ``logprobs`` and
   ``top_logprobs`` up to 20; completions: ``logprobs`` up to 5), answered in each API's own
-  shape (the model's raw distribution, :class:`~sllm.sampling.SamplingParams`);
+  shape (the model's raw distribution, :class:`~sllm.sampling.SamplingParams`), and ``n`` up
+  to :data:`MAX_CHOICES` choices (one activation each, on the first's instance when it has
+  room, where the engine computes their prompt once; choice ``i`` of a seeded request is
+  seeded ``seed + i``; usage counts the prompt once);
 - accepted because they change nothing here (:data:`NO_OP_FIELDS`): ``user``, ``metadata``,
   ``store``, ...;
 - refused unless they hold their neutral value (:data:`REFUSED_FIELDS`): what the engine does
-  not implement yet (``min_p``, ``n`` > 1), ``suffix``, ``echo``,
+  not implement yet (``min_p``, ``best_of`` > 1), ``suffix``, ``echo``,
   ``response_format`` other than text, tools and ``tool_choice`` other than ``none``,
   ``logit_bias``;
 - refused: any other field, as OpenAI refuses an unrecognized argument.
@@ -26,6 +29,7 @@ anything is sent upstream.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any, Literal
@@ -71,7 +75,6 @@ def _is(*neutral: Any) -> Callable[[Any], bool]:
 
 
 REFUSED_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "n": (_is(None, 1), "only n=1 is supported"),
     "best_of": (_is(None, 1), "only best_of=1 is supported"),
     "min_p": (_is(None, 0), "min-p sampling is not supported yet (use top_p or top_k)"),
     "echo": (_is(None, False), "echo is not supported"),
@@ -100,16 +103,21 @@ NO_OP_FIELDS = frozenset({
 hints, a tool option with no tools): accepted."""
 
 
+MAX_CHOICES = 16
+"""The most choices (``n``) one request may ask for."""
+
+
 class _OpenAIRequest(SamplingOverrides):
     """The fields both endpoints take: the sampling fields a call may set
     (:class:`~sllm.sampling.SamplingOverrides`, ``ignore_eos`` being vLLM's extension), the
-    function's name as ``model``, and streaming."""
+    function's name as ``model``, the number of choices ``n``, and streaming."""
 
     # OpenAI clients send optional fields beyond the ones declared here: extra="allow" keeps
     # them, and refuse_unsupported() checks each against REFUSED_FIELDS and NO_OP_FIELDS.
     model_config = ConfigDict(extra="allow", frozen=False)
 
     model: str = Field(min_length=1)
+    n: Annotated[int, Field(strict=True, ge=1, le=MAX_CHOICES)] = 1
     stream: bool = False
     stream_options: dict[str, Any] | None = None
 
@@ -210,6 +218,128 @@ def _finish(reason: str | None) -> str | None:
     return {"stop": "stop", "length": "length", "cancelled": "stop"}.get(reason or "", reason)
 
 
+class _Choices:
+    """The activations of one request, one per choice (``n`` of them): the first started by
+    :meth:`start`, before the answer (so that what refuses it has its HTTP status), the others
+    as the answer is read, each on the first's instance when it has room (``prefer``), so that
+    its engine computes their shared prompt once. (They are not all started first: with no
+    room beside it, a choice waits for the first's slot, which frees only as the first is
+    read.)"""
+
+    def __init__(self, upstream: Upstream, req: _OpenAIRequest, prompt: Prompt,
+                 overrides: SamplingOverrides, first: activation.Activation) -> None:
+        self._upstream, self._req, self._prompt = upstream, req, prompt
+        self._overrides = overrides
+        self.acts: list[activation.Activation | None] = [first] + [None] * (req.n - 1)
+
+    @classmethod
+    async def start(cls, upstream: Upstream, req: _OpenAIRequest, prompt: Prompt,
+                    overrides: SamplingOverrides) -> _Choices:
+        """Start the first choice.
+
+        Raises:
+            SllmError: as :func:`gateway.activation.start`.
+        """
+        first = await activation.start(upstream, req.model, prompt, overrides)
+        return cls(upstream, req, prompt, overrides, first)
+
+    async def _act(self, i: int) -> activation.Activation:
+        """Choice ``i``'s activation, started now if it is not yet: a seeded request's choice
+        ``i`` is seeded ``seed + i``; without a seed each draws its own."""
+        act = self.acts[i]
+        if act is None:
+            seed = self._overrides.seed
+            act = self.acts[i] = await activation.start(
+                self._upstream, self._req.model, self._prompt,
+                self._overrides.model_copy(update={"seed": None if seed is None else seed + i}),
+                prefer=self._first.assignment.instance_id)
+        return act
+
+    @property
+    def _first(self) -> activation.Activation:
+        first = self.acts[0]
+        assert first is not None
+        return first
+
+    def _started(self) -> list[activation.Activation]:
+        return [a for a in self.acts if a is not None]
+
+    @property
+    def id(self) -> str:
+        return self._first.id
+
+    def usage(self) -> dict[str, int]:
+        """OpenAI's usage: the prompt once, every choice's completion tokens."""
+        p = self._first.usage()["prompt_tokens"]
+        c = sum(a.usage()["completion_tokens"] for a in self._started())
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+    def extras(self) -> dict[str, Any]:
+        return {"usage": self.usage(), "sllm": {
+            "activation_id": self.id, "activation_ids": [a.id for a in self._started()],
+            "timings": self._first.timings.as_dict()}}
+
+    def finish(self, i: int) -> str | None:
+        act = self.acts[i]
+        done = act.done if act is not None else None
+        return _finish(done.finish_reason if done else None)
+
+    async def finished(self) -> list[list[TokenMessage]]:
+        """Run every choice to its end; their tokens.
+
+        Raises:
+            SllmError: the first error a choice ended with (the others are stopped).
+        """
+        async def run(i: int) -> list[TokenMessage]:
+            return [tok async for tok in (await self._act(i)).tokens()]
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(run(i)) for i in range(len(self.acts))]
+        except BaseExceptionGroup as eg:
+            raise eg.exceptions[0] from None
+        finally:
+            await self.aclose()
+        return [t.result() for t in tasks]
+
+    async def merged(self) -> AsyncIterator[tuple[int, TokenMessage | None]]:
+        """Every choice's tokens as they come, as ``(choice, token)``; ``(choice, None)`` once
+        that choice ended.
+
+        Raises:
+            SllmError: the first error a choice ended with (the others are stopped).
+        """
+        queue: asyncio.Queue[tuple[int, TokenMessage | SllmError | None]] = asyncio.Queue(64)
+
+        async def pump(i: int) -> None:
+            try:
+                async for tok in (await self._act(i)).tokens():
+                    await queue.put((i, tok))
+                await queue.put((i, None))
+            except SllmError as e:
+                await queue.put((i, e))
+
+        tasks = [asyncio.create_task(pump(i)) for i in range(len(self.acts))]
+        try:
+            left = len(tasks)
+            while left:
+                i, item = await queue.get()
+                if isinstance(item, SllmError):
+                    raise item
+                if item is None:
+                    left -= 1
+                yield i, item
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close every choice started (a choice's stream releases its slot)."""
+        for act in self._started():
+            await act.aclose()
+
+
 def _chat_logprob(lp: TokenLogprobs) -> dict[str, Any]:
     """One token of chat's ``logprobs.content``."""
     def entry(token: str, logprob: float) -> dict[str, Any]:
@@ -234,116 +364,115 @@ def _completion_logprobs(tokens: list[TokenMessage], offset: int) -> dict[str, A
 
 
 def _streamed(
-    req: _OpenAIRequest, act: activation.Activation, *, obj: str, cid: str, created: int,
-    token_chunk: Callable[[TokenMessage | None, str | None], dict[str, Any]],
-    first: dict[str, Any] | None = None,
+    req: _OpenAIRequest, choices: _Choices, *, obj: str, cid: str, created: int,
+    token_chunk: Callable[[int, TokenMessage | None, str | None], dict[str, Any]],
+    first: Callable[[int], dict[str, Any]] | None = None,
 ) -> StreamingResponse:
-    """The SSE reply: ``first`` (if any), one chunk per token with text (or with log
-    probabilities, when asked for), a last chunk with the finish reason, a usage chunk when
-    ``stream_options.include_usage``, then ``data: [DONE]``. ``token_chunk(token,
-    finish_reason)`` builds one chunk (``token`` None for the last)."""
+    """The SSE reply: ``first(choice)`` for each choice (if given), one chunk per token with
+    text (or with log probabilities, when asked for), each choice's last chunk with its finish
+    reason once it ends, a usage chunk when ``stream_options.include_usage``, then ``data:
+    [DONE]``. ``token_chunk(choice, token, finish_reason)`` builds one chunk (``token`` None
+    for a last one)."""
     async def body() -> AsyncIterator[str]:
         try:
             if first is not None:
-                yield event(first)
-            async for tok in act.tokens():
-                if tok.text or tok.logprobs is not None:
-                    yield event(token_chunk(tok, None))
-            yield event(token_chunk(None, _finish(act.done.finish_reason if act.done else None)))
+                for i in range(len(choices.acts)):
+                    yield event(first(i))
+            async for i, tok in choices.merged():
+                if tok is None:
+                    yield event(token_chunk(i, None, choices.finish(i)))
+                elif tok.text or tok.logprobs is not None:
+                    yield event(token_chunk(i, tok, None))
             if req.include_usage():
                 yield event({"id": cid, "object": obj, "created": created, "model": req.model,
-                             "choices": [], "usage": act.usage()})
+                             "choices": [], "usage": choices.usage()})
         except SllmError as e:
             # the status line is gone once streaming began: the error becomes an event
             yield event(e.to_body())
         yield event("[DONE]")
 
     return StreamingResponse(body(), media_type="text/event-stream",
-                             headers={**SSE_HEADERS, "X-Activation-Id": act.id},
-                             background=BackgroundTask(act.aclose))
+                             headers={**SSE_HEADERS, "X-Activation-Id": choices.id},
+                             background=BackgroundTask(choices.aclose))
 
 
-async def _finished(act: activation.Activation) -> tuple[str | None, list[TokenMessage]]:
-    """Run the activation to its end; returns the OpenAI finish reason and the tokens."""
-    tokens = [tok async for tok in act.tokens()]
-    return _finish(act.done.finish_reason if act.done else None), tokens
-
-
-def _extras(act: activation.Activation) -> dict[str, Any]:
-    return {"usage": act.usage(), "sllm": {"activation_id": act.id, "timings": act.timings.as_dict()}}
+def _text(tokens: list[TokenMessage]) -> str:
+    return "".join(t.text for t in tokens)
 
 
 async def chat_completions(request: Request, upstream: Upstream) -> Response:
     req = await read_model(request, ChatCompletionRequest)
     req.refuse_unsupported()
     overrides = req.overrides()
-    act = await activation.start(upstream, req.model, req.to_prompt(), overrides)
-    cid, created = f"chatcmpl-{act.id}", int(time.time())
+    choices = await _Choices.start(upstream, req, req.to_prompt(), overrides)
+    cid, created = f"chatcmpl-{choices.id}", int(time.time())
     wants = overrides.logprobs is not None
 
-    def chunk(delta: dict[str, Any], finish: str | None,
+    def chunk(i: int, delta: dict[str, Any], finish: str | None,
               logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
         return {
             "id": cid, "object": "chat.completion.chunk", "created": created, "model": req.model,
-            "choices": [{"index": 0, "delta": delta, "logprobs": logprobs,
+            "choices": [{"index": i, "delta": delta, "logprobs": logprobs,
                          "finish_reason": finish}],
         }
 
-    def token_chunk(tok: TokenMessage | None, finish: str | None) -> dict[str, Any]:
+    def token_chunk(i: int, tok: TokenMessage | None, finish: str | None) -> dict[str, Any]:
         if tok is None:
-            return chunk({}, finish)
+            return chunk(i, {}, finish)
         lp = ({"content": [_chat_logprob(tok.logprobs)], "refusal": None}
               if wants and tok.logprobs is not None else None)
-        return chunk({"content": tok.text}, finish, lp)
+        return chunk(i, {"content": tok.text}, finish, lp)
 
     if req.stream:
-        return _streamed(req, act, obj="chat.completion.chunk", cid=cid, created=created,
+        return _streamed(req, choices, obj="chat.completion.chunk", cid=cid, created=created,
                          token_chunk=token_chunk,
-                         first=chunk({"role": "assistant", "content": ""}, None))
-    finish, tokens = await _finished(act)
-    logprobs = ({"content": [_chat_logprob(t.logprobs) for t in tokens if t.logprobs],
-                 "refusal": None} if wants else None)
+                         first=lambda i: chunk(i, {"role": "assistant", "content": ""}, None))
+    answers = await choices.finished()
     return JSONResponse({
         "id": cid, "object": "chat.completion", "created": created, "model": req.model,
         "choices": [{
-            "index": 0, "logprobs": logprobs, "finish_reason": finish,
-            "message": {"role": "assistant", "content": "".join(act.text)},
-        }],
-        **_extras(act),
-    }, headers={"X-Activation-Id": act.id})
+            "index": i, "finish_reason": choices.finish(i),
+            "logprobs": {"content": [_chat_logprob(t.logprobs) for t in tokens if t.logprobs],
+                         "refusal": None} if wants else None,
+            "message": {"role": "assistant", "content": _text(tokens)},
+        } for i, tokens in enumerate(answers)],
+        **choices.extras(),
+    }, headers={"X-Activation-Id": choices.id})
 
 
 async def completions(request: Request, upstream: Upstream) -> Response:
     req = await read_model(request, CompletionRequest)
     req.refuse_unsupported()
     overrides = req.overrides()
-    act = await activation.start(upstream, req.model, req.to_prompt(), overrides)
-    cid, created = f"cmpl-{act.id}", int(time.time())
+    choices = await _Choices.start(upstream, req, req.to_prompt(), overrides)
+    cid, created = f"cmpl-{choices.id}", int(time.time())
     wants = overrides.logprobs is not None
-    offset = 0  # characters streamed so far
+    offsets = [0] * req.n  # characters streamed so far, per choice
 
-    def chunk(text: str, finish: str | None, logprobs: dict[str, Any] | None = None
+    def chunk(i: int, text: str, finish: str | None, logprobs: dict[str, Any] | None = None
               ) -> dict[str, Any]:
-        return {
-            "id": cid, "object": "text_completion", "created": created, "model": req.model,
-            "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}],
-        }
+        return {"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish}
 
-    def token_chunk(tok: TokenMessage | None, finish: str | None) -> dict[str, Any]:
-        nonlocal offset
+    def body(*choice: dict[str, Any]) -> dict[str, Any]:
+        return {"id": cid, "object": "text_completion", "created": created, "model": req.model,
+                "choices": list(choice)}
+
+    def token_chunk(i: int, tok: TokenMessage | None, finish: str | None) -> dict[str, Any]:
         if tok is None:
-            return chunk("", finish)
-        lp = _completion_logprobs([tok], offset) if wants and tok.logprobs else None
-        offset += len(tok.text)
-        return chunk(tok.text, finish, lp)
+            return body(chunk(i, "", finish))
+        lp = _completion_logprobs([tok], offsets[i]) if wants and tok.logprobs else None
+        offsets[i] += len(tok.text)
+        return body(chunk(i, tok.text, finish, lp))
 
     if req.stream:
-        return _streamed(req, act, obj="text_completion", cid=cid, created=created,
+        return _streamed(req, choices, obj="text_completion", cid=cid, created=created,
                          token_chunk=token_chunk)
-    finish, tokens = await _finished(act)
-    logprobs = _completion_logprobs([t for t in tokens if t.logprobs], 0) if wants else None
-    return JSONResponse({**chunk("".join(act.text), finish, logprobs), **_extras(act)},
-                        headers={"X-Activation-Id": act.id})
+    answers = await choices.finished()
+    return JSONResponse({**body(*(
+        chunk(i, _text(tokens), choices.finish(i),
+              _completion_logprobs([t for t in tokens if t.logprobs], 0) if wants else None)
+        for i, tokens in enumerate(answers))), **choices.extras()},
+        headers={"X-Activation-Id": choices.id})
 
 
 async def models(request: Request, upstream: Upstream) -> Response:

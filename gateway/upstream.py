@@ -98,11 +98,13 @@ class Upstream:
                 raise Unavailable(f"no controller leads: {failure}", retry_after=2)
             await asyncio.sleep(0.2)
 
-    async def acquire(self, function: str, *, resume: bool = False) -> Assignment:
+    async def acquire(self, function: str, *, resume: bool = False,
+                      prefer: str | None = None) -> Assignment:
         """Ask the controller for an instance slot (waits through a cold start); ``resume``
         for a generation that was moved off its instance (the controller moves no other
-        instance to make room for it, so preemptions cannot chain)."""
-        body = AcquireRequest(function=function, resume=resume).model_dump()
+        instance to make room for it, so preemptions cannot chain); ``prefer`` an instance
+        to take when it has a free slot."""
+        body = AcquireRequest(function=function, resume=resume, prefer=prefer).model_dump()
         r = await self.controller("POST", routes.Controller.ACQUIRE, json=body)
         return Assignment.model_validate_json(r.content)
 

@@ -10,7 +10,9 @@ vLLM's metric names with sllm's prefix, labelled by ``instance`` and ``function`
 - ``sllm_iterations_total``, ``sllm_iteration_seconds_total``: forward passes and their time
   (their rates' ratio is the mean iteration time);
 - ``sllm_prompt_tokens_total`` (positions prefilled, a recompute counting again),
-  ``sllm_generation_tokens_total`` (tokens sampled), ``sllm_request_cancelled_total``.
+  ``sllm_generation_tokens_total`` (tokens sampled), ``sllm_request_cancelled_total``;
+- ``sllm_prefix_cache_hits_total``: prompt positions a sequence took from a sibling of the
+  same prompt instead of computing them (vLLM's prefix-cache hits, for whole prompts).
 
 Values are read from the engines when scraped (:class:`EngineCollector`), so an iteration pays
 nothing for them; an instance's series go away with it.
@@ -61,6 +63,9 @@ class EngineCollector(Collector):
                                               labels=LABELS),
             "cancelled": CounterMetricFamily("sllm_request_cancelled",
                                              "Sequences whose client went away", labels=LABELS),
+            "shared": CounterMetricFamily("sllm_prefix_cache_hits",
+                                          "Prompt positions copied from a sibling's KV cache",
+                                          labels=LABELS),
         }
         for instance_id, (function, eng) in sorted(self._engines().items()):
             labels = [instance_id, function]
@@ -72,7 +77,7 @@ class EngineCollector(Collector):
                                ("dropped", s.counters.dropped), ("iterations", c.iterations),
                                ("iteration_seconds", c.iteration_seconds),
                                ("prompt", c.prompt_tokens), ("generation", c.generation_tokens),
-                               ("cancelled", c.cancelled)):
+                               ("cancelled", c.cancelled), ("shared", c.shared_tokens)):
                 counters[key].add_metric(labels, value)
         yield from gauges.values()
         yield from counters.values()

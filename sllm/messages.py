@@ -143,6 +143,9 @@ class InstanceRecord(Wire):
 class AcquireRequest(Wire):
     function: str
     resume: bool = False  # for a generation moved off its instance: never moves others for it
+    # an instance to take the slot on when it has one free (the other choices of an n > 1
+    # request go where the first went, so that their engine shares the prompt's prefill)
+    prefer: str | None = None
 
 
 class Assignment(Wire):

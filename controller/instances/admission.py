@@ -85,7 +85,7 @@ class Admission:
         return sum(len(w) for w in self.waiting_since.values())
 
     async def acquire(self, manifest: FunctionManifest, deadline_s: float | None = None, *,
-                      may_migrate: bool = True) -> Assignment:
+                      may_migrate: bool = True, prefer: str | None = None) -> Assignment:
         """A slot on an instance of the function, starting one if needed (module docstring).
 
         Args:
@@ -94,6 +94,9 @@ class Admission:
                 the function's ``queueTimeout``).
             may_migrate: whether a new instance may be placed by moving running instances away
                 (false for a generation that was itself moved: moves must not chain).
+            prefer: the id of an instance to take when it is loaded with a free slot (before
+                the least busy one): the other choices of an ``n`` > 1 request follow the
+                first, so that one engine shares their prompt's prefill.
 
         Raises:
             TooManyRequests: the function's wait queue is full.
@@ -137,7 +140,8 @@ class Admission:
                         joined.in_flight -= 1
                         queue_s += time.monotonic() - t_join
                         joined = None
-                    live = min(loaded, key=lambda i: i.in_flight)
+                    live = next((i for i in loaded if i.record.id == prefer), None) or min(
+                        loaded, key=lambda i: i.in_flight)
                     table.take(live)
                     return self._assignment(manifest, live, cold=False, queue_s=queue_s, load_s=0.0)
                 if joined is None:

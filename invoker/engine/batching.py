@@ -104,6 +104,7 @@ class EngineCounters:
     generation_tokens: int = 0  # tokens sampled
     finished: int = 0
     cancelled: int = 0
+    shared_tokens: int = 0  # prompt positions copied from a sibling instead of computed
 
 
 class Sequence:
@@ -338,8 +339,10 @@ class InstanceEngine:
             if not self._seqs:
                 continue
             moving = self._moving()
+            waiting = self._share()
             for seq_id, seq in self._seqs.items():
-                self.scheduler.jobs[seq_id].held = moving and seq.run.generation is None
+                self.scheduler.jobs[seq_id].held = (
+                    moving and seq.run.generation is None) or seq_id in waiting
             step = self.scheduler.decide(time.monotonic())
             if not step.run:
                 with self._cond:  # nothing can run (all held): wait for a change
@@ -361,6 +364,37 @@ class InstanceEngine:
             self.scheduler.seed_cache(seq.run.id, seq.kv.length)
         self._seqs[seq.run.id] = seq
         seq.start()
+
+    def _share(self) -> set[str]:
+        """Sequences of one prompt share its prefill (the choices of an ``n`` > 1 request, or
+        the same prompt sent again): a sequence without a cache takes the first ``P - 1``
+        positions of its ``P``-token prompt from a sibling's cache that holds them, once the
+        KV budget admits it, and computes only the last prompt position itself (whose logits
+        it samples with its own parameters). While a sibling that came earlier has not
+        prefilled those positions yet, a sequence that has not started waits for it rather
+        than compute them too. Returns the ids of the sequences that wait."""
+        donors: dict[tuple[int, ...], Sequence] = {}
+        for seq in self._seqs.values():
+            if len(seq.prompt_ids) > 1 and seq.kv.length >= len(seq.prompt_ids) - 1:
+                donors.setdefault(seq.prompt_ids, seq)
+        waiting: set[str] = set()
+        first: set[tuple[int, ...]] = set()  # prompts with a sibling that computes them
+        for seq in self._seqs.values():  # in the order they came
+            prompt, shared = seq.prompt_ids, len(seq.prompt_ids) - 1
+            if shared < 1 or seq.kv.data is not None:
+                first.add(prompt)
+                continue
+            donor = donors.get(prompt)
+            if donor is not None:
+                if self.scheduler.admits(seq.run.id):
+                    seq.kv.copy_prefix(donor.kv, shared)
+                    self.scheduler.seed_cache(seq.run.id, shared)
+                    self.counters.shared_tokens += shared
+            elif prompt in first and seq.started_at is None:
+                waiting.add(seq.run.id)
+            else:
+                first.add(prompt)
+        return waiting
 
     def _settle(self) -> None:
         """End the sequences that stop before the next step (the module docstring's order:

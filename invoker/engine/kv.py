@@ -94,6 +94,20 @@ class SequenceKV:
             self.data[i, 1, :, :positions] = layer.values[0, :, :positions]
         self.length = positions
 
+    def copy_prefix(self, other: SequenceKV, positions: int) -> None:
+        """Take the first ``positions`` positions of ``other``'s cache (a sibling of the same
+        prompt: the prefill they share).
+
+        Raises:
+            ValueError: ``other`` holds fewer positions, or this cache cannot hold them.
+        """
+        if other.data is None or other.length < positions:
+            raise ValueError(f"the other cache holds {other.length} positions, not {positions}")
+        self.reserve(positions)
+        assert self.data is not None
+        self.data[:, :, :, :positions] = other.data[:, :, :, :positions]
+        self.length = positions
+
 
 @dataclass
 class PackedBatch:

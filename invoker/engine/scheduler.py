@@ -234,10 +234,22 @@ class Scheduler:
         self._last.discard(job_id)
 
     def seed_cache(self, job_id: str, positions: int) -> None:
-        """A job starts with ``positions`` already in its cache (a migration prepared them)."""
+        """A job that has no cache gets one holding ``positions`` already (a migration prepared
+        them, or a sibling of the same prompt lent them); one that has not run re-joins the
+        level its now shorter first iteration calls for (skip-join)."""
         job = self.jobs[job_id]
         job.computed = positions
         job.capacity = capacity_for(0, positions, job.limit)
+        if self.config.policy == "mlfq" and not job.started:
+            job.level = self.join_level(job.pending)
+
+    def admits(self, job_id: str) -> bool:
+        """Whether the job may hold a cache now: it holds one, or every job holding one and it
+        could all grow to their limits within the budget (the rule :meth:`decide` starts jobs
+        by)."""
+        job = self.jobs[job_id]
+        return bool(job.capacity) or (
+            sum(j.limit for j in self.jobs.values() if j.capacity) + job.limit <= self.kv_tokens)
 
     def generated(self, job_id: str) -> None:
         """The job's next token was sampled: one more id is known."""

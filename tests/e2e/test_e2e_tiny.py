@@ -291,7 +291,8 @@ BAD_YAML = "apiVersion: sllm.dev/v1\nkind: Function\nmetadata: {name: bad\nspec:
         ("POST", "/v1/functions/tiny/invoke", {"json": {"prompt": "hi", "max_tokens": 0}}, 400, "max_tokens"),
         ("POST", "/v1/functions/tiny/invoke", {"json": {"prompt": "hi", "bogus": 1}}, 400, "bogus: unknown field"),
         ("POST", "/v1/functions/tiny/invoke", {"json": {"prompt": "word " * 400}}, 400, "context window"),
-        ("POST", "/v1/chat/completions", {"json": {"model": "tiny", "messages": user("hi"), "n": 2}}, 400, "n=1"),
+        ("POST", "/v1/chat/completions", {"json": {"model": "tiny", "messages": user("hi"), "n": 17}}, 400,
+         "n: "),
         ("POST", "/v1/chat/completions",
          {"json": {"model": "tiny", "messages": [{"role": "tool", "content": "x"}]}}, 400, "tool messages"),
         ("POST", "/v1/functions/tiny/invoke", {"json": {"messages": [{"role": "wizard", "content": "x"}]}},
@@ -326,7 +327,7 @@ def test_bad_input_gets_a_clear_error_and_the_runtime_keeps_serving(
 
 ANSWER_CHANGING = {
     "min_p": 0.1, "response_format": {"type": "json_object"},
-    "tool_choice": "auto", "suffix": " the end", "n": 2,
+    "tool_choice": "auto", "suffix": " the end",
     "echo": True, "logit_bias": {"50": 100}, "best_of": 2,
     "tools": [{"type": "function", "function": {"name": "f"}}],
 }
@@ -629,6 +630,48 @@ def test_concurrent_calls_are_batched_in_one_instance_and_its_engine_is_on_metri
     assert samples["sllm_generation_tokens_total"] >= 4 * 40
     assert samples["sllm_iterations_total"] < 4 * 40  # the streams shared iterations
     assert samples["sllm_num_requests_running"] == 0 and 0 <= samples["sllm_kv_cache_usage_perc"]
+
+
+def test_n_choices_share_one_prefill_and_each_draws_as_its_own_seed_would(cluster: Cluster) -> None:
+    """n=3 on a function with room for three: three choices in OpenAI's shape (the prompt
+    counted once), choice i drawn as a call seeded seed + i; the streamed choices carry the
+    same texts, each with one finish; the invoker's engine took the prompt of two of them from
+    the first's cache. On a function with one slot, n=2 still completes (one after the
+    other)."""
+    cluster.deploy(manifest("choices", MODEL, scaling={"maxInstances": 1, "targetConcurrency": 3,
+                                                       "keepAlive": "600s"},
+                            scheduling={"policy": "fcfs", "maxBatch": 4}))
+    body = {"model": "choices", "messages": user(PROMPT), "max_tokens": 12, "ignore_eos": True,
+            "temperature": 1.0, "seed": 5}
+    with cluster.client() as c:
+        r = c.post("/v1/chat/completions", json={**body, "n": 3})
+        assert r.status_code == 200, r.text
+        answer = r.json()
+        alone = [c.post("/v1/chat/completions", json={**body, "seed": 5 + i}).json()
+                 for i in range(3)]
+        with c.stream("POST", "/v1/chat/completions", json={**body, "n": 3, "stream": True}) as s:
+            chunks = [json.loads(line[len("data: "):]) for line in s.iter_lines()
+                      if line.startswith("data: {")]
+        r2 = c.post("/v1/completions", json={"model": "tiny", "prompt": PROMPT, "max_tokens": 3,
+                                             "n": 2})
+        [inst] = [i for i in c.get("/v1/instances").json()["instances"] if i["function"] == "choices"]
+        metrics = httpx.get(f"{inst['invoker_url']}/metrics", timeout=10).text
+    texts = [ch["message"]["content"] for ch in answer["choices"]]
+    assert [ch["index"] for ch in answer["choices"]] == [0, 1, 2]
+    assert texts == [a["choices"][0]["message"]["content"] for a in alone]
+    assert len(set(texts)) > 1
+    assert answer["usage"]["completion_tokens"] == 36
+    assert answer["usage"]["prompt_tokens"] == alone[0]["usage"]["prompt_tokens"]
+    assert len(answer["sllm"]["activation_ids"]) == 3
+    streamed = ["".join(ch["choices"][0]["delta"].get("content", "") for ch in chunks
+                        if ch["choices"][0]["index"] == i) for i in range(3)]
+    assert streamed == texts
+    assert sorted(ch["choices"][0]["index"] for ch in chunks
+                  if ch["choices"][0]["finish_reason"]) == [0, 1, 2]
+    hits = [float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+            if line.startswith("sllm_prefix_cache_hits_total") and inst["id"] in line]
+    assert hits and hits[0] >= 2 * (answer["usage"]["prompt_tokens"] - 1)
+    assert r2.status_code == 200 and [ch["index"] for ch in r2.json()["choices"]] == [0, 1], r2.text
 
 
 def test_a_bad_scheduling_section_is_refused_naming_the_field(cluster: Cluster) -> None:

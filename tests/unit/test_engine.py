@@ -168,3 +168,21 @@ async def test_resumed_tokens_are_sent_again_with_the_log_probabilities_they_cam
     assert [t.logprobs for t in resumed.tokens[:2]] == lps[3:5]
     assert [t.logprobs.logprob for t in resumed.tokens[2:]] == pytest.approx(
         [lp.logprob for lp in lps[5:]], abs=1e-4)
+
+
+async def test_sequences_of_one_prompt_share_its_prefill_and_draw_as_they_would_alone(
+        instance: ModelInstance) -> None:
+    """Four seeded sequences of one 90-token prompt (an n=4 request): the prompt is computed
+    once, each of the others computes only its last position, and each draws the tokens it
+    draws alone."""
+    prompt = PROMPTS[3]
+    params = [SamplingParams(max_tokens=10, temperature=1.0, seed=s, ignore_eos=True)
+              for s in range(4)]
+    with engine(instance, policy="mlfq", maxBatchTokens=32) as eng:
+        alone = [(await collect(eng.open(prompt, p)[1])).ids for p in params]
+        before = eng.counters.prompt_tokens
+        got = await asyncio.gather(*(collect(eng.open(prompt, p)[1]) for p in params))
+        assert eng.counters.prompt_tokens - before == len(prompt) + 3
+        assert eng.counters.shared_tokens == 3 * (len(prompt) - 1)
+    assert [g.ids for g in got] == alone
+    assert len({tuple(a) for a in alone}) == 4  # the seeds drew apart

@@ -114,3 +114,21 @@ async def test_a_function_with_no_instance_overtakes_one_service_time_of_calls(
             call.cancel()
         await asyncio.gather(*calls, return_exceptions=True)
         await pool.close()
+
+
+async def test_a_call_that_prefers_an_instance_with_a_free_slot_takes_it(etcd: Etcd) -> None:
+    """Two instances of f with room: a call goes to the least busy (f-2), one that prefers f-1
+    (the other choices of an n > 1 request) to f-1; once f-1 is full, a preferring call takes
+    the least busy again."""
+    manifest_f = FunctionManifest.model_validate(manifest(
+        "f", "fm", resources={"memory": "1Gi"}, scaling={"maxInstances": 2, "targetConcurrency": 3}))
+    pool = pool_with(etcd, 4, {})
+    f1 = add(pool, "f-1", "f", "fm", "a", in_flight=2)
+    f2 = add(pool, "f-2", "f", "fm", "a", in_flight=0)
+    try:
+        assert (await pool.admission.acquire(manifest_f)).instance_id == "f-2"
+        assert (await pool.admission.acquire(manifest_f, prefer="f-1")).instance_id == "f-1"
+        assert (f1.in_flight, f2.in_flight) == (3, 1)
+        assert (await pool.admission.acquire(manifest_f, prefer="f-1")).instance_id == "f-2"
+    finally:
+        await pool.close()
