@@ -190,7 +190,8 @@ class Controller:
             except SllmError as e:
                 log.warning("invoker %s unreachable during recovery: %s", inv.id, e.message)
         max_tokens = {f.manifest.name: f.manifest.spec.generation.maxTokens for f in functions}
-        orphans = self.pool.adopt(records, reported, max_tokens)
+        scheduling = {f.manifest.name: f.manifest.spec.scheduling for f in functions}
+        orphans = self.pool.adopt(records, reported, max_tokens, scheduling)
         await self._unload_orphans(orphans, invokers)
         await self.pool.table.refresh_tiers()
         self._last_sweep = time.monotonic()

@@ -17,6 +17,12 @@ generations slow every call) is expected to need one more mean service, not none
 invocation is the time until the slot it would get frees, given the invocations already
 waiting ahead of it.
 
+Under the batching engine (:mod:`invoker.engine`) a slot is one of the ``targetConcurrency``
+sequences an instance holds at once, and its service time is measured as it runs, beside the
+instance's other sequences: a busier instance's calls take longer, and the samples say so. The
+estimate has no constant to recalibrate for batching; what changed is only that an instance has
+several slots, which ``started`` lists one by one.
+
 Worked example (the test ``test_worked_example``): one sample of 2 s (the mean); two busy
 instances, one busy for 0.5 s (1.5 s left), one for 3 s (longer than any sample: 2 s left);
 with nobody ahead the wait is 1.5 s, with one ahead 2 s, with two ahead 1.5 + 2 = 3.5 s (the

@@ -60,8 +60,11 @@ controller waits before it takes over from a dead leader."""
 LOST_RETENTION_S = 300.0
 """Seconds the record of a lost instance (its invoker died) stays visible before it is deleted."""
 
-MIGRATION_PER_TOKEN_S = 0.002
+MIGRATION_PER_TOKEN_S = 0.00135
 MIGRATION_FIXED_S = 0.05
 """Token-based migration cost model (ServerlessLLM §5): the destination recomputes the KV cache
-of every token moved (prefill, ~500 tokens/s for a 135M model on 2 CPU cores) plus a fixed handoff.
-Used by placement to weigh migrating running inferences away against other invokers."""
+of every token moved plus a fixed handoff. The recompute is a prefill in the destination's
+batching engine, in chunks of its token budget (256): 1.19 ms a token plus 41.8 ms an
+iteration, as ``python -m bench.engine`` profiled SmolLM2 on 2 CPU cores (docs/benchmarks.md
+§7.2), so 1.19 + 41.8 / 256 = 1.35 ms a token. Used by placement to weigh migrating running
+inferences away against other invokers."""

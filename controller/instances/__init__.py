@@ -28,7 +28,7 @@ from controller.instances.lifecycle import InvokerCalls, Lifecycle
 from controller.instances.recovery import adopt
 from controller.instances.table import InstanceTable, LiveInstance, RecordStore
 from controller.placement import Policy
-from sllm.manifest import FunctionManifest
+from sllm.manifest import FunctionManifest, Scheduling
 from sllm.messages import InstanceRecord, InvokerRecord
 
 
@@ -72,10 +72,11 @@ class InstancePool:
         self.admission = Admission(self.table, self.capacity, self.lifecycle, self.health)
 
     def adopt(self, records: Iterable[InstanceRecord], reported: Mapping[str, set[str]],
-              max_tokens: Mapping[str, int]) -> list[tuple[str, str, str]]:
+              max_tokens: Mapping[str, int], scheduling: Mapping[str, Scheduling] | None = None
+              ) -> list[tuple[str, str, str]]:
         """Rebuild the table after a controller (re)start (:func:`recovery.adopt`); returns the
         orphans to unload."""
-        return adopt(self.table, self.lifecycle, records, reported, max_tokens)
+        return adopt(self.table, self.lifecycle, records, reported, max_tokens, scheduling)
 
     async def close(self) -> None:
         """Stop (the controller stopped leading): background work is cancelled and every

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping
 
 from controller.instances.lifecycle import Lifecycle
 from controller.instances.table import InstanceTable, LiveInstance
+from sllm.manifest import Scheduling
 from sllm.messages import InstanceRecord
 from sllm.states import FINAL, STARTING, InstanceState
 
@@ -24,8 +25,8 @@ S = InstanceState
 
 
 def adopt(table: InstanceTable, lifecycle: Lifecycle, records: Iterable[InstanceRecord],
-          reported: Mapping[str, set[str]], max_tokens: Mapping[str, int]
-          ) -> list[tuple[str, str, str]]:
+          reported: Mapping[str, set[str]], max_tokens: Mapping[str, int],
+          scheduling: Mapping[str, Scheduling] | None = None) -> list[tuple[str, str, str]]:
     """Rebuild ``table`` from ``records`` (see the module docstring); loads to send again and
     stops of draining instances run in the background.
 
@@ -33,6 +34,8 @@ def adopt(table: InstanceTable, lifecycle: Lifecycle, records: Iterable[Instance
         records: instance records from etcd.
         reported: live invoker id -> ids of the instances it has loaded.
         max_tokens: function name -> its maxTokens (for migration estimates).
+        scheduling: function name -> its spec.scheduling (what a load sent again asks for;
+            the default for a function not named).
 
     Returns:
         Orphans, ``(invoker id, instance id, why)``: instances an invoker has that no record
@@ -47,7 +50,8 @@ def adopt(table: InstanceTable, lifecycle: Lifecycle, records: Iterable[Instance
         if rec.state in FINAL:
             table.mark(rec.id)
             continue
-        live = LiveInstance(rec, max_tokens=max_tokens.get(rec.function, 0))
+        live = LiveInstance(rec, max_tokens=max_tokens.get(rec.function, 0),
+                            scheduling=(scheduling or {}).get(rec.function, Scheduling()))
         if rec.invoker_id not in reported:
             table.instances[rec.id] = live
             table.lose_invoker(rec.invoker_id, f"invoker {rec.invoker_id} gone while no "
