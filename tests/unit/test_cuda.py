@@ -7,6 +7,7 @@ CUDA device; run on a GPU machine with ``pytest -m gpu``.
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from store.checkpoint.loader import LoadedCheckpoint, load_checkpoint
 from store.dram_pool import DramPool
 from store.importer import import_model
 from store.model_store import ModelStore
-from tests.helpers.engine import generate_alone
+from tests.helpers.engine import collect, engine, generate_alone
 from tests.helpers.kv_rounds import prefill_in_two_rounds
 from tests.helpers.tiny_model import make_tiny_llama, save_tiny_llama
 
@@ -128,3 +129,31 @@ def test_the_start_up_warm_up_runs_on_the_device() -> None:
     dtype a checkpoint is imported in."""
     assert warm_up(DEVICE) > 0
     assert torch.cuda.is_initialized()
+
+
+def test_sequences_batched_on_the_device_each_decode_as_generate_alone(
+        checkpoint: Path, reference: LlamaForCausalLM) -> None:
+    """Six prompts of different lengths, two of them the same (their prefill shared), batched
+    in one engine on the GPU under mlfq with a small token budget (prefills chunked beside the
+    decodes): each sequence's greedy tokens are generate's on that prompt alone, and each
+    token's log probability is the log-softmax of generate's logits there."""
+    instance, _ = instance_on_cuda(checkpoint)
+    prompts = [list(range(5, 5 + n)) for n in (3, 40, 90, 12, 90, 60)]
+    params = SamplingParams(max_tokens=N, ignore_eos=True, logprobs=3)
+
+    async def run() -> list:  # type: ignore[type-arg]
+        with engine(instance, policy="mlfq", maxBatchTokens=32) as eng:
+            got = await asyncio.gather(*(collect(eng.open(p, params)[1]) for p in prompts))
+            assert eng.counters.shared_tokens == 89
+            return got
+
+    got = asyncio.run(run())
+    for prompt, seq in zip(prompts, got, strict=True):
+        out = reference.generate(torch.tensor([prompt], device=DEVICE), do_sample=False,
+                                 max_new_tokens=N, eos_token_id=None, output_logits=True,
+                                 return_dict_in_generate=True)
+        assert seq.ids == [int(t) for t in out.sequences[0, len(prompt):]]
+        for tok, logits in zip(seq.tokens, out.logits, strict=True):
+            lp = torch.log_softmax(logits[0].float(), -1)
+            assert tok.logprobs is not None
+            assert tok.logprobs.logprob == pytest.approx(float(lp[tok.token_id]), abs=1e-3)
