@@ -146,11 +146,15 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 30.0) -> Any:
 
 
 def manifest(name: str, model: str, **spec: object) -> dict[str, Any]:
-    """A function manifest as a dict; ``spec`` entries (scaling, generation, ...) override."""
+    """A function manifest as a dict; ``spec`` entries (scaling, generation, ...) override,
+    ``scaling`` field by field over these tests' defaults (one call per instance at a time,
+    ``targetConcurrency: 1``, unless a test says otherwise)."""
+    scaling = {"minInstances": 0, "maxInstances": 1, "targetConcurrency": 1, "keepAlive": "60s"}
+    given = spec.pop("scaling", {})
     body: dict[str, object] = {
         "model": model,
         "resources": {"device": "auto", "memory": "256Mi"},
-        "scaling": {"minInstances": 0, "maxInstances": 1, "targetConcurrency": 1, "keepAlive": "60s"},
+        "scaling": {**scaling, **given} if isinstance(given, dict) else given,
         "generation": {"maxTokens": 16, "temperature": 0.0},
     }
     body.update(spec)
