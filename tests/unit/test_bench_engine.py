@@ -46,3 +46,14 @@ def test_every_request_completes_and_the_oracle_bounds_the_mean_jct(load: float)
         assert not np.isnan(o.jct).any() and (o.ttft <= o.jct).all() and (o.ttft > 0).all()
     assert out["srpt"].jct.mean() <= min(out["fcfs"].jct.mean(), out["mlfq"].jct.mean()) * 1.02
     assert out["run-to-completion"].jct.mean() > out["fcfs"].jct.mean()
+
+
+def test_the_scheduling_replays_prompts_are_all_different_and_as_long_as_asked() -> None:
+    from bench.engine.scheduling import Outcome, prompt_text, summary
+
+    prompts = [prompt_text(i, 30) for i in range(40)]
+    assert len(set(prompts)) == 40 and all(len(p.split()) == 30 for p in prompts)
+    row = summary([Outcome(ttft=t, jct=2 * t, done=t < 4) for t in (1.0, 2.0, 3.0, 4.0)])
+    assert (row["requests"], row["unfinished"], row["jct_mean_s"], row["ttft_mean_s"]) == (
+        4, 1, 5.0, 2.5)
+    assert 3.9 < row["ttft_p99_s"] <= 4.0

@@ -1,0 +1,184 @@
+"""The scheduling part of ``python -m bench.engine``: a slice of the production trace replayed
+through the running runtime on one SmolLM2 instance, for every policy on the same arrivals.
+
+Workload. ``--sched-requests`` consecutive requests of the Azure conversation trace (from its
+start), token counts divided by ``--sched-divide`` (:func:`bench.engine.workload.scaled`), so a
+request takes a second or two here. Each prompt is that many words of a fixed list, started at
+the request's own index (no two prompts alike, so the engine's sharing of equal prompts never
+applies), sent as raw text; each request generates exactly its output length
+(``max_tokens``, ``ignore_eos``).
+
+Load. The instance's capacity is measured first, in the same run: every request of the slice
+sent at once to an fcfs instance; capacity = requests / the time until the last one ends
+(requests per second). Arrivals are then the trace's, stretched so the mean rate is ``load x
+capacity``, for each load of ``--sched-loads``.
+
+Each policy gets its own function (one instance, ``targetConcurrency`` above the slice's size so
+the controller never queues: the instance's engine does all the scheduling; ``maxBatch``
+:data:`BATCH`, memory 2 GiB: the KV budget holds every request). Per request, at the client: TTFT (its arrival
+to its first token) and JCT (arrival to its last token), seconds. Run-to-completion cannot keep
+up with these loads; its replay stops ``--sched-deadline`` seconds after the last arrival, and a
+request not done by then counts with the time it had waited (``unfinished`` says how many: its
+means are then lower bounds).
+
+Targets (issue 26), at the highest load: mlfq's p99 TTFT <= 0.5x fcfs's at a mean JCT <= 1.5x
+fcfs's; both batching policies' mean JCT >= 10x better than run-to-completion's. With a few
+dozen requests, p99 is about the slowest request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from bench.engine import workload
+from bench.engine.throughput import deploy
+from cli import launcher
+from sllm import config
+from sllm.sse import parse_events
+
+WORDS = ("the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "to", "house", "in",
+         "red", "blue", "green", "sun", "moon", "star", "tree", "river")
+"""Common words, one token each with the space before them in SmolLM2's tokenizer."""
+
+BATCH = 8
+"""``maxBatch`` of the batching policies' instances (the demo function's): fewer than the
+sequences an instance holds at the busiest moments of the replay, so the policy decides who
+runs."""
+
+
+def prompt_text(index: int, tokens: int) -> str:
+    """About ``tokens`` tokens of words, starting at ``WORDS[index % len(WORDS)]`` and with the
+    request's index first, so no two requests' prompts are alike."""
+    words = [WORDS[(index + k) % len(WORDS)] for k in range(max(0, tokens - 1))]
+    return " ".join([str(index), *words])
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One request's times at the client (seconds from its arrival); ``done`` False when the
+    replay's deadline came first (``jct`` is then the time it had waited)."""
+
+    ttft: float
+    jct: float
+    done: bool
+
+
+def summary(outcomes: Sequence[Outcome]) -> dict[str, Any]:
+    """The row's numbers: mean and p99 JCT and TTFT (seconds), requests, unfinished."""
+    jct = np.array([o.jct for o in outcomes])
+    ttft = np.array([o.ttft for o in outcomes])
+    return {"requests": len(outcomes), "jct_mean_s": float(jct.mean()),
+            "jct_p99_s": float(np.percentile(jct, 99)), "ttft_mean_s": float(ttft.mean()),
+            "ttft_p99_s": float(np.percentile(ttft, 99)),
+            "unfinished": sum(not o.done for o in outcomes)}
+
+
+async def replay(gateway: str, function: str, requests: Sequence[workload.Request], *,
+                 deadline_s: float | None = None) -> list[Outcome]:
+    """Send each request at its arrival (seconds from now) and time it (module docstring).
+
+    Raises:
+        RuntimeError: a call failed.
+    """
+    url = f"{gateway}/v1/functions/{function}/invoke"
+    t0 = time.monotonic() + 0.5
+    end = None if deadline_s is None else t0 + requests[-1].arrival + deadline_s
+    limits = httpx.Limits(max_connections=len(requests) + 4)
+
+    async def one(i: int, req: workload.Request, client: httpx.AsyncClient) -> Outcome:
+        at = t0 + req.arrival
+        await asyncio.sleep(max(0.0, at - time.monotonic()))
+        body = {"prompt": prompt_text(i, req.prompt), "raw": True, "max_tokens": req.output,
+                "ignore_eos": True, "stream": True}
+        first: float | None = None
+        async with client.stream("POST", url, json=body) as r:
+            if r.status_code != 200:
+                raise RuntimeError(f"invoke failed: {r.status_code} {(await r.aread())!r}")
+            async for event, data in _events(r):
+                if event == "token" and first is None:
+                    first = time.monotonic()
+                elif event == "error":
+                    raise RuntimeError(f"stream error: {data}")
+        now = time.monotonic()
+        return Outcome(ttft=(first or now) - at, jct=now - at, done=True)
+
+    async def bounded(i: int, req: workload.Request, client: httpx.AsyncClient) -> Outcome:
+        if end is None:
+            return await one(i, req, client)
+        try:
+            return await asyncio.wait_for(one(i, req, client), max(0.0, end - time.monotonic()))
+        except TimeoutError:
+            waited = time.monotonic() - (t0 + req.arrival)
+            return Outcome(ttft=waited, jct=waited, done=False)
+
+    async with httpx.AsyncClient(timeout=900, limits=limits) as client:
+        return list(await asyncio.gather(*(bounded(i, r, client)
+                                           for i, r in enumerate(requests))))
+
+
+async def _events(r: httpx.Response):  # type: ignore[no-untyped-def]
+    """The response's SSE events as they come: ``(event, data)``."""
+    buffer: list[str] = []
+    async for line in r.aiter_lines():
+        buffer.append(line)
+        if line == "":
+            for event in parse_events(buffer):
+                yield event
+            buffer = []
+    for event in parse_events(buffer):
+        yield event
+
+
+def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The part's rows: per load, per policy (module docstring); also a ``capacity`` row."""
+    raw = workload.read_trace(args.trace)[: args.sched_requests]
+    unit = workload.scaled(raw, divide=args.sched_divide, context=2048, load=1.0,
+                           capacity_rps=1.0)
+    burst = [workload.Request(0.0, r.prompt, r.output) for r in unit]
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="sllm-bench-sched-") as tmp:
+        gport, cport, eport, pport, iport = launcher.free_ports(5)
+        state = launcher.start(Path(tmp), gateway_port=gport, controller_port=cport,
+                               etcd_port=eport, etcd_peer_port=pport, invoker_ports=[iport],
+                               store=config.store_root(), dram_pool="2Gi", stop_at_exit=True)
+        try:
+            gw = state.gateway_url
+            slots = len(unit) + 8
+            for policy in args.policies:
+                deploy(gw, f"sched-{policy}", args.model, policy,
+                       BATCH if policy != "run-to-completion" else 1,
+                       max(r.output for r in unit), target=slots)
+                asyncio.run(replay(gw, f"sched-{policy}", burst[:1]))  # its cold start
+            t = time.monotonic()
+            asyncio.run(replay(gw, "sched-fcfs", burst))
+            capacity = len(burst) / (time.monotonic() - t - 0.5)
+            rows.append({"part": "scheduling", "workload": "capacity", "policy": "fcfs",
+                         "capacity_rps": capacity, "requests": len(burst),
+                         "prompt_mean": float(np.mean([r.prompt for r in unit])),
+                         "output_mean": float(np.mean([r.output for r in unit]))})
+            if not args.json:
+                print(json.dumps(rows[-1]), flush=True)
+            for load in args.sched_loads:
+                trace = workload.scaled(raw, divide=args.sched_divide, context=2048, load=load,
+                                        capacity_rps=capacity)
+                for policy in args.policies:
+                    deadline = args.sched_deadline if policy == "run-to-completion" else None
+                    out = asyncio.run(replay(gw, f"sched-{policy}", trace, deadline_s=deadline))
+                    rows.append({"part": "scheduling", "workload": "trace", "policy": policy,
+                                 "load": load, **summary(out)})
+                    if not args.json:
+                        print(json.dumps(rows[-1]), flush=True)
+        finally:
+            launcher.stop(state)
+    return rows
