@@ -388,11 +388,17 @@ def instance_list(ctx: click.Context) -> None:
 @instance.command("migrate")
 @click.argument("instance_id")
 @click.option("--to", "to", default=None, help="the destination invoker's id [default: placement picks]")
+@click.option("--generations", type=click.IntRange(min=1), default=None,
+              help="move at most this many running generations; the instance serves on "
+                   "[default: all, and it drains]")
 @click.pass_context
-def instance_migrate(ctx: click.Context, instance_id: str, to: str | None) -> None:
+def instance_migrate(ctx: click.Context, instance_id: str, to: str | None,
+                     generations: int | None) -> None:
     """Live-migrate an instance: its running generations move to an instance on another invoker
     by their tokens (ServerlessLLM §5); clients' streams go on."""
-    body = {"to": to} if to else {}
+    body: dict[str, object] = {"to": to} if to else {}
+    if generations is not None:
+        body["generations"] = generations
     r = _api(ctx).call("POST", G.MIGRATE, json=body, id=instance_id)
     click.echo(f"{instance_id} -> {r['to_instance']} on {r['to_invoker']}: {r['moved']} "
                f"generation(s) moved, {r['finished']} finished first, {r['tokens']} tokens "

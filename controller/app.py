@@ -353,7 +353,8 @@ def create_app(config: ControllerConfig) -> Starlette:
     async def migrate_instance(request: Request) -> Response:
         req = await read_model(request, MigrateInstanceRequest)  # {} lets placement choose
         iid = request.path_params["id"]
-        resp, dest = await ctl.pool.capacity.migrate(iid, to=req.to, reason="requested by an operator")
+        resp, dest = await ctl.pool.capacity.migrate(iid, to=req.to, reason="requested by an operator",
+                                                     generations=req.generations)
         return JSONResponse({"instance_id": iid, "to_instance": dest.id,
                              "to_invoker": dest.invoker_id, **resp.model_dump(mode="json")})
 

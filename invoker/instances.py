@@ -64,6 +64,7 @@ class LoadedInstance:
     lock: threading.Lock = field(default_factory=threading.Lock)  # a migration's prefill, close
     runs: dict[str, Run] = field(default_factory=dict)  # generations started and not ended
     moving: MigrateRequest | None = None  # migrating away: new generations hand over at once
+    migrating: bool = False  # a migration (of all its generations or some) is under way
     closed: bool = False  # set under ``lock`` once unloaded: the weights may be reused
     stoppers: list[Callable[[], None]] = field(default_factory=list)  # its engine's close
 
@@ -247,7 +248,8 @@ class Instances:
     async def migrate(self, instance_id: str, req: MigrateRequest) -> MigrateResponse:
         """As a migration's source: move the instance's generations to another instance
         (:mod:`invoker.migration`). Generations that start on it from now on hand over at once;
-        after an abandoned migration they run here again.
+        after an abandoned migration they run here again. With ``req.limit`` only that many
+        running generations move, and the instance goes on serving the rest and new ones.
 
         Raises:
             InstanceNotFound: no such instance.
@@ -255,16 +257,20 @@ class Instances:
             MigrationFailed: the destination failed before anything moved.
         """
         inst = self.get(instance_id)
-        if inst.moving is not None:
+        if inst.moving is not None or inst.migrating:
             raise Conflict(f"instance {instance_id!r} is migrating already")
         if req.to_instance == instance_id:
             raise Conflict("an instance cannot migrate to itself")
-        inst.moving = req
+        inst.migrating = True
+        if req.limit is None:
+            inst.moving = req
         try:
             resp = await migrate_instance(inst.runs, req, self.http)
         except BaseException:
             inst.moving = None
             raise
+        finally:
+            inst.migrating = False
         if resp.abandoned is not None:
             inst.moving = None
         log.info("instance %s migrated to %s: %d moved, %d finished first, %d rounds, %d tokens "

@@ -269,7 +269,8 @@ async def migrate_instance(runs: dict[str, Run], req: MigrateRequest,
     """Move every generation in ``runs`` (an instance's, updated as they start and end) to the
     destination: the running one by rounds, then those waiting for the instance (module
     docstring). The caller keeps waiting generations from starting while this runs, and hands
-    over at once the ones that arrive meanwhile.
+    over at once the ones that arrive meanwhile. With ``req.limit``, only that many running
+    generations move (one that finishes during its rounds does not count), and the others stay.
 
     Raises:
         MigrationFailed: the destination failed before anything was handed over (everything
@@ -282,6 +283,8 @@ async def migrate_instance(runs: dict[str, Run], req: MigrateRequest,
     while True:
         left = [r for r in runs.values() if r.id not in done and not r.ended.done()]
         running = [r for r in left if r.generation is not None and not r.handed_over]
+        if req.limit is not None and (moved >= req.limit or not running):
+            break  # the rest stay
         if not running:
             # the rest wait for the instance (they do not start while it migrates away): they
             # go now, after the running one, so that it reaches the destination first

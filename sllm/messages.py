@@ -172,6 +172,9 @@ class MigrateInstanceRequest(Wire):
     """Body of ``POST /v1/instances/{id}/migrate`` (an operator's live migration)."""
 
     to: str | None = None  # the destination invoker's id; default: where placement puts it
+    # move at most this many of its running generations; the rest, and the instance, stay
+    # serving (default: every generation moves and the instance drains)
+    generations: int | None = Field(default=None, ge=1)
 
 
 # --- controller <-> invoker ---------------------------------------------------------------------
@@ -209,6 +212,9 @@ class MigrateRequest(Wire):
 
     to_url: str  # the destination invoker
     to_instance: str  # the destination instance (same model)
+    # move at most this many running generations (the earliest started first) and leave the
+    # rest, and new ones, here; None: every generation, waiting ones and new ones too
+    limit: int | None = Field(default=None, ge=1)
 
 
 class MigrateResponse(Wire):

@@ -339,14 +339,14 @@ class Capacity:
         return moves
 
     def destination_now(self, mover: LiveInstance, manifest: FunctionManifest,
-                        invokers: list[InvokerRecord], *, only: str | None, reason: str
-                        ) -> LiveInstance | None:
+                        invokers: list[InvokerRecord], *, only: str | None, reason: str,
+                        slots: int | None = None) -> LiveInstance | None:
         """Reserve a migration destination for the loaded instance ``mover``, without an await:
         an idle instance of its function on another invoker (``only``: that one), else a new
         one placed among the other ``invokers`` without moving anything (its load unsent: the
         caller sends it). The mover is marked migrating (no invocation takes it meanwhile) and
-        the destination holds one slot per invocation in flight on the mover. Returns None
-        when no invoker has room.
+        the destination holds one slot per invocation in flight on the mover (``slots``: that
+        many, for a migration of some of them). Returns None when no invoker has room.
 
         Raises:
             Unavailable: no invoker could ever hold it.
@@ -362,7 +362,7 @@ class Capacity:
             if dest is None:
                 return None
         self._table.set_state(mover, S.MIGRATING, reason=reason)
-        self._table.hold(dest, mover.in_flight)
+        self._table.hold(dest, mover.in_flight if slots is None else slots)
         return dest
 
     def _give_back(self, mover: LiveInstance, dest: LiveInstance) -> None:
@@ -397,11 +397,12 @@ class Capacity:
             raise Conflict(f"instance {instance_id} is on invoker {to} already")
         return live
 
-    async def migrate(self, instance_id: str, *, to: str | None = None, reason: str
-                      ) -> tuple[MigrateResponse, InstanceRecord]:
+    async def migrate(self, instance_id: str, *, to: str | None = None, reason: str,
+                      generations: int | None = None) -> tuple[MigrateResponse, InstanceRecord]:
         """Live-migrate a loaded instance (ServerlessLLM §5), as an operator asks: find or start
         an instance of its function on another invoker (``to``: that one) and move every
-        generation there by its tokens (:meth:`Lifecycle.move`).
+        generation there by its tokens (:meth:`Lifecycle.move`); with ``generations``, at most
+        that many of its running generations, the instance serving on with the rest.
 
         Returns:
             What the source's invoker reported (generations moved, finished first, rounds,
@@ -420,13 +421,15 @@ class Capacity:
         manifest = await self._manifest_of(live.record.function)
         invokers = await self._list_invokers()
         live = self._loaded(instance_id, to)  # again, after the awaits
-        dest = self.destination_now(live, manifest, invokers, only=to, reason=reason)
+        slots = live.in_flight if generations is None else min(generations, live.in_flight)
+        dest = self.destination_now(live, manifest, invokers, only=to, reason=reason,
+                                    slots=slots)
         if dest is None:
             raise Unavailable(f"no invoker has room for a destination of {instance_id}",
                               retry_after=5)
         if dest.state == S.PENDING:  # started for it, not an idle one
             self._lifecycle.send(dest)
-        return await self._lifecycle.move(live, dest, live.in_flight, reason=reason)
+        return await self._lifecycle.move(live, dest, slots, reason=reason, limit=generations)
 
 
 def placement_record(p: Placement, evicted: list[str], now: float, seconds: float) -> PlacementRecord:

@@ -164,14 +164,14 @@ class Lifecycle:
 
     # --- migration ------------------------------------------------------------------------------
 
-    async def move(self, live: LiveInstance, dest: LiveInstance, reserved: int, *, reason: str
-                   ) -> tuple[MigrateResponse, InstanceRecord]:
+    async def move(self, live: LiveInstance, dest: LiveInstance, reserved: int, *, reason: str,
+                   limit: int | None = None) -> tuple[MigrateResponse, InstanceRecord]:
         """Move the generations of the migrating ``live`` to ``dest``, which holds ``reserved``
         slots for them (reserved by :mod:`controller.instances.capacity`): wait for ``dest`` to
         load, then have the source's invoker move every generation there by its tokens. The
         gateways follow each stream and move their slots (a release with ``moved_to``).
         Afterwards the source drains (it stops once the last slot moved); when the migration is
-        abandoned it goes on serving.
+        abandoned, or moves at most ``limit`` generations, it goes on serving.
 
         Returns:
             What the source's invoker reported, and the destination's record.
@@ -190,7 +190,8 @@ class Lifecycle:
                      source.invoker_id, dest.record.id, dest.record.invoker_id, reason)
             resp = await self._invokers.migrate(
                 source.invoker_url, source.id,
-                MigrateRequest(to_url=dest.record.invoker_url, to_instance=dest.record.id))
+                MigrateRequest(to_url=dest.record.invoker_url, to_instance=dest.record.id,
+                               limit=limit))
         except BaseException as e:
             table.unhold(dest, reserved)
             if live.state == S.MIGRATING:
@@ -201,7 +202,7 @@ class Lifecycle:
             raise
         table.unhold(dest, reserved - resp.moved)  # the moved ones' gateways claim theirs
         if live.state == S.MIGRATING:
-            if resp.abandoned is not None:
+            if resp.abandoned is not None or limit is not None:
                 table.set_state(live, S.ACTIVE if live.in_flight else S.IDLE, reason=None)
             else:
                 live.record = live.record.model_copy(update={"migrated_to": dest.record.id})

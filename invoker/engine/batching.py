@@ -122,6 +122,7 @@ class Sequence:
         self.run = run
         self.tokenizer = tokenizer
         self.prompt_ids = tuple(prompt_ids)
+        self.prompt_key = hash(self.prompt_ids)  # once: a long prompt's hash is not cheap
         self.params = params
         self.limit = limit  # tokens it may generate (max_tokens, or what the context leaves)
         self.kv = kv
@@ -373,19 +374,19 @@ class InstanceEngine:
         it samples with its own parameters). While a sibling that came earlier has not
         prefilled those positions yet, a sequence that has not started waits for it rather
         than compute them too. Returns the ids of the sequences that wait."""
-        donors: dict[tuple[int, ...], Sequence] = {}
+        donors: dict[int, Sequence] = {}
         for seq in self._seqs.values():
             if len(seq.prompt_ids) > 1 and seq.kv.length >= len(seq.prompt_ids) - 1:
-                donors.setdefault(seq.prompt_ids, seq)
+                donors.setdefault(seq.prompt_key, seq)
         waiting: set[str] = set()
-        first: set[tuple[int, ...]] = set()  # prompts with a sibling that computes them
+        first: set[int] = set()  # prompts with a sibling that computes them
         for seq in self._seqs.values():  # in the order they came
-            prompt, shared = seq.prompt_ids, len(seq.prompt_ids) - 1
+            prompt, shared = seq.prompt_key, len(seq.prompt_ids) - 1
             if shared < 1 or seq.kv.data is not None:
                 first.add(prompt)
                 continue
             donor = donors.get(prompt)
-            if donor is not None:
+            if donor is not None and donor.prompt_ids == seq.prompt_ids:
                 if self.scheduler.admits(seq.run.id):
                     seq.kv.copy_prefix(donor.kv, shared)
                     self.scheduler.seed_cache(seq.run.id, shared)

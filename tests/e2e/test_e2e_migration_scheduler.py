@@ -187,3 +187,46 @@ def test_generations_on_one_instance_move(pair: Cluster, policy: str, count: int
         assert len(waited) == 1
     else:  # all were running
         assert waited == [] and all(m["at_token"] >= 5 and m["kv_cache_prepared"] for m in moves)
+
+
+def test_one_generation_moves_out_of_a_batch_of_four_and_the_instance_serves_on(
+        pair: Cluster) -> None:
+    """Four generations batched (fcfs) on one instance; an operator moves one of them
+    (``generations: 1``): it goes on at the destination, the other three stream on from the
+    source, every text that of a run without migration; the source is not drained and takes
+    the next call."""
+    pair.deploy(manifest("four", "tiny-slow", scaling={
+        "maxInstances": 2, "targetConcurrency": 4, "keepAlive": "600s"},
+        generation={"maxTokens": 220, "temperature": 0.0}, scheduling={"policy": "fcfs"}))
+    reference = stream(pair, "four")
+    started = threading.Barrier(5)
+    reached: set[int] = set()
+
+    def on_token(k: int, n: int) -> None:
+        if n == 5 and k not in reached:
+            reached.add(k)
+            started.wait(60)
+
+    results: list[dict[str, Any]] = []
+    threads = [threading.Thread(target=lambda k=k: results.append(stream(
+        pair, "four", lambda n: on_token(k, n)))) for k in range(4)]
+    for t in threads:
+        t.start()
+    with pair.client() as c:
+        started.wait(60)
+        [source] = instances(c, "four")
+        r = c.post(f"/v1/instances/{source['id']}/migrate", json={"generations": 1})
+        assert r.status_code == 200, r.text
+        answer = r.json()
+        for t in threads:
+            t.join(120)
+        after = {i["id"]: i["state"] for i in instances(c, "four")}
+    assert len(results) == 4
+    assert answer["moved"] + answer["finished"] >= 1 and answer["moved"] <= 1, answer
+    moves = [out["done"]["migrations"] for out in results]
+    for out in results:
+        assert out["error"] is None and out["done"]["text"] == reference["done"]["text"]
+    assert sorted(len(m) for m in moves) == [0, 0, 0, answer["moved"]]
+    assert source["id"] in after  # not drained: it serves on
+    again = stream(pair, "four")
+    assert again["done"]["text"] == reference["done"]["text"]
