@@ -3,27 +3,31 @@ through the running runtime on one SmolLM2 instance, for every policy on the sam
 
 Workload. ``--sched-requests`` consecutive requests of the Azure conversation trace (from its
 start), token counts divided by ``--sched-divide`` (:func:`bench.engine.workload.scaled`), so a
-request takes a second or two here. Each prompt is that many words of a fixed list, started at
-the request's own index (no two prompts alike, so the engine's sharing of equal prompts never
-applies), sent as raw text; each request generates exactly its output length
-(``max_tokens``, ``ignore_eos``).
+request takes a second or two here. Each prompt is exactly that many tokens: words of a fixed
+list, one token each, the request's index first (:func:`prompt_text`: no two prompts of a
+length alike, so the engine's sharing of equal prompts never applies), sent as raw text; each
+request generates exactly its output length (``max_tokens``, ``ignore_eos``); both are checked
+against the call's usage and tokens.
 
-Load. The instance's capacity is measured first, in the same run: every request of the slice
-sent at once to an fcfs instance; capacity = requests / the time until the last one ends
-(requests per second). Arrivals are then the trace's, stretched so the mean rate is ``load x
-capacity``, for each load of ``--sched-loads``.
+Load. The instance's capacity is measured first, in the same run, through the runtime: every
+request of the slice sent at once to an fcfs instance; capacity = the completions between the
+first and the third quarter of them over the time between (requests per second: the saturated
+rate, without the ramp-up and the tail of a draining batch, :func:`capacity_rps`). Arrivals are
+then the trace's, stretched so the mean rate is ``load x capacity``, for each load of
+``--sched-loads``.
 
 Each policy gets its own function (one instance, ``targetConcurrency`` above the slice's size so
 the controller never queues: the instance's engine does all the scheduling; ``maxBatch``
-:data:`BATCH`, memory 2 GiB: the KV budget holds every request). Per request, at the client: TTFT (its arrival
-to its first token) and JCT (arrival to its last token), seconds. Run-to-completion cannot keep
+:data:`BATCH`, memory 2 GiB: the KV budget holds every request). Per request, at the client:
+TTFT (its arrival to its first token) and JCT (arrival to its last token), seconds. Run-to-completion cannot keep
 up with these loads; its replay stops ``--sched-deadline`` seconds after the last arrival, and a
 request not done by then counts with the time it had waited (``unfinished`` says how many: its
-means are then lower bounds).
+means are then lower bounds; their calls are closed, which cancels them in the engine).
 
 Targets (issue 26), at the highest load: mlfq's p99 TTFT <= 0.5x fcfs's at a mean JCT <= 1.5x
-fcfs's; both batching policies' mean JCT >= 10x better than run-to-completion's. With a few
-dozen requests, p99 is about the slowest request.
+fcfs's; both batching policies' mean JCT >= 10x better than run-to-completion's. With 100
+requests (the default), p99 is about the second slowest request; run-to-completion's queue, and
+so its JCT, grows with the replay's length, and its deadline bounds both.
 """
 
 from __future__ import annotations
@@ -42,14 +46,12 @@ import httpx
 import numpy as np
 
 from bench.engine import workload
-from bench.engine.throughput import deploy
-from cli import launcher
-from sllm import config
+from bench.engine.serving import deploy, runtime
 from sllm.sse import parse_events
 
 WORDS = ("the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "to", "house", "in",
          "red", "blue", "green", "sun", "moon", "star", "tree", "river")
-"""Common words, one token each with the space before them in SmolLM2's tokenizer."""
+"""Common words, one token each in SmolLM2's tokenizer, first or after a space."""
 
 BATCH = 8
 """``maxBatch`` of the batching policies' instances (the demo function's): fewer than the
@@ -58,10 +60,30 @@ runs."""
 
 
 def prompt_text(index: int, tokens: int) -> str:
-    """About ``tokens`` tokens of words, starting at ``WORDS[index % len(WORDS)]`` and with the
-    request's index first, so no two requests' prompts are alike."""
-    words = [WORDS[(index + k) % len(WORDS)] for k in range(max(0, tokens - 1))]
-    return " ".join([str(index), *words])
+    """``tokens`` words of :data:`WORDS` (as many tokens, at least 1): the digits of ``index``
+    in base ``len(WORDS) - 1`` as the words after the first, lowest first, then the first word
+    (an end mark), then the list from ``index`` on; so prompts of one length differ when they
+    are longer than their indices' digits."""
+    digits, base = [], len(WORDS) - 1
+    while True:
+        index, d = divmod(index, base)
+        digits.append(1 + d)
+        if not index:
+            break
+    n = max(1, tokens)
+    words = [*digits, 0, *((digits[0] + k) % len(WORDS) for k in range(n))][:n]
+    return " ".join(WORDS[w] for w in words)
+
+
+def capacity_rps(ends: Sequence[float]) -> float:
+    """A burst's saturated rate: of ``ends``, the times (seconds from the burst's start) its
+    requests completed, in any order, the completions between the first quarter's and the third
+    quarter's over the time between (requests per second)."""
+    t = sorted(ends)
+    lo, hi = len(t) // 4, (3 * len(t)) // 4
+    if hi <= lo or t[hi] <= t[lo]:
+        raise ValueError(f"too few completions to rate: {len(t)}")
+    return (hi - lo) / (t[hi] - t[lo])
 
 
 @dataclass(frozen=True)
@@ -89,7 +111,7 @@ async def replay(gateway: str, function: str, requests: Sequence[workload.Reques
     """Send each request at its arrival (seconds from now) and time it (module docstring).
 
     Raises:
-        RuntimeError: a call failed.
+        RuntimeError: a call failed, or its prompt or output was not as long as asked.
     """
     url = f"{gateway}/v1/functions/{function}/invoke"
     t0 = time.monotonic() + 0.5
@@ -102,15 +124,23 @@ async def replay(gateway: str, function: str, requests: Sequence[workload.Reques
         body = {"prompt": prompt_text(i, req.prompt), "raw": True, "max_tokens": req.output,
                 "ignore_eos": True, "stream": True}
         first: float | None = None
+        tokens = 0
+        usage: dict[str, Any] = {}
         async with client.stream("POST", url, json=body) as r:
             if r.status_code != 200:
                 raise RuntimeError(f"invoke failed: {r.status_code} {(await r.aread())!r}")
             async for event, data in _events(r):
-                if event == "token" and first is None:
-                    first = time.monotonic()
+                if event == "token":
+                    first = first or time.monotonic()
+                    tokens += 1
+                elif event == "done":
+                    usage = data["usage"]
                 elif event == "error":
                     raise RuntimeError(f"stream error: {data}")
         now = time.monotonic()
+        if (tokens, usage.get("prompt_tokens")) != (req.output, req.prompt):
+            raise RuntimeError(f"request {i}: {tokens} tokens of a {usage.get('prompt_tokens')}"
+                               f"-token prompt, not {req.output} of {req.prompt}")
         return Outcome(ttft=(first or now) - at, jct=now - at, done=True)
 
     async def bounded(i: int, req: workload.Request, client: httpx.AsyncClient) -> Outcome:
@@ -147,38 +177,29 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                            capacity_rps=1.0)
     burst = [workload.Request(0.0, r.prompt, r.output) for r in unit]
     rows: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="sllm-bench-sched-") as tmp:
-        gport, cport, eport, pport, iport = launcher.free_ports(5)
-        state = launcher.start(Path(tmp), gateway_port=gport, controller_port=cport,
-                               etcd_port=eport, etcd_peer_port=pport, invoker_ports=[iport],
-                               store=config.store_root(), dram_pool="2Gi", stop_at_exit=True)
-        try:
-            gw = state.gateway_url
-            slots = len(unit) + 8
+    with tempfile.TemporaryDirectory(prefix="sllm-bench-sched-") as tmp, \
+            runtime(Path(tmp)) as gw:
+        for policy in args.policies:
+            deploy(gw, f"sched-{policy}", args.model, policy,
+                   BATCH if policy != "run-to-completion" else 1,
+                   max(r.output for r in unit), target=len(unit) + 8)
+            asyncio.run(replay(gw, f"sched-{policy}", burst[:1]))  # its cold start
+        out = asyncio.run(replay(gw, "sched-fcfs", burst))
+        capacity = capacity_rps([o.jct for o in out])
+        rows.append({"part": "scheduling", "workload": "capacity", "policy": "fcfs",
+                     "capacity_rps": capacity, "requests": len(burst),
+                     "prompt_mean": float(np.mean([r.prompt for r in unit])),
+                     "output_mean": float(np.mean([r.output for r in unit]))})
+        if not args.json:
+            print(json.dumps(rows[-1]), flush=True)
+        for load in args.sched_loads:
+            trace = workload.scaled(raw, divide=args.sched_divide, context=2048, load=load,
+                                    capacity_rps=capacity)
             for policy in args.policies:
-                deploy(gw, f"sched-{policy}", args.model, policy,
-                       BATCH if policy != "run-to-completion" else 1,
-                       max(r.output for r in unit), target=slots)
-                asyncio.run(replay(gw, f"sched-{policy}", burst[:1]))  # its cold start
-            t = time.monotonic()
-            asyncio.run(replay(gw, "sched-fcfs", burst))
-            capacity = len(burst) / (time.monotonic() - t - 0.5)
-            rows.append({"part": "scheduling", "workload": "capacity", "policy": "fcfs",
-                         "capacity_rps": capacity, "requests": len(burst),
-                         "prompt_mean": float(np.mean([r.prompt for r in unit])),
-                         "output_mean": float(np.mean([r.output for r in unit]))})
-            if not args.json:
-                print(json.dumps(rows[-1]), flush=True)
-            for load in args.sched_loads:
-                trace = workload.scaled(raw, divide=args.sched_divide, context=2048, load=load,
-                                        capacity_rps=capacity)
-                for policy in args.policies:
-                    deadline = args.sched_deadline if policy == "run-to-completion" else None
-                    out = asyncio.run(replay(gw, f"sched-{policy}", trace, deadline_s=deadline))
-                    rows.append({"part": "scheduling", "workload": "trace", "policy": policy,
-                                 "load": load, **summary(out)})
-                    if not args.json:
-                        print(json.dumps(rows[-1]), flush=True)
-        finally:
-            launcher.stop(state)
+                deadline = args.sched_deadline if policy == "run-to-completion" else None
+                out = asyncio.run(replay(gw, f"sched-{policy}", trace, deadline_s=deadline))
+                rows.append({"part": "scheduling", "workload": "trace", "policy": policy,
+                             "load": load, **summary(out)})
+                if not args.json:
+                    print(json.dumps(rows[-1]), flush=True)
     return rows

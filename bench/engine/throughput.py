@@ -35,8 +35,8 @@ import httpx
 import torch
 
 from bench.coldstart import PROMPT
+from bench.engine.serving import delete, deploy, runtime
 from bench.stats import median, table
-from cli import launcher
 from invoker.engine.batching import InstanceEngine
 from invoker.instance import ModelInstance
 from sllm import config
@@ -69,30 +69,9 @@ def invoke(gateway: str, function: str, tokens: int) -> dict[str, float]:
     return {"first": times[0], "last": times[-1], "tpot": (times[-1] - times[0]) / max(1, tokens - 1)}
 
 
-def deploy(gateway: str, name: str, model: str, policy: str, batch: int, tokens: int, *,
-           target: int | None = None) -> None:
-    """Deploy function ``name``: one instance of ``model`` (2 GiB) under ``policy`` with
-    ``maxBatch`` ``batch``, holding ``target`` calls at once (default ``batch``), greedy, at most
-    ``tokens`` tokens a call."""
-    manifest = {
-        "apiVersion": "sllm.dev/v1", "kind": "Function", "metadata": {"name": name},
-        "spec": {"model": model, "resources": {"memory": "2Gi"},
-                 "scaling": {"maxInstances": 1, "targetConcurrency": target or batch,
-                             "keepAlive": "10m"},
-                 "generation": {"maxTokens": tokens, "temperature": 0.0},
-                 "scheduling": {"policy": policy, "maxBatch": batch}},
-    }
-    httpx.put(f"{gateway}/v1/functions/{name}", json=manifest, timeout=30).raise_for_status()
-
-
 def through_runtime(args: argparse.Namespace, home: Path) -> list[dict[str, Any]]:
     rows = []
-    gport, cport, eport, pport, iport = launcher.free_ports(5)
-    state = launcher.start(home, gateway_port=gport, controller_port=cport, etcd_port=eport,
-                           etcd_peer_port=pport, invoker_ports=[iport], store=config.store_root(),
-                           dram_pool="2Gi", stop_at_exit=True)
-    try:
-        gw = state.gateway_url
+    with runtime(home) as gw:
         for policy in args.policies:
             name = f"bench-{policy}"
             deploy(gw, name, args.model, policy, max(args.batches), args.tokens)
@@ -110,9 +89,7 @@ def through_runtime(args: argparse.Namespace, home: Path) -> list[dict[str, Any]
                              "tpot_s": median([r["tpot"] for r in runs])})
                 if not args.json:
                     print(json.dumps(rows[-1]), flush=True)
-            httpx.delete(f"{gw}/v1/functions/{name}", timeout=30)
-    finally:
-        launcher.stop(state)
+            delete(gw, name)
     return rows
 
 

@@ -57,3 +57,18 @@ def test_the_scheduling_replays_prompts_are_all_different_and_as_long_as_asked()
     assert (row["requests"], row["unfinished"], row["jct_mean_s"], row["ttft_mean_s"]) == (
         4, 1, 5.0, 2.5)
     assert 3.9 < row["ttft_p99_s"] <= 4.0
+
+
+def test_the_scheduling_prompts_differ_in_every_position_count_and_the_burst_rate() -> None:
+    from bench.engine.scheduling import WORDS, capacity_rps, prompt_text
+
+    assert prompt_text(0, 0) == prompt_text(0, 1) == WORDS[1]
+    for n in (2, 3, 5, 144):  # indices under len(WORDS) - 1 in one digit, then in two
+        count = len(WORDS) - 1 if n < 3 else 300
+        prompts = [prompt_text(i, n) for i in range(count)]
+        assert len(set(prompts)) == len(prompts) and all(len(p.split()) == n for p in prompts)
+    # a steady 4 requests/s, with a slow start and a long tail that the middle half leaves out
+    ends = [0.1 * k for k in range(5)] + [1.0 + 0.25 * k for k in range(30)] + [30.0, 60.0]
+    assert capacity_rps(ends[::-1]) == pytest.approx(4.0)
+    with pytest.raises(ValueError):
+        capacity_rps([1.0])
