@@ -97,7 +97,7 @@ def main() -> None:
     ap.add_argument("--policies", default="mlfq,fcfs,run-to-completion")
     ap.add_argument("--loads", default="0.7,0.9", help="the simulation's, on this machine")
     ap.add_argument("--sched-loads", default="0.7,0.9", help="the scheduling part's")
-    ap.add_argument("--sched-requests", type=int, default=100,
+    ap.add_argument("--sched-requests", type=int, default=60,
                     help="requests of the trace the scheduling part replays (100: 50-70 s of "
                          "arrivals a policy and load, about 9 minutes in all on 2 vCPUs)")
     ap.add_argument("--sched-divide", type=float, default=8.0,

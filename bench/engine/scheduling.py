@@ -25,8 +25,9 @@ request not done by then counts with the time it had waited (``unfinished`` says
 means are then lower bounds; their calls are closed, which cancels them in the engine).
 
 Targets (issue 26), at the highest load: mlfq's p99 TTFT <= 0.5x fcfs's at a mean JCT <= 1.5x
-fcfs's; both batching policies' mean JCT >= 10x better than run-to-completion's. With 100
-requests (the default), p99 is about the second slowest request; run-to-completion's queue, and
+fcfs's; both batching policies' mean JCT >= 10x better than run-to-completion's. With 60
+requests (the default, which keeps the whole benchmark near 10 minutes here), p99 is the
+slowest request; run-to-completion's queue, and
 so its JCT, grows with the replay's length, and its deadline bounds both.
 """
 
