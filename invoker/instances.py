@@ -29,6 +29,7 @@ from invoker.fetching import Fetcher
 from invoker.instance import ModelInstance
 from invoker.migration import Run, Sessions, Target, migrate_instance
 from invoker.node import Node
+from invoker.threads import in_own_thread
 from native_loader import default_reader
 from sllm.errors import CheckpointError, Conflict, InstanceNotFound
 from sllm.manifest import Scheduling
@@ -289,5 +290,5 @@ class Instances:
         self.sessions.expire()
         if inst.closed:
             raise InstanceNotFound(f"instance {instance_id!r} was unloaded")
-        return await asyncio.to_thread(self.sessions.prefill, instance_id, inst.instance,
-                                       inst.lock, req)
+        return await asyncio.to_thread(in_own_thread, self.sessions.prefill, instance_id,
+                                       inst.instance, inst.lock, req)  # (invoker.threads)
