@@ -22,8 +22,9 @@ from typing import Any
 
 from invoker.bandwidth import BandwidthMeter, Kind, probe
 from invoker.config import InvokerConfig
+from invoker.threads import in_own_thread
 from invoker.tiers import TierPublisher
-from invoker.warmup import warm_up_in_own_thread
+from invoker.warmup import warm_up
 from native_loader import choose_engine
 from sllm import keys
 from sllm.errors import SllmError
@@ -136,8 +137,9 @@ class Node:
     async def start(self) -> None:
         """Get ready, then join the cluster: say what is wrong with the I/O engine (an error
         when ``native`` was asked for: /health says degraded), allocate the DRAM pool while the
-        device warms up (:func:`invoker.warmup.warm_up`, in a thread of its own), probe the bandwidths, and only then
-        register (no cold start waits for a warm-up) and keep the lease alive.
+        device warms up (:func:`invoker.warmup.warm_up`, in a thread of its own), probe the
+        bandwidths, and only then register (no cold start waits for a warm-up) and keep the
+        lease alive.
 
         Raises:
             RuntimeError: the device cannot be used (the warm-up's error).
@@ -150,7 +152,7 @@ class Node:
                 " (it was started with --io-engine native: /health says degraded)"
                 if self.degraded else "")
         self.start_pool()  # pre-faults in a thread (~0.45 s per GiB here) while the warm-up runs
-        await asyncio.to_thread(warm_up_in_own_thread, config.device)
+        await asyncio.to_thread(in_own_thread, warm_up, config.device)  # (invoker.threads)
         seed = await asyncio.to_thread(probe, config.store_root, engine=self.io_engine)
         if config.network_bps is not None:  # a capped link is no faster than its cap
             seed = dataclasses.replace(seed, write_bps=min(seed.write_bps, config.network_bps))

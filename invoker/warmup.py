@@ -16,8 +16,6 @@ from __future__ import annotations
 import logging
 import time
 
-from invoker.threads import in_own_thread
-
 log = logging.getLogger(__name__)
 
 
@@ -72,10 +70,3 @@ def warm_up(device: str = "cpu") -> float:
     seconds = time.perf_counter() - t0
     log.info("warm-up on %s done in %.2f s", device, seconds)
     return seconds
-
-
-
-def warm_up_in_own_thread(device: str = "cpu") -> float:
-    """:func:`warm_up` in a thread of its own that ends with it (:func:`invoker.threads.in_own_thread`:
-    why); blocking, the same result and errors."""
-    return in_own_thread(warm_up, device)

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
 from typing import Any
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -30,3 +30,18 @@ def parse_events(lines: Iterable[str]) -> Iterator[tuple[str, Any]]:
             payload = line[5:].strip()
             yield name, payload if payload == "[DONE]" else json.loads(payload)
             name = "message"
+
+
+async def aparse_events(lines: AsyncIterable[str]) -> AsyncIterator[tuple[str, Any]]:
+    """:func:`parse_events` over lines that arrive asynchronously (``httpx``'s
+    ``aiter_lines``): each event as soon as the blank line that ends it has come."""
+    block: list[str] = []
+    async for line in lines:
+        if line:
+            block.append(line)
+            continue
+        for item in parse_events(block):
+            yield item
+        block = []
+    for item in parse_events(block):
+        yield item

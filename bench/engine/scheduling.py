@@ -48,7 +48,7 @@ import numpy as np
 
 from bench.engine import workload
 from bench.engine.serving import deploy, runtime
-from sllm.sse import parse_events
+from sllm.sse import aparse_events
 
 WORDS = ("the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "to", "house", "in",
          "red", "blue", "green", "sun", "moon", "star", "tree", "river")
@@ -130,7 +130,7 @@ async def replay(gateway: str, function: str, requests: Sequence[workload.Reques
         async with client.stream("POST", url, json=body) as r:
             if r.status_code != 200:
                 raise RuntimeError(f"invoke failed: {r.status_code} {(await r.aread())!r}")
-            async for event, data in _events(r):
+            async for event, data in aparse_events(r.aiter_lines()):
                 if event == "token":
                     first = first or time.monotonic()
                     tokens += 1
@@ -156,19 +156,6 @@ async def replay(gateway: str, function: str, requests: Sequence[workload.Reques
     async with httpx.AsyncClient(timeout=900, limits=limits) as client:
         return list(await asyncio.gather(*(bounded(i, r, client)
                                            for i, r in enumerate(requests))))
-
-
-async def _events(r: httpx.Response):  # type: ignore[no-untyped-def]
-    """The response's SSE events as they come: ``(event, data)``."""
-    buffer: list[str] = []
-    async for line in r.aiter_lines():
-        buffer.append(line)
-        if line == "":
-            for event in parse_events(buffer):
-                yield event
-            buffer = []
-    for event in parse_events(buffer):
-        yield event
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:

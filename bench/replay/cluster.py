@@ -32,7 +32,7 @@ from bench.workload import Arrival, TraceModel, generate
 from cli import launcher
 from controller.placement import Policy
 from sllm import config
-from sllm.sse import parse_events
+from sllm.sse import aparse_events
 
 MODEL_PREFIX = "replay-v1-"
 """Models are named ``replay-v1-<i>``; the version changes when their shape does."""
@@ -110,21 +110,15 @@ async def _invoke(client: httpx.AsyncClient, res: Result, t0: float) -> None:
             if r.status_code != 200:
                 res.error = (await r.aread()).decode(errors="replace")[:300]
                 return
-            lines: list[str] = []
-            async for line in r.aiter_lines():
-                if line:
-                    lines.append(line)
-                    continue
-                for name, data in parse_events(lines):  # one whole event
-                    if name == "token":
-                        res.tokens += 1
-                        if res.first is None:
-                            res.first = time.perf_counter() - t0
-                    elif name == "done":
-                        res.done = data
-                    elif name == "error":
-                        res.status, res.error = "stream", json.dumps(data)[:300]
-                lines = []
+            async for name, data in aparse_events(r.aiter_lines()):
+                if name == "token":
+                    res.tokens += 1
+                    if res.first is None:
+                        res.first = time.perf_counter() - t0
+                elif name == "done":
+                    res.done = data
+                elif name == "error":
+                    res.status, res.error = "stream", json.dumps(data)[:300]
     except httpx.HTTPError as e:
         res.status, res.error = "conn", f"{type(e).__name__}: {e}"[:300]
     finally:
